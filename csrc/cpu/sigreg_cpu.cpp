@@ -1,0 +1,317 @@
+// Fused SIGReg kernels for the CPU.
+//
+// Forward: P = x_b A with at::matmul (the product torch.matmul would compute,
+// same precision rules), then the ECF sums at every knot in one pass over P.
+// The projection is kept for the backward: it saves a third matmul, and its
+// N x K floats are far below the N x K x T tensors the reference builds.
+// Backward: G (dstat/dP) row tile by row tile, each tile turned into its rows
+// of dx = G A^T (and dA += x^T G) right away, so only one tile of G exists.
+//
+// Determinism: forward work is split by slice (each task owns whole columns
+// of the sums and walks all rows in order), backward by row; no result
+// depends on the thread count.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+#include "../sigreg_checks.h"
+#include "../sigreg_math.h"
+
+// Hot loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at
+// load time, so one build is fast on any x86-64 machine. Their helpers must be
+// inlined into them (SIGREG_INLINE) to be compiled for each instruction set.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SIGREG_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define SIGREG_INLINE inline __attribute__((always_inline))
+#else
+#define SIGREG_CPU_CLONES
+#define SIGREG_INLINE inline
+#endif
+
+namespace sigreg {
+namespace {
+
+constexpr int64_t kSliceBlock = 64;  // slices per vector loop: the accumulators stay in L1
+constexpr int64_t kRowBlock = 128;   // rows summed in the working dtype before joining the float64 total
+
+// sin/cos of `angle[0..width)`: a vectorized polynomial, then std::sin/std::cos
+// for the rare elements outside its range (huge, Inf or NaN). Inlined into
+// each clone of its callers, so it is compiled for each instruction set too.
+SIGREG_INLINE void sincos_block(const float* angle, int64_t width, float* sin_out, float* cos_out) {
+  int out_of_range = 0;
+#pragma omp simd reduction(| : out_of_range)
+  for (int64_t i = 0; i < width; ++i) {
+    sincos_poly(angle[i], &sin_out[i], &cos_out[i]);
+    out_of_range |= !(std::fabs(angle[i]) <= kPolySinCosMaxArg);
+  }
+  if (out_of_range) {
+    for (int64_t i = 0; i < width; ++i) {
+      if (!(std::fabs(angle[i]) <= kPolySinCosMaxArg)) {
+        sin_out[i] = std::sin(angle[i]);
+        cos_out[i] = std::cos(angle[i]);
+      }
+    }
+  }
+}
+
+inline void sincos_block(const double* angle, int64_t width, double* sin_out, double* cos_out) {
+  for (int64_t i = 0; i < width; ++i) {
+    sin_out[i] = std::sin(angle[i]);
+    cos_out[i] = std::cos(angle[i]);
+  }
+}
+
+// The knot loops work on kLanes slices at once held in GCC vector types, so the
+// rotation state stays in registers whatever instruction set a clone targets.
+constexpr int64_t kLanes = 16;
+template <typename T>
+struct LaneVector {
+  typedef T type __attribute__((vector_size(kLanes * sizeof(T))));
+};
+template <typename T>
+using lanes_t = typename LaneVector<T>::type;
+
+template <typename T>
+SIGREG_INLINE lanes_t<T> load_lanes(const T* p) {
+  lanes_t<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T>
+SIGREG_INLINE void store_lanes(T* p, const lanes_t<T>& v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// cos/sin(delta * p) for up to kRows rows of one slice block; lanes past `width`
+// get angle 0 so every vector loop runs over whole kSliceBlock lanes.
+constexpr int kRows = 2;  // rows per pass: they share the accumulator / coefficient traffic
+template <typename scalar_t>
+SIGREG_INLINE void unit_rotations(const scalar_t* p, int64_t stride, int rows, int64_t width, scalar_t delta,
+                           scalar_t (&cos1)[kRows][kSliceBlock], scalar_t (&sin1)[kRows][kSliceBlock]) {
+  scalar_t angle[kSliceBlock];
+  for (int r = 0; r < rows; ++r) {
+    for (int64_t i = 0; i < kSliceBlock; ++i) angle[i] = i < width ? delta * p[r * stride + i] : scalar_t(0);
+    sincos_block(angle, kSliceBlock, sin1[r], cos1[r]);
+  }
+}
+
+// acc_cos/acc_sin [knots][kSliceBlock] += cos/sin(t_j p) summed over `rows` (<= kRows) rows.
+template <int ROWS, typename scalar_t>
+SIGREG_INLINE void accumulate_ecf(const scalar_t (&cos1)[kRows][kSliceBlock], const scalar_t (&sin1)[kRows][kSliceBlock],
+                           int64_t knots, scalar_t* acc_cos, scalar_t* acc_sin) {
+  using V = lanes_t<scalar_t>;
+  for (int64_t l0 = 0; l0 < kSliceBlock; l0 += kLanes) {
+    V c1[ROWS], s1[ROWS], c[ROWS], s[ROWS];
+    for (int r = 0; r < ROWS; ++r) {
+      c1[r] = load_lanes(&cos1[r][l0]);
+      s1[r] = load_lanes(&sin1[r][l0]);
+      c[r] = c1[r];  // knot 1; knot 0 (cos 1, sin 0) is added below
+      s[r] = s1[r];
+    }
+    store_lanes(acc_cos + l0, load_lanes(acc_cos + l0) + scalar_t(ROWS));
+    for (int64_t j = 1; j < knots; ++j) {
+      if (j > 1) {
+        for (int r = 0; r < ROWS; ++r) rotate(c[r], s[r], c1[r], s1[r]);
+      }
+      V sum_c = c[0], sum_s = s[0];
+      for (int r = 1; r < ROWS; ++r) {
+        sum_c += c[r];
+        sum_s += s[r];
+      }
+      scalar_t* pc = acc_cos + j * kSliceBlock + l0;
+      scalar_t* ps = acc_sin + j * kSliceBlock + l0;
+      store_lanes(pc, load_lanes(pc) + sum_c);
+      store_lanes(ps, load_lanes(ps) + sum_s);
+    }
+  }
+}
+
+template <typename scalar_t>
+SIGREG_CPU_CLONES void accumulate_ecf_rows(const scalar_t* p, int64_t stride, int64_t rows, int64_t width,
+                                           int64_t knots, scalar_t delta, scalar_t* acc_cos, scalar_t* acc_sin) {
+  scalar_t cos1[kRows][kSliceBlock], sin1[kRows][kSliceBlock];
+  for (int64_t n = 0; n < rows; n += kRows) {
+    const int pass_rows = static_cast<int>(std::min<int64_t>(kRows, rows - n));
+    unit_rotations(p + n * stride, stride, pass_rows, width, delta, cos1, sin1);
+    if (pass_rows == kRows) {
+      accumulate_ecf<kRows>(cos1, sin1, knots, acc_cos, acc_sin);
+    } else {
+      accumulate_ecf<1>(cos1, sin1, knots, acc_cos, acc_sin);
+    }
+  }
+}
+
+// g rows = sum_j coef_cos[j] cos(t_j p) + coef_sin[j] sin(t_j p) for `rows` (<= kRows) rows of
+// one slice block; coef rows have stride `coef_stride` and are padded to whole blocks.
+template <int ROWS, typename scalar_t>
+SIGREG_INLINE void gradient_rows(const scalar_t (&cos1)[kRows][kSliceBlock], const scalar_t (&sin1)[kRows][kSliceBlock],
+                          int64_t knots, const scalar_t* coef_cos, const scalar_t* coef_sin, int64_t coef_stride,
+                          scalar_t (&g)[kRows][kSliceBlock]) {
+  using V = lanes_t<scalar_t>;
+  for (int64_t l0 = 0; l0 < kSliceBlock; l0 += kLanes) {
+    V c1[ROWS], s1[ROWS], c[ROWS], s[ROWS], acc[ROWS];
+    for (int r = 0; r < ROWS; ++r) {
+      c1[r] = c[r] = load_lanes(&cos1[r][l0]);
+      s1[r] = s[r] = load_lanes(&sin1[r][l0]);
+      acc[r] = V{} ;  // knot 0 has t_0 = 0: no contribution
+    }
+    for (int64_t j = 1; j < knots; ++j) {
+      if (j > 1) {
+        for (int r = 0; r < ROWS; ++r) rotate(c[r], s[r], c1[r], s1[r]);
+      }
+      const V a = load_lanes(coef_cos + j * coef_stride + l0);
+      const V b = load_lanes(coef_sin + j * coef_stride + l0);
+      for (int r = 0; r < ROWS; ++r) acc[r] += a * c[r] + b * s[r];
+    }
+    for (int r = 0; r < ROWS; ++r) store_lanes(&g[r][l0], acc[r]);
+  }
+}
+
+// sums [B, 2, K, knots] from the projection [B, N, K].
+template <typename scalar_t>
+void ecf_sums_from_projection(const at::Tensor& projection, int64_t knots, double t_max, at::Tensor& sums) {
+  const int64_t batch = projection.size(0), samples = projection.size(1), slices = projection.size(2);
+  const int64_t slice_blocks = (slices + kSliceBlock - 1) / kSliceBlock;
+  const scalar_t delta = static_cast<scalar_t>(knot_spacing(static_cast<int>(knots), t_max));
+  const scalar_t* proj = projection.data_ptr<scalar_t>();
+  scalar_t* out = sums.data_ptr<scalar_t>();
+
+  at::parallel_for(0, batch * slice_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> acc(2 * knots * kSliceBlock);
+    std::vector<double> total(2 * knots * kSliceBlock);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / slice_blocks, k0 = (task % slice_blocks) * kSliceBlock;
+      const int64_t width = std::min(kSliceBlock, slices - k0);
+      std::fill(total.begin(), total.end(), 0.0);
+      // Two-level sum: short runs in the working dtype, their totals in float64,
+      // so the error does not grow with N (the statistic subtracts phi from C).
+      for (int64_t row0 = 0; row0 < samples; row0 += kRowBlock) {
+        std::fill(acc.begin(), acc.end(), scalar_t(0));
+        const int64_t row1 = std::min(samples, row0 + kRowBlock);
+        accumulate_ecf_rows(proj + (b * samples + row0) * slices + k0, slices, row1 - row0, width, knots, delta,
+                            acc.data(), acc.data() + knots * kSliceBlock);
+        for (size_t i = 0; i < acc.size(); ++i) total[i] += static_cast<double>(acc[i]);
+      }
+      for (int64_t part = 0; part < 2; ++part) {  // 0: cos, 1: sin
+        for (int64_t i = 0; i < width; ++i) {
+          for (int64_t j = 0; j < knots; ++j) {
+            out[((b * 2 + part) * slices + k0 + i) * knots + j] =
+                static_cast<scalar_t>(total[(part * knots + j) * kSliceBlock + i]);
+          }
+        }
+      }
+    }
+  });
+}
+
+// G rows of `rows` (<= kRows) consecutive rows of one batch, all slices.
+template <typename scalar_t>
+SIGREG_CPU_CLONES void gradient_of_rows(const scalar_t* p, int rows, int64_t slices, int64_t knots, scalar_t delta,
+                                        const scalar_t* coef_cos, const scalar_t* coef_sin, int64_t coef_stride,
+                                        scalar_t* g_out) {
+  scalar_t cos1[kRows][kSliceBlock], sin1[kRows][kSliceBlock], g[kRows][kSliceBlock];
+  for (int64_t k0 = 0; k0 < slices; k0 += kSliceBlock) {
+    const int64_t width = std::min(kSliceBlock, slices - k0);
+    unit_rotations(p + k0, slices, rows, width, delta, cos1, sin1);
+    if (rows == kRows) {
+      gradient_rows<kRows>(cos1, sin1, knots, coef_cos + k0, coef_sin + k0, coef_stride, g);
+    } else {
+      gradient_rows<1>(cos1, sin1, knots, coef_cos + k0, coef_sin + k0, coef_stride, g);
+    }
+    for (int r = 0; r < rows; ++r) std::memcpy(g_out + r * slices + k0, g[r], width * sizeof(scalar_t));
+  }
+}
+
+// G rows [row0, row1) of the flattened [B*N, K] projection into g_tile [row1-row0, K].
+// coef: [B, 2, knots, coef_stride] (cos then sin coefficients, slices padded to whole blocks).
+template <typename scalar_t>
+void gradient_tile(const scalar_t* proj, const scalar_t* coef, int64_t samples, int64_t slices, int64_t coef_stride,
+                   int64_t knots, scalar_t delta, int64_t row0, int64_t row1, scalar_t* g_tile) {
+  at::parallel_for(row0, row1, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end;) {
+      const int64_t b = r / samples;
+      // Rows of one pass share their batch's coefficients.
+      const int rows = (r + 1 < end && (r + 1) / samples == b) ? kRows : 1;
+      const scalar_t* coef_cos = coef + b * 2 * knots * coef_stride;
+      gradient_of_rows(proj + r * slices, rows, slices, knots, delta, coef_cos, coef_cos + knots * coef_stride,
+                       coef_stride, g_tile + (r - row0) * slices);
+      r += rows;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> ecf_sums_cpu(const at::Tensor& x, const at::Tensor& directions, int64_t knots,
+                                                double t_max) {
+  check_ecf_inputs(x, directions, knots, t_max, at::kCPU);
+  const auto acc = accumulation_dtype(x.scalar_type());
+  const at::Tensor projection = at::matmul(x.to(acc), directions.to(acc)).contiguous();
+  at::Tensor sums = at::empty({x.size(0), 2, directions.size(1), knots}, x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES(acc, "sigreg_ecf_sums_cpu",
+                             [&] { ecf_sums_from_projection<scalar_t>(projection, knots, t_max, sums); });
+  return {sums, projection};
+}
+
+std::tuple<at::Tensor, at::Tensor> ecf_sums_backward_cpu(const at::Tensor& grad_sums, const at::Tensor& x,
+                                                         const at::Tensor& directions, const at::Tensor& projection,
+                                                         int64_t knots, double t_max, bool need_grad_directions) {
+  check_ecf_inputs(x, directions, knots, t_max, at::kCPU);
+  check_grad_sums(grad_sums, x, directions, knots);
+  const auto acc = accumulation_dtype(x.scalar_type());
+  const int64_t batch = x.size(0), samples = x.size(1), dim = x.size(2), slices = directions.size(1);
+  const int64_t rows = batch * samples;
+  const at::Tensor x_acc = x.to(acc).contiguous().view({rows, dim});
+  const at::Tensor a_acc = directions.to(acc).contiguous();
+  // A projection from the forward is reused; without one (a direct call), recompute it.
+  const at::Tensor proj = projection.numel() == rows * slices
+                              ? projection.to(acc).contiguous().view({rows, slices})
+                              : at::matmul(x_acc, a_acc);
+
+  // Coefficients [B, 2, knots, K] of cos(t_j p) and sin(t_j p) in dstat/dp, knot-major
+  // so the inner loop over slices reads them contiguously.
+  const at::Tensor t = at::arange(knots, grad_sums.options().dtype(at::kDouble)) * knot_spacing(knots, t_max);
+  const at::Tensor g = grad_sums.to(at::kDouble);
+  const at::Tensor coef_cos = g.select(1, 1) * t;   // t_j * d/dsum_sin
+  const at::Tensor coef_sin = -g.select(1, 0) * t;  // -t_j * d/dsum_cos
+  const int64_t coef_stride = (slices + kSliceBlock - 1) / kSliceBlock * kSliceBlock;
+  at::Tensor coef = at::zeros({batch, 2, knots, coef_stride}, x.options().dtype(acc));
+  coef.narrow(3, 0, slices).copy_(at::stack({coef_cos, coef_sin}, 1).transpose(2, 3));
+
+  at::Tensor grad_x = at::empty({rows, dim}, x.options().dtype(acc));
+  at::Tensor grad_a = need_grad_directions ? at::zeros({dim, slices}, x.options().dtype(acc)) : at::Tensor();
+  const int64_t tile_rows = std::max<int64_t>(64, (int64_t{1} << 18) / slices);  // ~1 MiB of G in float32
+  at::Tensor g_tile = at::empty({std::min(tile_rows, rows), slices}, x.options().dtype(acc));
+
+  AT_DISPATCH_FLOATING_TYPES(acc, "sigreg_ecf_sums_backward_cpu", [&] {
+    const scalar_t delta = static_cast<scalar_t>(knot_spacing(static_cast<int>(knots), t_max));
+    for (int64_t row0 = 0; row0 < rows; row0 += tile_rows) {
+      const int64_t row1 = std::min(rows, row0 + tile_rows);
+      at::Tensor g_rows = g_tile.narrow(0, 0, row1 - row0);
+      gradient_tile<scalar_t>(proj.data_ptr<scalar_t>(), coef.data_ptr<scalar_t>(), samples, slices, coef_stride,
+                              knots, delta,
+                              row0, row1, g_rows.data_ptr<scalar_t>());
+      at::Tensor grad_x_rows = grad_x.narrow(0, row0, row1 - row0);
+      at::mm_out(grad_x_rows, g_rows, a_acc.t());
+      if (need_grad_directions) grad_a.addmm_(x_acc.narrow(0, row0, row1 - row0).t(), g_rows);
+    }
+  });
+
+  at::Tensor grad_x_out = grad_x.view({batch, samples, dim}).to(x.scalar_type());
+  at::Tensor grad_a_out = need_grad_directions ? grad_a.to(directions.scalar_type())
+                                               : at::empty({0}, directions.options());
+  return {grad_x_out, grad_a_out};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sigreg, CPU, m) {
+  m.impl("ecf_sums", &ecf_sums_cpu);
+  m.impl("ecf_sums_backward", &ecf_sums_backward_cpu);
+}
+
+}  // namespace sigreg

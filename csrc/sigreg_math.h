@@ -1,0 +1,71 @@
+// Per-element math of the SIGReg kernels, shared by the CPU and CUDA code so the
+// CPU tests exercise the very formulas the GPU runs. Header-only, no torch.
+//
+// The knots are equally spaced, t_j = j * delta, so cos/sin(t_j p) follow from
+// cos/sin(delta p) by rotation (angle addition): one sin/cos pair per element
+// instead of one per knot. Why the recurrence is accurate: the angle error after
+// j steps is j * |delta p| * eps, the same as rounding t_j * p directly, and the
+// modulus drifts by at most j * eps (j <= 16 by default).
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__)
+#define SIGREG_HD __host__ __device__ __forceinline__
+#else
+#define SIGREG_HD inline
+#endif
+
+namespace sigreg {
+
+// Beyond this |argument| the float range reduction below loses accuracy;
+// callers send such (rare) elements, and NaN/Inf, to std::sin/std::cos.
+constexpr float kPolySinCosMaxArg = 8192.0f;
+
+SIGREG_HD double knot_spacing(int knots, double t_max) {
+  return t_max / static_cast<double>(knots - 1);
+}
+
+// (c, s) <- (c, s) rotated by the angle whose cosine and sine are (c1, s1).
+template <typename T>
+SIGREG_HD void rotate(T& c, T& s, T c1, T s1) {
+  const T c_next = c * c1 - s * s1;
+  s = s * c1 + c * s1;
+  c = c_next;
+}
+
+// Branch-free float sin and cos for |x| <= kPolySinCosMaxArg, written so the
+// compiler can vectorize a loop over it (std::sin/std::cos do not vectorize).
+// Cody-Waite reduction by pi/2 in three parts (the first ones have few mantissa
+// bits, so q * part is exact), then minimax polynomials on [-pi/4, pi/4]
+// (Cephes sinf/cosf coefficients): about 1 ulp.
+SIGREG_HD void sincos_poly(float x, float* sin_out, float* cos_out) {
+  const float q = rintf(x * 0.636619772367581343f);  // nearest multiple of pi/2
+  float r = x - q * 1.5703125f;
+  r = r - q * 4.837512969970703125e-4f;
+  r = r - q * 7.54978995489188216e-8f;
+  const float r2 = r * r;
+  const float sin_r = r + r * r2 * (-1.6666654611e-1f + r2 * (8.3321608736e-3f + r2 * -1.9515295891e-4f));
+  const float cos_r =
+      1.0f - 0.5f * r2 + r2 * r2 * (4.166664568298827e-2f + r2 * (-1.388731625493765e-3f + r2 * 2.443315711809948e-5f));
+  const int quadrant = static_cast<int>(q) & 3;
+  // quadrant 0: ( sin,  cos)   1: ( cos, -sin)   2: (-sin, -cos)   3: (-cos,  sin)
+  const float s = (quadrant & 1) ? cos_r : sin_r;
+  const float c = (quadrant & 1) ? sin_r : cos_r;
+  *sin_out = (quadrant & 2) ? -s : s;
+  *cos_out = ((quadrant + 1) & 2) ? -c : c;
+}
+
+// Gradient of the per-slice statistic w.r.t. the ECF sums (SPEC §1):
+// stat = N * sum_j w_j [(C_j - phi_j)^2 + S_j^2] with C_j = sum_cos_j / N, so
+// d stat / d sum_cos_j = 2 w_j (C_j - phi_j) and d stat / d sum_sin_j = 2 w_j S_j.
+// The backward kernels take any upstream gradient of the sums and turn it into
+// the per-element coefficients of cos(t_j p) and sin(t_j p) in dstat/dp:
+//   d/dp sum_cos_j = -t_j sin(t_j p),   d/dp sum_sin_j = t_j cos(t_j p).
+template <typename T>
+SIGREG_HD void knot_gradient_coefficients(T t_j, T grad_sum_cos, T grad_sum_sin, T* coef_cos, T* coef_sin) {
+  *coef_cos = t_j * grad_sum_sin;   // multiplies cos(t_j p)
+  *coef_sin = -t_j * grad_sum_cos;  // multiplies sin(t_j p)
+}
+
+}  // namespace sigreg

@@ -1,0 +1,55 @@
+"""Argument checks with messages that name the argument and what was expected."""
+
+import math
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_tensor(name: str, value, min_dim: int, max_dim: int | None = None) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {value.dtype}")
+    if value.dim() < min_dim or (max_dim is not None and value.dim() > max_dim):
+        expected = f"{min_dim}-D" if max_dim == min_dim else f"at least {min_dim}-D"
+        raise ValueError(f"{name} must be {expected}, got shape {tuple(value.shape)}")
+
+
+def check_sigreg_args(x, directions, knots, t_max, reduction) -> None:
+    check_tensor("x", x, min_dim=2)
+    check_tensor("directions", directions, min_dim=2, max_dim=2)
+    samples, dim = x.shape[-2], x.shape[-1]
+    if samples == 0:
+        raise ValueError(f"x must hold at least one sample (N = x.shape[-2] > 0), got shape {tuple(x.shape)}")
+    if dim == 0:
+        raise ValueError(f"x must have at least one feature (D = x.shape[-1] > 0), got shape {tuple(x.shape)}")
+    if directions.shape[0] != dim:
+        raise ValueError(
+            f"directions must have shape (D, K) with D = x.shape[-1] = {dim}, got {tuple(directions.shape)}"
+        )
+    if directions.shape[1] == 0:
+        raise ValueError("directions must hold at least one slice (K = directions.shape[1] > 0)")
+    if x.device != directions.device:
+        raise ValueError(f"x and directions must be on the same device, got {x.device} and {directions.device}")
+    if x.dtype != directions.dtype and torch.float64 in (x.dtype, directions.dtype):
+        raise TypeError(
+            f"x ({x.dtype}) and directions ({directions.dtype}) cannot be combined: "
+            "float64 is only computed with float64"
+        )
+    check_quadrature_args(knots, t_max)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def check_quadrature_args(knots, t_max) -> None:
+    if isinstance(knots, bool) or not isinstance(knots, int):
+        raise TypeError(f"knots must be an int, got {type(knots).__name__}")
+    if knots < 2:
+        raise ValueError(f"knots must be >= 2, got {knots}")
+    if isinstance(t_max, bool) or not isinstance(t_max, (int, float)):
+        raise TypeError(f"t_max must be a float, got {type(t_max).__name__}")
+    if not math.isfinite(t_max) or t_max <= 0:
+        raise ValueError(f"t_max must be finite and > 0, got {t_max}")

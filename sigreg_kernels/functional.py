@@ -1,0 +1,50 @@
+"""``sigreg``: the public function."""
+
+import torch
+
+from . import backends
+from ._validation import check_sigreg_args
+from .distributed import all_reduce_ecf_sums, is_distributed
+from .quadrature import quadrature
+
+
+def statistic_from_sums(sums, samples: int, knots: int, t_max: float):
+    """Per-slice statistic ``[B, K]`` from the ECF sums ``[B, 2, K, T]`` of ``samples`` samples."""
+    _, phi, w = quadrature(knots, t_max, dtype=sums.dtype, device=sums.device)
+    ecf_cos, ecf_sin = sums[:, 0] / samples, sums[:, 1] / samples
+    err = (ecf_cos - phi).square() + ecf_sin.square()
+    return (err * w).sum(dim=-1) * samples
+
+
+def _computation_dtypes(x, directions):
+    """The dtype the projection is computed in, as ``x @ directions`` would choose it."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type) and x.dtype != torch.float64:
+        dtype = torch.get_autocast_dtype(device_type)
+        return x.to(dtype), directions.to(dtype)
+    # Mixed half/float inputs: the directions follow x, as for a low-precision model.
+    return x, directions.to(x.dtype)
+
+
+def sigreg(x, directions, *, knots: int = 17, t_max: float = 3.0, reduction: str = "mean", backend: str = "auto"):
+    """SIGReg with the Epps-Pulley test (SPEC §1) of ``x: [*B, N, D]`` along ``directions: [D, K]``.
+
+    One test per batch index; ``reduction`` is ``"mean"`` (default) or ``"sum"`` over
+    all batch indices and slices, or ``"none"`` for the ``[*B, K]`` statistics.
+    ``backend`` is ``"auto"`` (the fastest one built for ``x``'s device),
+    ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``. Under an initialized
+    ``torch.distributed`` the statistic is that of the global batch.
+    """
+    check_sigreg_args(x, directions, knots, t_max, reduction)
+    name = backends.resolve_backend(backend, x.device)
+    x, directions = _computation_dtypes(x, directions)
+    batch_shape, samples, dim = x.shape[:-2], x.shape[-2], x.shape[-1]
+    sums = backends.ecf_sums(name, x.reshape(-1, samples, dim), directions, knots, t_max)
+    if is_distributed():
+        sums, samples = all_reduce_ecf_sums(sums, samples)
+    stat = statistic_from_sums(sums, samples, knots, t_max).reshape(*batch_shape, directions.shape[1])
+    if reduction == "mean":
+        return stat.mean()
+    if reduction == "sum":
+        return stat.sum()
+    return stat

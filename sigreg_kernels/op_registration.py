@@ -1,0 +1,61 @@
+"""Fake (shape) kernels and autograd shared by every ``ecf_sums``-style op.
+
+Contract of every ``ecf_sums``-style op (the C++ one and the Triton one):
+    ecf_sums(x: [B, N, D], directions: [D, K], knots, t_max) -> (sums, projection)
+        sums: [B, 2, K, knots] in the accumulation dtype (float64 for float64
+              inputs, else float32): sums[:, 0] = sum_n cos(t_j p_nk),
+              sums[:, 1] = sum_n sin(t_j p_nk), t_j = j * t_max / (knots - 1).
+        projection: [B, N, K] (accumulation dtype) where the backend keeps the
+              projection for its backward (CPU), else an empty [0] tensor (the GPU
+              kernels recompute it tile by tile).
+    ecf_sums_backward(grad_sums, x, directions, projection, knots, t_max,
+                      need_grad_directions) -> (grad_x [B, N, D] in x.dtype,
+                      grad_directions [D, K] in directions.dtype, or empty [0])
+"""
+
+import torch
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def fake_ecf_sums(x, directions, knots, t_max, keeps_projection):
+    batch, samples, _ = x.shape
+    slices = directions.shape[1]
+    acc = accumulation_dtype(x.dtype)
+    sums = x.new_empty((batch, 2, slices, knots), dtype=acc)
+    projection = x.new_empty((batch, samples, slices) if keeps_projection else (0,), dtype=acc)
+    return sums, projection
+
+
+def fake_ecf_sums_backward(grad_sums, x, directions, projection, knots, t_max, need_grad_directions):
+    grad_directions = torch.empty_like(directions) if need_grad_directions else directions.new_empty((0,))
+    return torch.empty_like(x), grad_directions
+
+
+def register_ecf_autograd(forward_op, backward_op):
+    """Make ``forward_op`` differentiable in ``x`` and ``directions`` through ``backward_op``."""
+
+    def setup_context(ctx, inputs, output):
+        x, directions, knots, t_max = inputs
+        _, projection = output
+        ctx.save_for_backward(x, directions, projection)
+        ctx.knots, ctx.t_max = knots, t_max
+
+    def backward(ctx, grad_sums, _grad_projection):
+        # The projection is internal state for the backward, never differentiated.
+        x, directions, projection = ctx.saved_tensors
+        need_grad_directions = ctx.needs_input_grad[1]
+        grad_x, grad_directions = backward_op(
+            grad_sums.contiguous(), x, directions, projection, ctx.knots, ctx.t_max, need_grad_directions
+        )
+        return (
+            grad_x if ctx.needs_input_grad[0] else None,
+            grad_directions if need_grad_directions else None,
+            None,
+            None,
+        )
+
+    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+
