@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <cmath>
 
@@ -34,6 +35,12 @@ inline void check_ecf_inputs(const at::Tensor& x, const at::Tensor& directions, 
   TORCH_CHECK(knots >= 2, "sigreg: knots must be >= 2, got ", knots);
   TORCH_CHECK(std::isfinite(t_max) && t_max > 0, "sigreg: t_max must be finite and > 0, got ", t_max);
 }
+
+// The kernels choose their own precisions: matmuls inside them must not be
+// re-cast by an autocast region the op was called from.
+struct NoAutocastGuard {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
 
 inline void check_grad_sums(const at::Tensor& grad_sums, const at::Tensor& x, const at::Tensor& directions,
                             int64_t knots) {

@@ -249,6 +249,7 @@ void gradient_tile(const scalar_t* proj, const scalar_t* coef, int64_t samples, 
 std::tuple<at::Tensor, at::Tensor> ecf_sums_cpu(const at::Tensor& x, const at::Tensor& directions, int64_t knots,
                                                 double t_max) {
   check_ecf_inputs(x, directions, knots, t_max, at::kCPU);
+  NoAutocastGuard no_autocast;
   const auto acc = accumulation_dtype(x.scalar_type());
   const at::Tensor projection = at::matmul(x.to(acc), directions.to(acc)).contiguous();
   at::Tensor sums = at::empty({x.size(0), 2, directions.size(1), knots}, x.options().dtype(acc));
@@ -262,6 +263,7 @@ std::tuple<at::Tensor, at::Tensor> ecf_sums_backward_cpu(const at::Tensor& grad_
                                                          int64_t knots, double t_max, bool need_grad_directions) {
   check_ecf_inputs(x, directions, knots, t_max, at::kCPU);
   check_grad_sums(grad_sums, x, directions, knots);
+  NoAutocastGuard no_autocast;
   const auto acc = accumulation_dtype(x.scalar_type());
   const int64_t batch = x.size(0), samples = x.size(1), dim = x.size(2), slices = directions.size(1);
   const int64_t rows = batch * samples;

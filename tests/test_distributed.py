@@ -1,0 +1,90 @@
+"""Two CPU processes (gloo) against one process on the whole batch (SPEC §2)."""
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from sigreg_kernels import SIGReg
+
+WORLD = 2
+VIEWS, SAMPLES, FEATURES, EMBED, SLICES = 3, 24, 10, 7, 33
+
+
+def make_problem():
+    generator = torch.Generator().manual_seed(0)
+    model = torch.nn.Linear(FEATURES, EMBED)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator))
+    data = torch.randn(VIEWS, SAMPLES, FEATURES, generator=generator)
+    return model, data
+
+
+def single_process(backend):
+    """Loss and parameter gradients of two steps on the whole batch."""
+    model, data = make_problem()
+    module = SIGReg(num_slices=SLICES, backend=backend)
+    out = []
+    for _ in range(2):
+        model.zero_grad()
+        loss = module(model(data))
+        loss.backward()
+        out.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    return out
+
+
+def worker(rank, port, backend, results_path):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    model, data = make_problem()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    module = SIGReg(num_slices=SLICES, backend=backend)
+    if rank == 1:
+        module.step.fill_(-1)  # a lagging rank: the first call must take the maximum step
+    calls = {"forward": 0, "backward": 0}
+    phase = ["forward"]
+    real_all_reduce = dist.all_reduce
+
+    def counting_all_reduce(tensor, *args, **kwargs):
+        # DDP's gradient buckets use their own path; this counts SIGReg's collectives.
+        calls[phase[0]] += 1
+        return real_all_reduce(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting_all_reduce
+    shard = data[:, rank * SAMPLES // WORLD:(rank + 1) * SAMPLES // WORLD]
+    out = []
+    for _ in range(2):
+        ddp.zero_grad()
+        phase[0] = "forward"
+        loss = module(ddp(shard))
+        phase[0] = "backward"
+        loss.backward()
+        out.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    dist.all_reduce = real_all_reduce
+    torch.save({"out": out, "calls": calls, "step": module.step.item()}, f"{results_path}.{rank}")
+    dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_two_processes_match_one_process_on_the_global_batch(backend, tmp_path):
+    results_path = str(tmp_path / "rank")
+    mp.spawn(worker, args=(free_port(), backend, results_path), nprocs=WORLD, join=True)
+    expected = single_process(backend)
+    for rank in range(WORLD):
+        result = torch.load(f"{results_path}.{rank}")
+        # one step sync on the first call, then one all-reduce of the ECF sums per call; none in backward
+        assert result["calls"] == {"forward": 3, "backward": 0}, result["calls"]
+        assert result["step"] == 2
+        for (loss, grads), (loss_1p, grads_1p) in zip(result["out"], expected):
+            torch.testing.assert_close(loss, loss_1p, rtol=1e-5, atol=0)
+            for g, g_1p in zip(grads, grads_1p):
+                torch.testing.assert_close(g, g_1p, rtol=1e-4, atol=1e-6)
