@@ -1,0 +1,213 @@
+"""Microbenchmark of SIGReg: providers side by side, time and peak extra memory.
+
+    python bench/bench_sigreg.py                      # CPU: the main size, then sweeps over K, D and N
+    python bench/bench_sigreg.py --device cuda --dtype bfloat16
+    python bench/bench_sigreg.py --quick              # small sizes, a few seconds
+
+Every row is timed in the same run as the reference, its torch.compile form and
+the matrix products the op cannot avoid (the "floor"), and reported as ratios.
+Rows are appended to a CSV under bench/results/ (device, date, version);
+bench/plot_results.py draws them.
+"""
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from providers import make_inputs, make_provider, provider_names  # noqa: E402
+
+import sigreg_kernels  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODES = ("fwd", "bwd", "fwd+bwd")
+# Nominal FP32 (non-tensor-core) rate used for the element-wise part of the GPU floor.
+H100_FP32_FLOPS = 67e12
+
+
+def machine_line(device: str) -> str:
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+    return (f"{name}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+            f"sigreg_kernels {sigreg_kernels.__version__}, python {platform.python_version()}")
+
+
+def quantiles(times_s):
+    times = sorted(times_s)
+    pick = lambda q: times[min(len(times) - 1, int(q * len(times)))] * 1e3  # noqa: E731
+    return pick(0.5), pick(0.2), pick(0.8)
+
+
+def time_ms(fn, device: str, min_run_time: float):
+    """Median and 20/80 quantiles in milliseconds."""
+    if device == "cuda":
+        import triton.testing
+
+        return tuple(triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8]))
+    from torch.utils.benchmark import Timer
+
+    fn()  # warm up (and compile) outside the measurement
+    measurement = Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    per_run = [t / measurement.number_per_run for t in measurement.raw_times]
+    return quantiles(per_run)
+
+
+def mode_callable(loss_fn, x, directions, mode):
+    if mode == "fwd":
+        return lambda: loss_fn(x, directions)
+    if mode == "bwd":
+        loss = loss_fn(x, directions)
+
+        def backward():
+            x.grad = None
+            loss.backward(retain_graph=True)
+
+        return backward
+
+    def forward_backward():
+        x.grad = None
+        loss_fn(x, directions).backward()
+
+    return forward_backward
+
+
+def floor_ms(x, directions, device, min_run_time):
+    """Time of the matrix products the op cannot avoid (and, on GPU, its element-wise work)."""
+    samples, slices = x.shape[-2], directions.shape[1]
+    grad_proj = torch.randn(*x.shape[:-1], slices, device=device, dtype=x.dtype)
+    xd, ad = x.detach(), directions.to(x.dtype)
+    if device == "cuda":  # the GPU kernels recompute the projection in the backward
+        matmuls = lambda: (xd @ ad, xd @ ad, grad_proj @ ad.t())  # noqa: E731
+    else:
+        matmuls = lambda: (xd @ ad, grad_proj @ ad.t())  # noqa: E731
+    matmul_ms = time_ms(matmuls, device, min_run_time)[0]
+    if device != "cuda":
+        return matmul_ms, matmul_ms
+    # one sincos pair (~40 flops) and knots-1 rotations (~6 flops each), forward and backward
+    batch = x[..., 0, 0].numel()
+    elementwise_flops = 2 * batch * samples * slices * (40 + 16 * 8)
+    return matmul_ms, matmul_ms + elementwise_flops / H100_FP32_FLOPS * 1e3
+
+
+def peak_extra_memory_mib(provider, samples, dim, slices, batch, dtype, device):
+    """Peak memory above the inputs during one fwd+bwd."""
+    if device == "cuda":
+        x, directions = make_inputs(batch, samples, dim, slices, dtype, device)
+        loss_fn = make_provider(provider, device, dtype)
+        mode_callable(loss_fn, x, directions, "fwd+bwd")()  # warm-up, compile
+        x.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        mode_callable(loss_fn, x, directions, "fwd+bwd")()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    # CPU: a fresh process whose large allocations are all mmap'd, so its RSS
+    # high-water mark is the peak of live tensors (memory_probe.py).
+    cmd = [sys.executable, os.path.join(HERE, "memory_probe.py"), provider, str(batch), str(samples), str(dim),
+           str(slices), str(dtype).replace("torch.", "")]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_extra_mib"]
+
+
+def sizes(args):
+    """(sweep name, N, D, K) rows: the main size first, then the sweeps."""
+    if args.sizes:
+        return [("custom", *map(int, s.split(","))) for s in args.sizes]
+    if args.quick:
+        return [("main", 256, 64, 128), ("K", 256, 64, 256), ("D", 256, 128, 128)]
+    n, d, k = (4096, 512, 1024) if args.device == "cuda" else (2048, 512, 1024)
+    rows = [("main", n, d, k)]
+    rows += [("K", n, d, kk) for kk in (128, 256, 512, 2048, 4096) if kk != k]
+    rows += [("D", n, dd, k) for dd in (64, 128, 256, 1024, 2048) if dd != d]
+    rows += [("N", nn, d, k) for nn in (512, 1024, 4096, 8192, 16384) if nn != n]
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--providers", nargs="+", default=None, help="default: all available on the device")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--batch", type=int, default=1, help="leading batch size (views)")
+    parser.add_argument("--sizes", nargs="+", help="explicit N,D,K triples instead of the sweeps")
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
+    parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per CPU timing")
+    parser.add_argument("--csv", default=None, help="default: bench/results/<device>-<date>.csv")
+    args = parser.parse_args()
+
+    dtype = getattr(torch, args.dtype)
+    providers = args.providers or provider_names(args.device)
+    date = datetime.date.today().isoformat()
+    csv_path = args.csv or os.path.join(HERE, "results", f"{args.device}-{args.dtype}-{date}.csv")
+    machine = machine_line(args.device)
+    print(f"# {machine}\n# dtype {args.dtype}, batch {args.batch}, {date}")
+    header = f"{'sweep':>5} {'N':>6} {'D':>5} {'K':>5} {'provider':>18} {'mode':>8} {'ms':>9} {'p20':>9} {'p80':>9}"
+    header += f" {'x ref':>7} {'x comp':>7} {'/floor':>7} {'peak MiB':>9} {'mem/ref':>8}"
+    print(header)
+    rows = []
+    for sweep, samples, dim, slices in sizes(args):
+        x, directions = make_inputs(args.batch, samples, dim, slices, dtype, args.device)
+        matmul_ms, floor = floor_ms(x, directions, args.device, args.min_run_time)
+        results = {}
+        for provider in providers:
+            loss_fn = make_provider(provider, args.device, dtype)
+            for mode in args.modes:
+                results[provider, mode] = time_ms(mode_callable(loss_fn, x, directions, mode), args.device,
+                                                  args.min_run_time)
+            memory = None
+            if not args.no_memory and "fwd+bwd" in args.modes:
+                memory = peak_extra_memory_mib(provider, samples, dim, slices, args.batch, dtype, args.device)
+            results[provider, "memory"] = memory
+        for provider in providers:
+            for mode in args.modes:
+                median, p20, p80 = results[provider, mode]
+                ref = results.get(("reference", mode), (None,))[0]
+                comp = results.get(("reference+compile", mode), (None,))[0]
+                memory = results[provider, "memory"] if mode == "fwd+bwd" else None
+                ref_memory = results.get(("reference", "memory"))
+                row = dict(device=args.device, machine=machine, date=date, version=sigreg_kernels.__version__,
+                           dtype=args.dtype, batch=args.batch, sweep=sweep, N=samples, D=dim, K=slices,
+                           provider=provider, mode=mode, ms=median, p20_ms=p20, p80_ms=p80,
+                           speedup_vs_reference=ref / median if ref else None,
+                           speedup_vs_compile=comp / median if comp else None,
+                           matmul_ms=matmul_ms, floor_ms=floor,
+                           ratio_to_floor=median / floor if mode == "fwd+bwd" else None,
+                           peak_extra_mib=memory,
+                           memory_vs_reference=memory / ref_memory if memory and ref_memory else None)
+                rows.append(row)
+                fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
+                print(f"{sweep:>5} {samples:>6} {dim:>5} {slices:>5} {provider:>18} {mode:>8} {median:>9.2f} "
+                      f"{p20:>9.2f} {p80:>9.2f} {fmt(row['speedup_vs_reference'], '7.1f')} "
+                      f"{fmt(row['speedup_vs_compile'], '7.2f')} {fmt(row['ratio_to_floor'], '7.2f')} "
+                      f"{fmt(memory, '9.1f')} {fmt(row['memory_vs_reference'], '8.3f')}", flush=True)
+        print(f"{'':>5} {samples:>6} {dim:>5} {slices:>5} {'floor (matmuls)':>18} {'fwd+bwd':>8} {floor:>9.2f}")
+    os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
+    new_file = not os.path.exists(csv_path)
+    with open(csv_path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if new_file:
+            writer.writeheader()
+        writer.writerows(rows)
+    print(f"# rows appended to {os.path.relpath(csv_path)}")
+
+
+if __name__ == "__main__":
+    main()

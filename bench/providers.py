@@ -1,0 +1,43 @@
+"""What the benchmark times: each provider is a loss function of (x, directions)."""
+
+import torch
+
+import sigreg_kernels
+from sigreg_kernels import sigreg, sigreg_reference
+
+_compiled_reference = None
+
+
+def provider_names(device: str):
+    """The reference, its compiled form, then every fused backend built for the device."""
+    fused = [b for b in sigreg_kernels.available_backends(device) if b != "reference"]
+    return ["reference", "reference+compile", *fused]
+
+
+def make_inputs(batch, samples, dim, slices, dtype, device, seed=0):
+    """``x`` in ``dtype`` (as a low-precision model emits it) and float32 unit-column directions."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (samples, dim) if batch == 1 else (batch, samples, dim)
+    x = torch.randn(shape, generator=generator).to(device=device, dtype=dtype).requires_grad_()
+    directions = torch.randn(dim, slices, generator=generator)
+    return x, (directions / directions.norm(dim=0)).to(device)
+
+
+def make_provider(name: str, device: str, dtype: torch.dtype):
+    global _compiled_reference
+    if name == "reference":
+        fn = sigreg_reference
+    elif name == "reference+compile":
+        if _compiled_reference is None:
+            _compiled_reference = torch.compile(sigreg_reference, dynamic=False)
+        fn = _compiled_reference
+    else:
+        fn = lambda x, directions: sigreg(x, directions, backend=name)  # noqa: E731
+    if dtype == torch.float32:
+        return fn
+
+    def under_autocast(x, directions):  # low-precision inputs are measured as a model under autocast sees them
+        with torch.autocast(device, dtype=dtype):
+            return fn(x, directions)
+
+    return under_autocast
