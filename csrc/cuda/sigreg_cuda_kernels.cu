@@ -10,8 +10,9 @@ namespace sigreg {
 namespace cuda {
 namespace {
 
-// sum += v with Kahan compensation: a block adds one tile partial per 64
-// samples, and (C - phi) in the statistic cancels, so summation error matters.
+// sum += v with Kahan compensation (sum - err is the better total): a block adds
+// one partial per 64 samples, and (C - phi) in the statistic cancels, so
+// summation error matters.
 __device__ __forceinline__ void kahan_add(float& sum, float& err, float v) {
   const float y = v - err;
   const float t = sum + y;
@@ -28,25 +29,31 @@ __device__ __forceinline__ float quad_sum(float v) {
 
 // Partial ECF sums of one chunk of sample tiles, slices [k0, k0 + 64), knots
 // j_first .. j_first + 15 (pass 0 also writes knot 0) into
-// workspace[chunk, b, 2, K, knots]. Per thread: a column and 16 rows per tile.
+// workspace[chunk, b, 2, K, knots]. Per thread: a column and 16 rows of each
+// tile (level 1 of the sum); after each tile the 4 threads of a column combine
+// their sums and thread rg keeps knots rg, rg + 4, ... (level 2, compensated).
 template <typename T, bool TC>
 __global__ void __launch_bounds__(kThreads, 2)
     ecf_sums_kernel(const T* __restrict__ x, const T* __restrict__ directions, float* __restrict__ workspace,
                     int batch, int samples, int dim, int slices, int knots, float delta, int tiles_per_chunk,
                     int passes) {
+  static_assert(kKnotsPerPass % 4 == 0, "each of the 4 threads of a column keeps a quarter of the knots");
+  constexpr int kKept = kKnotsPerPass / 4;
   __shared__ __align__(128) unsigned char smem[Smem<T>::kBytes];
   const int k0 = blockIdx.x * kTile, chunk = blockIdx.y;
   const int b = blockIdx.z / passes, pass = blockIdx.z % passes;
   const int j_first = 1 + pass * kKnotsPerPass;
   const float t_first = static_cast<float>(j_first) * delta;
-  const int tile_end = min((samples + kTile - 1) / kTile, (chunk + 1) * tiles_per_chunk);
+  const int tile_end = static_cast<int>(
+      min(static_cast<int64_t>((samples + kTile - 1) / kTile), static_cast<int64_t>(chunk + 1) * tiles_per_chunk));
   const T* x_b = x + static_cast<int64_t>(b) * samples * dim;
   float* ps = SmemPtrs::p<T>(smem);
   const int col = threadIdx.x / 4, rg = threadIdx.x % 4;
 
-  float sum_cos[kKnotsPerPass], sum_sin[kKnotsPerPass], err_cos[kKnotsPerPass], err_sin[kKnotsPerPass];
+  // Knot j_first + rg + 4 m of this column: sum and Kahan error, cos and sin.
+  float sum_cos[kKept], sum_sin[kKept], err_cos[kKept], err_sin[kKept];
 #pragma unroll
-  for (int q = 0; q < kKnotsPerPass; ++q) sum_cos[q] = sum_sin[q] = err_cos[q] = err_sin[q] = 0.0f;
+  for (int m = 0; m < kKept; ++m) sum_cos[m] = sum_sin[m] = err_cos[m] = err_sin[m] = 0.0f;
   // Knot 0: cos(0 p) = 1 + 0 p and sin(0 p) = 0 p, exactly; summing 0 p keeps NaN/Inf as the reference does.
   float zero_terms = 0.0f;
 
@@ -83,31 +90,30 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
 #pragma unroll
     for (int q = 0; q < kKnotsPerPass; ++q) {
-      kahan_add(sum_cos[q], err_cos[q], tile_cos[q]);
-      kahan_add(sum_sin[q], err_sin[q], tile_sin[q]);
+      const float tc = quad_sum(tile_cos[q]), ts = quad_sum(tile_sin[q]);  // every lane takes part
+      if (q % 4 == rg) {
+        kahan_add(sum_cos[q / 4], err_cos[q / 4], tc);
+        kahan_add(sum_sin[q / 4], err_sin[q / 4], ts);
+      }
     }
   }
 
-#pragma unroll
-  for (int q = 0; q < kKnotsPerPass; ++q) {
-    sum_cos[q] = quad_sum(sum_cos[q] - err_cos[q]);
-    sum_sin[q] = quad_sum(sum_sin[q] - err_sin[q]);
-  }
   zero_terms = quad_sum(zero_terms);
   const int k = k0 + col;
-  if (rg != 0 || k >= slices) return;
+  if (k >= slices) return;
   const int64_t per_chunk = static_cast<int64_t>(batch) * 2 * slices * knots;
   float* out = workspace + chunk * per_chunk + static_cast<int64_t>(b) * 2 * slices * knots;
   float* out_cos = out + static_cast<int64_t>(k) * knots;
   float* out_sin = out + (static_cast<int64_t>(slices) + k) * knots;
 #pragma unroll
-  for (int q = 0; q < kKnotsPerPass; ++q) {
-    if (j_first + q < knots) {
-      out_cos[j_first + q] = sum_cos[q];
-      out_sin[j_first + q] = sum_sin[q];
+  for (int m = 0; m < kKept; ++m) {
+    const int j = j_first + rg + 4 * m;
+    if (j < knots) {
+      out_cos[j] = sum_cos[m] - err_cos[m];
+      out_sin[j] = sum_sin[m] - err_sin[m];
     }
   }
-  if (pass == 0) {
+  if (pass == 0 && rg == 0) {
     out_cos[0] = zero_terms;
     out_sin[0] = zero_terms;
   }
@@ -126,16 +132,31 @@ __global__ void sum_ecf_chunks_kernel(const float* __restrict__ workspace, float
   }
 }
 
+// coef[b, j, k] = (t_j gS_bkj, -t_j gC_bkj): the factors of cos(t_j p) and
+// sin(t_j p) in dstat/dp, laid out so a warp's columns read contiguous memory.
+__global__ void knot_coefficients_kernel(const float* __restrict__ grad_sums, float2* __restrict__ coef,
+                                         int64_t count, int slices, int knots, float delta) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < count;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t k = i % slices, j = (i / slices) % knots, b = i / (static_cast<int64_t>(slices) * knots);
+    const float grad_cos = grad_sums[((2 * b) * slices + k) * knots + j];
+    const float grad_sin = grad_sums[((2 * b + 1) * slices + k) * knots + j];
+    float coef_cos, coef_sin;
+    knot_gradient_coefficients(static_cast<float>(j) * delta, grad_cos, grad_sin, &coef_cos, &coef_sin);
+    coef[i] = make_float2(coef_cos, coef_sin);
+  }
+}
+
 // grad_x[b, n0:n0+64, d0:d0+256] = G @ directions^T over all slices, with G
 // recomputed per 64-slice tile; the 64 x 256 accumulator stays in registers.
 template <typename T, bool TC>
 __global__ void __launch_bounds__(kThreads, 2)
-    ecf_grad_x_kernel(const float* __restrict__ grad_sums, const T* __restrict__ x, const T* __restrict__ directions,
+    ecf_grad_x_kernel(const float2* __restrict__ coef, const T* __restrict__ x, const T* __restrict__ directions,
                       T* __restrict__ grad_x, int samples, int dim, int slices, int knots, float delta) {
   __shared__ __align__(128) unsigned char smem[Smem<T>::kBytes];
   const int n0 = blockIdx.x * kTile, d0 = blockIdx.y * static_cast<int>(kOutColumns), b = blockIdx.z;
   const T* x_b = x + static_cast<int64_t>(b) * samples * dim;
-  const float* grad_sums_b = grad_sums + static_cast<int64_t>(b) * 2 * slices * knots;
+  const float2* coef_b = coef + static_cast<int64_t>(b) * knots * slices;
   const int valid_rows = min(kTile, samples - n0);
   float* ps = SmemPtrs::p<T>(smem);
   T* gs = SmemPtrs::g<T>(smem);
@@ -150,7 +171,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     project_tile(proj, smem, x_b, directions, samples, dim, slices, n0, k0);
     __syncthreads();  // the previous tile's readers of P and G are done (also when dim == 0)
     proj.store(ps, Smem<T>::kLdP);
-    gradient_tile<T>(smem, grad_sums_b, valid_rows, slices, k0, knots, delta);
+    __syncthreads();
+    gradient_tile<T>(smem, coef_b, valid_rows, slices, k0, knots, delta);
 #pragma unroll
     for (int sub = 0; sub < kOutSubTiles; ++sub) {
       const int dd = d0 + sub * kTile;
@@ -182,13 +204,14 @@ __global__ void __launch_bounds__(kThreads, 2)
 // tile) pairs of x_b^T @ G, into workspace[chunk, D, K].
 template <typename T, bool TC>
 __global__ void __launch_bounds__(kThreads, 2)
-    ecf_grad_directions_kernel(const float* __restrict__ grad_sums, const T* __restrict__ x,
+    ecf_grad_directions_kernel(const float2* __restrict__ coef, const T* __restrict__ x,
                                const T* __restrict__ directions, float* __restrict__ workspace, int samples, int dim,
                                int slices, int knots, float delta, int row_tiles, int tiles_per_chunk) {
   __shared__ __align__(128) unsigned char smem[Smem<T>::kBytes];
   const int k0 = blockIdx.x * kTile, d0 = blockIdx.y * static_cast<int>(kOutColumns), chunk = blockIdx.z;
   const int n_tiles = (samples + kTile - 1) / kTile;
-  const int tile_end = min(row_tiles, (chunk + 1) * tiles_per_chunk);
+  const int tile_end =
+      static_cast<int>(min(static_cast<int64_t>(row_tiles), static_cast<int64_t>(chunk + 1) * tiles_per_chunk));
   float* ps = SmemPtrs::p<T>(smem);
   T* gs = SmemPtrs::g<T>(smem);
   T* ws = SmemPtrs::w<T>(smem);
@@ -204,8 +227,9 @@ __global__ void __launch_bounds__(kThreads, 2)
     project_tile(proj, smem, x_b, directions, samples, dim, slices, n0, k0);
     __syncthreads();  // the previous tile's readers of P and G are done (also when dim == 0)
     proj.store(ps, Smem<T>::kLdP);
-    gradient_tile<T>(smem, grad_sums + static_cast<int64_t>(b) * 2 * slices * knots, min(kTile, samples - n0),
-                     slices, k0, knots, delta);
+    __syncthreads();
+    gradient_tile<T>(smem, coef + static_cast<int64_t>(b) * knots * slices, min(kTile, samples - n0), slices, k0,
+                     knots, delta);
 #pragma unroll
     for (int sub = 0; sub < kOutSubTiles; ++sub) {
       const int dd = d0 + sub * kTile;
@@ -272,33 +296,34 @@ struct LaunchSums {
   }
 };
 
-struct LaunchGradX {
+struct LaunchBackward {
   template <typename T, bool TC>
-  static cudaError_t run(const Problem& p, const float* grad_sums, const void* x, const void* directions,
-                         void* grad_x, cudaStream_t stream) {
-    const GradXPlan plan = plan_grad_x(p);
-    const dim3 grid(u32(plan.n_tiles), u32(plan.d_chunks), u32(p.batch));
-    ecf_grad_x_kernel<T, TC><<<grid, kThreads, 0, stream>>>(
-        grad_sums, static_cast<const T*>(x), static_cast<const T*>(directions), static_cast<T*>(grad_x),
-        i32(p.samples), i32(p.dim), i32(p.slices), i32(p.knots), p.delta);
-    return cudaGetLastError();
-  }
-};
-
-struct LaunchGradDirections {
-  template <typename T, bool TC>
-  static cudaError_t run(const Problem& p, const GradDirectionsPlan& plan, const float* grad_sums, const void* x,
-                         const void* directions, float* workspace, void* grad_directions, cudaStream_t stream) {
-    const dim3 grid(u32(plan.k_tiles), u32(plan.d_chunks), u32(plan.chunks));
-    ecf_grad_directions_kernel<T, TC><<<grid, kThreads, 0, stream>>>(
-        grad_sums, static_cast<const T*>(x), static_cast<const T*>(directions), workspace, i32(p.samples),
-        i32(p.dim), i32(p.slices), i32(p.knots), p.delta, i32(p.batch * ceil_div(p.samples, kTile)),
-        i32(plan.tiles_per_chunk));
+  static cudaError_t run(const Problem& p, const BackwardPlan& plan, const float* grad_sums, const void* x,
+                         const void* directions, float* coef_workspace, void* grad_x, float* directions_workspace,
+                         void* grad_directions, cudaStream_t stream) {
+    const int64_t coef_count = p.batch * p.knots * p.slices;
+    float2* coef = reinterpret_cast<float2*>(coef_workspace);
+    knot_coefficients_kernel<<<elementwise_blocks(coef_count), kThreads, 0, stream>>>(
+        grad_sums, coef, coef_count, i32(p.slices), i32(p.knots), p.delta);
     cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess || p.dim == 0) return err;  // no features: empty gradients
+
+    const dim3 grid_x(u32(plan.n_tiles), u32(plan.d_chunks), u32(p.batch));
+    ecf_grad_x_kernel<T, TC><<<grid_x, kThreads, 0, stream>>>(
+        coef, static_cast<const T*>(x), static_cast<const T*>(directions), static_cast<T*>(grad_x), i32(p.samples),
+        i32(p.dim), i32(p.slices), i32(p.knots), p.delta);
+    err = cudaGetLastError();
+    if (err != cudaSuccess || grad_directions == nullptr) return err;
+
+    const dim3 grid_a(u32(plan.k_tiles), u32(plan.d_chunks), u32(plan.chunks));
+    ecf_grad_directions_kernel<T, TC><<<grid_a, kThreads, 0, stream>>>(
+        coef, static_cast<const T*>(x), static_cast<const T*>(directions), directions_workspace, i32(p.samples),
+        i32(p.dim), i32(p.slices), i32(p.knots), p.delta, i32(p.batch * plan.n_tiles), i32(plan.tiles_per_chunk));
+    err = cudaGetLastError();
     if (err != cudaSuccess) return err;
     const int64_t count = p.dim * p.slices;
     sum_chunks_kernel<T><<<elementwise_blocks(count), kThreads, 0, stream>>>(
-        workspace, static_cast<T*>(grad_directions), i32(plan.chunks), count);
+        directions_workspace, static_cast<T*>(grad_directions), i32(plan.chunks), count);
     return cudaGetLastError();
   }
 };
@@ -328,17 +353,12 @@ cudaError_t launch_ecf_sums(const Problem& p, const ForwardPlan& plan, DType dty
   return dispatch<LaunchSums>(dtype, tensor_cores, p, plan, x, directions, workspace, sums, stream);
 }
 
-cudaError_t launch_ecf_grad_x(const Problem& p, DType dtype, bool tensor_cores, const float* grad_sums, const void* x,
-                              const void* directions, void* grad_x, cudaStream_t stream) {
-  return dispatch<LaunchGradX>(dtype, tensor_cores, p, grad_sums, x, directions, grad_x, stream);
-}
-
-cudaError_t launch_ecf_grad_directions(const Problem& p, const GradDirectionsPlan& plan, DType dtype,
-                                       bool tensor_cores, const float* grad_sums, const void* x,
-                                       const void* directions, float* workspace, void* grad_directions,
-                                       cudaStream_t stream) {
-  return dispatch<LaunchGradDirections>(dtype, tensor_cores, p, plan, grad_sums, x, directions, workspace,
-                                        grad_directions, stream);
+cudaError_t launch_ecf_sums_backward(const Problem& p, const BackwardPlan& plan, DType dtype, bool tensor_cores,
+                                     const float* grad_sums, const void* x, const void* directions,
+                                     float* coef_workspace, void* grad_x, float* directions_workspace,
+                                     void* grad_directions, cudaStream_t stream) {
+  return dispatch<LaunchBackward>(dtype, tensor_cores, p, plan, grad_sums, x, directions, coef_workspace, grad_x,
+                                  directions_workspace, grad_directions, stream);
 }
 
 }  // namespace cuda

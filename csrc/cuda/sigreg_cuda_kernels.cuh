@@ -54,28 +54,34 @@ struct ForwardPlan {
 inline ForwardPlan plan_forward(const Problem& p) {
   const int64_t k_tiles = ceil_div(p.slices, kTile);
   const int64_t passes = ceil_div(p.knots - 1, kKnotsPerPass);
-  const Chunking c = split_tiles(ceil_div(p.samples, kTile), ceil_div(kTargetBlocks, k_tiles * p.batch * passes));
+  const int64_t other_blocks = k_tiles * p.batch * passes;  // 0 only for an empty batch, which launches nothing
+  const int64_t wanted = ceil_div(kTargetBlocks, other_blocks > 0 ? other_blocks : 1);
+  const Chunking c = split_tiles(ceil_div(p.samples, kTile), wanted);
   return {k_tiles, c.chunks, c.tiles_per_chunk, passes, c.chunks * p.batch * 2 * p.slices * p.knots};
 }
 
-// grad_x: block (sample tile, 256-feature chunk, b), looping over all slices:
-// grad_x is written once, no workspace.
-struct GradXPlan {
-  int64_t n_tiles, d_chunks;
+// Backward: a small kernel turns grad_sums into the knot coefficient table
+// [B, knots, K] of float2 (coef_floats); then grad_x blocks (sample tile,
+// 256-feature chunk, b) loop over all slices, so grad_x is written once, with
+// no workspace. With grad_directions, blocks (k tile, 256-feature chunk, chunk
+// of (b, sample tile) pairs) write partial products to a workspace
+// [chunks, D, K] (directions_floats), added up in a fixed order.
+struct BackwardPlan {
+  int64_t coef_floats, n_tiles, d_chunks;                       // grad_x
+  int64_t k_tiles, chunks, tiles_per_chunk, directions_floats;  // grad_directions (0 if not needed)
 };
-inline GradXPlan plan_grad_x(const Problem& p) { return {ceil_div(p.samples, kTile), ceil_div(p.dim, kOutColumns)}; }
-
-// grad_directions: block (k tile, 256-feature chunk, chunk of (b, sample tile)
-// pairs); partial products go to workspace [chunks, D, K], added up in a fixed order.
-struct GradDirectionsPlan {
-  int64_t k_tiles, d_chunks, chunks, tiles_per_chunk, workspace_floats;
-};
-inline GradDirectionsPlan plan_grad_directions(const Problem& p) {
-  const int64_t k_tiles = ceil_div(p.slices, kTile), d_chunks = ceil_div(p.dim, kOutColumns);
-  int64_t wanted = ceil_div(kTargetGradDirBlocks, k_tiles * d_chunks);
-  wanted = wanted < kMaxGradDirChunks ? wanted : kMaxGradDirChunks;
-  const Chunking c = split_tiles(p.batch * ceil_div(p.samples, kTile), wanted);
-  return {k_tiles, d_chunks, c.chunks, c.tiles_per_chunk, c.chunks * p.dim * p.slices};
+inline BackwardPlan plan_backward(const Problem& p, bool need_grad_directions) {
+  BackwardPlan plan{2 * p.batch * p.knots * p.slices, ceil_div(p.samples, kTile), ceil_div(p.dim, kOutColumns),
+                    ceil_div(p.slices, kTile), 0, 0, 0};
+  if (need_grad_directions) {
+    int64_t wanted = ceil_div(kTargetGradDirBlocks, plan.k_tiles * (plan.d_chunks > 0 ? plan.d_chunks : 1));
+    wanted = wanted < kMaxGradDirChunks ? wanted : kMaxGradDirChunks;
+    const Chunking c = split_tiles(p.batch * plan.n_tiles, wanted);
+    plan.chunks = c.chunks;
+    plan.tiles_per_chunk = c.tiles_per_chunk;
+    plan.directions_floats = c.chunks * p.dim * p.slices;
+  }
+  return plan;
 }
 
 // Why the kernels cannot take this problem (they index tiles with int and use
@@ -96,13 +102,11 @@ inline const char* unsupported_reason(const Problem& p) {
 cudaError_t launch_ecf_sums(const Problem& p, const ForwardPlan& plan, DType dtype, bool tensor_cores, const void* x,
                             const void* directions, float* workspace, float* sums, cudaStream_t stream);
 
-cudaError_t launch_ecf_grad_x(const Problem& p, DType dtype, bool tensor_cores, const float* grad_sums, const void* x,
-                              const void* directions, void* grad_x, cudaStream_t stream);
-
-cudaError_t launch_ecf_grad_directions(const Problem& p, const GradDirectionsPlan& plan, DType dtype,
-                                       bool tensor_cores, const float* grad_sums, const void* x,
-                                       const void* directions, float* workspace, void* grad_directions,
-                                       cudaStream_t stream);
+// grad_directions and directions_workspace may be null (need_grad_directions false).
+cudaError_t launch_ecf_sums_backward(const Problem& p, const BackwardPlan& plan, DType dtype, bool tensor_cores,
+                                     const float* grad_sums, const void* x, const void* directions,
+                                     float* coef_workspace, void* grad_x, float* directions_workspace,
+                                     void* grad_directions, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace sigreg

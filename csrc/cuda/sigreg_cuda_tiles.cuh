@@ -29,14 +29,12 @@ namespace cuda {
 
 // Shared memory of one block, in bytes. The region at offset 0 is reused by
 // phases that never overlap (separated by __syncthreads):
-//   projection operands x [64 x 32] and directions [32 x 64]  |  knot
-//   coefficients [16 x 64] float2  |  the operand of the output product [64 x 64].
+//   projection operands x [64 x 32] and directions [32 x 64]  |  the other
+//   operand of the output product [64 x 64].
 // Then the projection tile P (float [64 x 72]) and the gradient tile G, which
 // overwrites P in place for float (same element size) and has its own buffer
 // for 16-bit types. Row pads keep WMMA pointers 32-byte aligned, leading
 // dimensions multiples of 16 bytes, and the element phase free of bank conflicts.
-constexpr int max3(int a, int b, int c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); }
-
 template <typename T>
 struct Smem {
   static constexpr int kPad = 16 / static_cast<int>(sizeof(T));
@@ -48,8 +46,7 @@ struct Smem {
   static constexpr int kXBytes = kTile * kLdX * sizeof(T);
   static constexpr int kABytes = kDepth * kLdA * sizeof(T);
   static constexpr int kWBytes = kTile * kLdW * sizeof(T);
-  static constexpr int kCoefBytes = kKnotsPerPass * kTile * 8;
-  static constexpr int kRegionBytes = max3(kXBytes + kABytes, kWBytes, kCoefBytes);
+  static constexpr int kRegionBytes = kXBytes + kABytes > kWBytes ? kXBytes + kABytes : kWBytes;
   static constexpr int kPOffset = kRegionBytes;
   static constexpr int kPBytes = kTile * kLdP * 4;
   static constexpr bool kGInP = sizeof(T) == 4;
@@ -66,7 +63,6 @@ struct SmemPtrs {
   __device__ static T* a(unsigned char* s) { return reinterpret_cast<T*>(s + Smem<T>::kXBytes); }
   template <typename T>
   __device__ static T* w(unsigned char* s) { return reinterpret_cast<T*>(s); }
-  __device__ static float2* coef(unsigned char* s) { return reinterpret_cast<float2*>(s); }
   template <typename T>
   __device__ static float* p(unsigned char* s) { return reinterpret_cast<float*>(s + Smem<T>::kPOffset); }
   template <typename T>
@@ -206,14 +202,21 @@ using Tile = typename std::conditional<TENSOR_CORES, WmmaTile<T>, FmaTile<T>>::t
 // Accurate sin and cos for any float: the shared branch-free polynomial where
 // its range reduction is exact enough, the CUDA library (with its Payne-Hanek
 // slow path) beyond it and for NaN/Inf. __sincosf would be wrong at |a| ~ 1e3.
-// The rare path is out of line so the unrolled element loops stay small.
-static __device__ __noinline__ void sincos_library(float a, float* s, float* c) { sincosf(a, s, c); }
+// The rare path is out of line (returning by value, so nothing goes through
+// the stack) to keep the unrolled element loops small.
+static __device__ __noinline__ float2 sincos_library(float a) {
+  float2 sc;
+  sincosf(a, &sc.x, &sc.y);
+  return sc;
+}
 
 __device__ __forceinline__ void sincos_accurate(float a, float* s, float* c) {
   if (fabsf(a) <= kPolySinCosMaxArg) {
     sincos_poly(a, s, c);
   } else {
-    sincos_library(a, s, c);
+    const float2 sc = sincos_library(a);
+    *s = sc.x;
+    *c = sc.y;
   }
 }
 
@@ -248,60 +251,34 @@ __device__ void project_tile(TileT& acc, unsigned char* smem, const T* __restric
 }
 
 // G[n, k] = sum_j t_j (gS_kj cos(t_j p_nk) - gC_kj sin(t_j p_nk)) for the
-// projection tile P in shared memory; G goes to shared memory in the input
-// type (it feeds the next product), zero on rows >= valid_rows. The knots are
-// taken 16 at a time; within a pass cos/sin(t_j p) come from one sin/cos pair
-// by rotation. grad_sums_b points at grad_sums[b] ([2, K, knots]).
+// projection tile P in shared memory (stored and synchronized by the caller).
+// G goes to shared memory in the input type (it feeds the next product), zero
+// on rows >= valid_rows and slices >= K. coef_b ([knots, K] of float2, see
+// knot_coefficients_kernel) is read through L1: the 4 threads of a column
+// share each load, and the 8 columns of a warp read 64 contiguous bytes.
 template <typename T>
-__device__ void gradient_tile(unsigned char* smem, const float* __restrict__ grad_sums_b, int valid_rows,
-                              int slices, int k0, int knots, float delta) {
+__device__ void gradient_tile(unsigned char* smem, const float2* __restrict__ coef_b, int valid_rows, int slices,
+                              int k0, int knots, float delta) {
   const float* ps = SmemPtrs::p<T>(smem);
-  float2* coef = SmemPtrs::coef(smem);
-  const int col = threadIdx.x / 4, rg = threadIdx.x % 4;
-  float g[kTile / 4];
-#pragma unroll
-  for (int i = 0; i < kTile / 4; ++i) g[i] = 0.0f;
-
-  for (int j_first = 1; j_first < knots; j_first += kKnotsPerPass) {
-    __syncthreads();  // P is stored; earlier readers of the coefficient region are done
-    for (int e = threadIdx.x; e < kKnotsPerPass * kTile; e += kThreads) {
-      const int q = e / kTile, c = e % kTile, j = j_first + q, k = k0 + c;
-      float coef_cos = 0.0f, coef_sin = 0.0f;  // padding knots and slices contribute nothing
-      if (j < knots && k < slices) {
-        const float grad_cos = grad_sums_b[static_cast<int64_t>(k) * knots + j];
-        const float grad_sin = grad_sums_b[(static_cast<int64_t>(slices) + k) * knots + j];
-        knot_gradient_coefficients(static_cast<float>(j) * delta, grad_cos, grad_sin, &coef_cos, &coef_sin);
-      }
-      coef[e] = make_float2(coef_cos, coef_sin);
-    }
-    __syncthreads();
-    const float t_first = static_cast<float>(j_first) * delta;
-#pragma unroll  // g[] must stay in registers
-    for (int i = 0; i < kTile / 4; ++i) {
-      const int row = rg + 4 * i;
-      if (row >= valid_rows) continue;
+  T* gs = SmemPtrs::g<T>(smem);  // P itself for float: each thread overwrites only what it has read
+  const int col = threadIdx.x / 4, rg = threadIdx.x % 4, k = k0 + col;
+  for (int i = 0; i < kTile / 4; ++i) {
+    const int row = rg + 4 * i;
+    float g = 0.0f;
+    if (row < valid_rows && k < slices) {
       const float p = ps[row * Smem<T>::kLdP + col];
-      float s1, c1, s, c;
+      float s1, c1;
       sincos_accurate(delta * p, &s1, &c1);
-      if (j_first == 1) {
-        s = s1, c = c1;
-      } else {
-        sincos_accurate(t_first * p, &s, &c);
-      }
-#pragma unroll
-      for (int q = 0; q < kKnotsPerPass; ++q) {
-        const float2 cf = coef[q * kTile + col];
-        g[i] = fmaf(cf.x, c, fmaf(cf.y, s, g[i]));
+      float c = c1, s = s1;
+      const float2* coef_k = coef_b + k;
+#pragma unroll 4
+      for (int j = 1; j < knots; ++j) {
+        const float2 cf = __ldg(coef_k + static_cast<int64_t>(j) * slices);
+        g = fmaf(cf.x, c, fmaf(cf.y, s, g));
         rotate(c, s, c1, s1);
       }
     }
-  }
-  // In place over P for float: each thread writes only the elements it read.
-  T* gs = SmemPtrs::g<T>(smem);
-#pragma unroll
-  for (int i = 0; i < kTile / 4; ++i) {
-    const int row = rg + 4 * i;
-    gs[row * Smem<T>::kLdG + col] = from_float<T>(row < valid_rows ? g[i] : 0.0f);
+    gs[row * Smem<T>::kLdG + col] = from_float<T>(g);
   }
 }
 
