@@ -4,6 +4,7 @@ import os
 
 import torch
 
+from .op_registration import accumulation_dtype
 from .quadrature import quadrature
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
@@ -39,10 +40,12 @@ def _triton_unavailable_reason(device: torch.device):
     return f"triton kernels run on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1), got a {device.type} tensor"
 
 
-def unavailable_reason(name: str, device: torch.device):
-    """Why backend ``name`` cannot run on ``device``, or None if it can."""
+def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype | None = None):
+    """Why backend ``name`` cannot run on ``device`` (with inputs of ``dtype``), or None if it can."""
     if name == "reference":
         return None
+    if name in ("cuda", "triton") and dtype == torch.float64:
+        return "the GPU kernels take float32, bfloat16 or float16 inputs (float64 runs on 'cpu' and 'reference')"
     if name in ("cpu", "cuda"):
         if _ops is None:
             return f"the compiled extension sigreg_kernels._C is not built ({_EXTENSION_ERROR})"
@@ -56,17 +59,17 @@ def unavailable_reason(name: str, device: torch.device):
     raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {name!r}")
 
 
-def available_backends(device="cpu"):
-    """Names of the backends that can run on ``device``, fastest first."""
+def available_backends(device="cpu", dtype: torch.dtype | None = None):
+    """Names of the backends that can run on ``device`` (with inputs of ``dtype``), fastest first."""
     device = torch.device(device)
     order = ("cpu", "reference") if device.type == "cpu" else ("cuda", "triton", "reference")
-    return [name for name in order if unavailable_reason(name, device) is None]
+    return [name for name in order if unavailable_reason(name, device, dtype) is None]
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
     if name == "auto":
-        return available_backends(device)[0]
-    reason = unavailable_reason(name, device)
+        return available_backends(device, dtype)[0]
+    reason = unavailable_reason(name, device, dtype)
     if reason is not None:
         raise RuntimeError(f"backend {name!r} is not available: {reason}")
     return name
@@ -74,7 +77,7 @@ def resolve_backend(name: str, device: torch.device) -> str:
 
 def reference_ecf_sums(x, directions, knots: int, t_max: float):
     """The ECF sums in plain PyTorch, materializing ``[B, N, K, T]``."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(x.dtype)
     t, _, _ = quadrature(knots, t_max, dtype=acc, device=x.device)
     angles = (x @ directions).to(acc).unsqueeze(-1) * t
     return torch.stack((angles.cos().sum(dim=-3), angles.sin().sum(dim=-3)), dim=1)

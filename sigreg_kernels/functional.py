@@ -36,7 +36,7 @@ def sigreg(x, directions, *, knots: int = 17, t_max: float = 3.0, reduction: str
     ``torch.distributed`` the statistic is that of the global batch.
     """
     check_sigreg_args(x, directions, knots, t_max, reduction)
-    name = backends.resolve_backend(backend, x.device)
+    name = backends.resolve_backend(backend, x.device, x.dtype)
     x, directions = _computation_dtypes(x, directions)
     batch_shape, samples, dim = x.shape[:-2], x.shape[-2], x.shape[-1]
     sums = backends.ecf_sums(name, x.reshape(-1, samples, dim), directions, knots, t_max)
