@@ -1,0 +1,281 @@
+"""The Triton backend: parity with the float64 oracle, determinism, opcheck, torch.compile.
+
+Every test runs on two devices:
+- "cpu": the kernels under the Triton interpreter. It is chosen when the kernels are
+  defined, at the first import of ``sigreg_kernels.triton_op``; the ``device`` fixture sets
+  TRITON_INTERPRET=1 before that import (and keeps it set for backends.py's check).
+  Where CUDA is present, the process compiles the kernels for the GPU instead and
+  these skip, unless TRITON_INTERPRET=1 was set for the whole run.
+- "cuda": the compiled kernels; skipped without a GPU.
+"""
+
+import importlib
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from helpers import assert_relative_close, oracle, random_case, relative_error
+
+from sigreg_kernels import sigreg, sigreg_reference
+
+pytest.importorskip("triton")
+
+DEVICES = ("cpu", "cuda")
+
+# (batch_shape, N, D, K, scale, knots, t_max)
+SHAPES = [
+    # Interpreter blocks are 32 wide: N, D, K span several blocks and D two dx chunks;
+    # the rows fall in 3 splits of 2, 2 and 1 (partial) tiles.
+    pytest.param((), 150, 70, 70, 1.0, 17, 3.0, id="multi-block"),
+    pytest.param((), 1000, 3, 5, 1.0, 17, 3.0, id="long-N"),  # 8 splits of 4 tiles
+    pytest.param((2, 3), 33, 5, 17, 1.0, 17, 3.0, id="batch-dims"),
+    pytest.param((), 1, 1, 1, 1.0, 17, 3.0, id="N=D=K=1"),
+    pytest.param((3,), 40, 1, 3, 1.0, 5, 2.0, id="D=1-knots=5"),
+    pytest.param((), 64, 16, 1, 1.0, 2, 3.0, id="K=1-knots=2"),
+    pytest.param((), 100, 20, 40, 100.0, 17, 3.0, id="x-scale-100"),
+]
+HALF_SHAPES = [
+    pytest.param((), 150, 70, 70, 1.0, 17, 3.0, id="multi-block"),
+    pytest.param((2,), 40, 24, 33, 10.0, 17, 3.0, id="batch-scale-10"),
+]
+
+
+def _import_op_module():
+    return importlib.import_module("sigreg_kernels.triton_op")
+
+
+@pytest.fixture(params=DEVICES)
+def device(request, monkeypatch):
+    loaded = sys.modules.get("sigreg_kernels.triton_op")
+    if request.param == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.is_available():
+            pytest.skip("CUDA is present: this process compiles the kernels for the GPU "
+                        "(run with TRITON_INTERPRET=1 to test the interpreter on CPU)")
+        if loaded is not None and not loaded.INTERPRET:
+            pytest.skip("sigreg_kernels.triton_op was imported without TRITON_INTERPRET=1: "
+                        "its kernels are compiled, not interpreted")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    else:
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA device")
+        if os.environ.get("TRITON_INTERPRET") == "1" or (loaded is not None and loaded.INTERPRET):
+            pytest.skip("TRITON_INTERPRET=1: the kernels are interpreted, not compiled for the GPU")
+    _import_op_module()
+    return request.param
+
+
+def _values_and_grads(fn, x, directions, weight):
+    """fn's statistic under a random upstream gradient (``reduction="none"``, weighted, times 2)."""
+    x = x.detach().clone().requires_grad_()
+    directions = directions.detach().clone().requires_grad_()
+    stat = fn(x, directions)
+    loss = (stat * weight.to(stat.dtype)).sum() * 2
+    grad_x, grad_directions = torch.autograd.grad(loss, (x, directions))
+    return stat.detach(), grad_x, grad_directions
+
+
+def _run_all(x, directions, weight, knots, t_max):
+    kwargs = {"knots": knots, "t_max": t_max, "reduction": "none"}
+    triton = _values_and_grads(lambda a, b: sigreg(a, b, backend="triton", **kwargs), x, directions, weight)
+    truth = _values_and_grads(lambda a, b: oracle(a, b, **kwargs), x, directions, weight)
+    return triton, truth, kwargs
+
+
+@pytest.mark.parametrize("batch_shape, samples, dim, slices, scale, knots, t_max", SHAPES)
+def test_fp32_matches_oracle(device, batch_shape, samples, dim, slices, scale, knots, t_max):
+    x, directions = random_case(batch_shape, samples, dim, slices, scale=scale, device=device)
+    weight = torch.randn(*batch_shape, slices, generator=torch.Generator().manual_seed(1)).to(device)
+    triton, truth, kwargs = _run_all(x, directions, weight, knots, t_max)
+    # The fp32 reference's own error bounds what fp32 can do (at |x| = 100 the rounding
+    # of t * p alone exceeds 1e-5 in the gradients).
+    reference = _values_and_grads(lambda a, b: sigreg_reference(a, b, **kwargs), x, directions, weight)
+    for name, actual, ref, exact in zip(("value", "grad_x", "grad_directions"), triton, reference, truth):
+        tol = max(1e-5, 2 * relative_error(ref, exact))
+        assert_relative_close(name, actual, exact, tol)
+    assert triton[1].dtype == triton[2].dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch_shape, samples, dim, slices, scale, knots, t_max", HALF_SHAPES)
+def test_half_matches_oracle(device, dtype, batch_shape, samples, dim, slices, scale, knots, t_max):
+    x, directions = random_case(batch_shape, samples, dim, slices, scale=scale, dtype=dtype, device=device)
+    weight = torch.randn(*batch_shape, slices, generator=torch.Generator().manual_seed(1)).to(device)
+    # The oracle sees the same rounded inputs; what is left is the kernels' own error.
+    triton, truth, _ = _run_all(x, directions, weight, knots, t_max)
+    for name, actual, exact in zip(("value", "grad_x", "grad_directions"), triton, truth):
+        assert_relative_close(name, actual, exact, 2e-2)
+    assert triton[1].dtype == triton[2].dtype == dtype
+
+
+def test_ecf_sums_contract(device):
+    op = _import_op_module()
+    x, directions = random_case((2,), 50, 9, 37, device=device)
+    sums, projection = op.ecf_sums_triton(x, directions, 17, 3.0)
+    assert sums.shape == (2, 2, 37, 17) and sums.dtype == torch.float32
+    assert projection.shape == (0,)
+    # Knot 0 (t = 0): cos = 1 and sin = 0 for every sample, exactly.
+    assert torch.equal(sums[:, 0, :, 0], torch.full_like(sums[:, 0, :, 0], 50.0))
+    assert torch.equal(sums[:, 1, :, 0], torch.zeros_like(sums[:, 1, :, 0]))
+    t = torch.linspace(0, 3.0, 17, dtype=torch.float64, device=device)
+    angles = (x.double() @ directions.double()).unsqueeze(-1) * t
+    expected = torch.stack((angles.cos().sum(dim=1), angles.sin().sum(dim=1)), dim=1)
+    assert_relative_close("sums", sums, expected, 1e-6)
+
+
+def test_strided_inputs(device):
+    x, directions = random_case((2,), 45, 20, 36, device=device)
+    x_strided = x.transpose(-1, -2).contiguous().transpose(-1, -2)  # [B, N, D] with D-major storage
+    directions_strided = directions.t().contiguous().t()
+    assert not x_strided.is_contiguous() and not directions_strided.is_contiguous()
+    weight = torch.randn(2, 36, generator=torch.Generator().manual_seed(1)).to(device)
+    triton, truth, _ = _run_all(x_strided, directions_strided, weight, 17, 3.0)
+    for name, actual, exact in zip(("value", "grad_x", "grad_directions"), triton, truth):
+        assert_relative_close(name, actual, exact, 1e-5)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic-algorithms"])
+def test_bit_identical_reruns(device, deterministic):
+    x, directions = random_case((2,), 100, 40, 40, device=device)
+    weight = torch.randn(2, 40, generator=torch.Generator().manual_seed(1)).to(device)
+
+    def run():
+        return _values_and_grads(lambda a, b: sigreg(a, b, backend="triton", reduction="none"), x, directions, weight)
+
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        for first, second in zip(run(), run()):
+            assert torch.equal(first, second)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def test_opcheck(device):
+    op = _import_op_module()
+    x, directions = random_case((2,), 40, 8, 16, device=device)
+    for requires_grad in (False, True):
+        args = (x.clone().requires_grad_(requires_grad), directions.clone().requires_grad_(requires_grad), 17, 3.0)
+        torch.library.opcheck(op.ecf_sums_triton, args)
+    grad_sums = torch.randn(2, 2, 16, 17, device=device)
+    for need_grad_directions in (False, True):
+        args = (grad_sums, x, directions, x.new_empty((0,)), 17, 3.0, need_grad_directions)
+        torch.library.opcheck(op.ecf_sums_triton_backward, args)
+
+
+def test_compile_fullgraph(device):
+    x, directions = random_case((2,), 40, 8, 16, device=device)
+
+    def loss_fn(x, directions):
+        return sigreg(x, directions, backend="triton", reduction="sum") * 2
+
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    eager = _values_and_grads(loss_fn, x, directions, torch.ones((), device=device))
+    traced = _values_and_grads(compiled, x, directions, torch.ones((), device=device))
+    for name, actual, expected in zip(("value", "grad_x", "grad_directions"), traced, eager):
+        assert_relative_close(name, actual, expected, 1e-6)
+
+
+def test_dot_precision_follows_torch(device):
+    op = _import_op_module()
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert op.dot_precision(torch.float32) == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert op.dot_precision(torch.float32) == "tf32"
+        assert op.dot_precision(torch.bfloat16) == "tf32"  # ignored for half inputs
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def test_rejects_float64_and_mixed_dtypes(device):
+    op = _import_op_module()
+    x, directions = random_case((), 8, 4, 3, dtype=torch.float64, device=device)
+    with pytest.raises(TypeError, match="float64"):
+        op.ecf_sums_triton(x, directions, 17, 3.0)
+    with pytest.raises(RuntimeError, match="float64"):  # backends.py turns it away first
+        sigreg(x, directions, backend="triton")
+    with pytest.raises(TypeError, match="dtype"):
+        op.ecf_sums_triton(x.float(), directions.half(), 17, 3.0)
+
+
+# The interpreter checks no compile-time rules (tl.dot's minimum sizes, constexpr
+# branches, layouts): compile each kernel for sm_90 in a clean process, no GPU needed.
+_COMPILE_FOR_H100 = textwrap.dedent("""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from sigreg_kernels import triton_kernels as k, triton_op as op
+
+    for dtype, precision in (("fp32", "ieee"), ("bf16", "tf32")):
+        for fn, config, extra in ((k._sigreg_fwd_kernel, op._FWD_CONFIGS[0], {"KNOTS_PAD": 32}),
+                                  (k._sigreg_bwd_dx_kernel, op._BWD_CONFIGS[0], {"BLOCK_DX": 256}),
+                                  (k._sigreg_bwd_da_kernel, op._BWD_CONFIGS[0], {"BLOCK_DA": 128})):
+            constants = {"KNOTS": 17, "PRECISION": precision, "DOT_UPCAST": False, **extra, **config.kwargs}
+            signature = {}
+            for name in fn.arg_names:
+                if name in constants:
+                    signature[name] = "constexpr"
+                elif name in ("x_ptr", "a_ptr", "dx_ptr"):
+                    signature[name] = "*" + dtype
+                else:
+                    signature[name] = "*fp32" if name.endswith("_ptr") else "fp32" if name == "delta" else "i32"
+            source = ASTSource(fn, signature, {(fn.arg_names.index(n),): v for n, v in constants.items()})
+            options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+            triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+""")
+
+
+def test_kernels_compile_for_h100():
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_H100], check=False, env=env,
+                            capture_output=True, text=True)
+    if result.returncode != 0 and "ptxas" in result.stderr and "No such file" in result.stderr:
+        pytest.skip("no ptxas to compile with")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+# ---- GPU only: sizes where the autotuned blocks, the row splits and the D chunks all matter.
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_cuda_large(device, dtype, tol):
+    if device != "cuda":
+        pytest.skip("GPU-sized case")
+    x, directions = random_case((2,), 2048, 384, 300, dtype=dtype, device=device)
+    weight = torch.randn(2, 300, generator=torch.Generator().manual_seed(1)).to(device)
+    triton, truth, _ = _run_all(x, directions, weight, 17, 3.0)
+    for name, actual, exact in zip(("value", "grad_x", "grad_directions"), triton, truth):
+        assert_relative_close(name, actual, exact, tol)
+    again, _, _ = _run_all(x, directions, weight, 17, 3.0)
+    for first, second in zip(triton, again):
+        assert torch.equal(first, second)
+
+
+def test_cuda_autocast_bf16(device):
+    if device != "cuda":
+        pytest.skip("autocast to bf16 on the GPU")
+    x, directions = random_case((2,), 512, 96, 128, device=device)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        stat, grad_x, _ = _values_and_grads(lambda a, b: sigreg(a, b, backend="triton", reduction="none"),
+                                            x, directions, torch.ones(2, 128, device=device))
+    truth = _values_and_grads(lambda a, b: oracle(a.bfloat16(), b.bfloat16(), reduction="none"),
+                              x, directions, torch.ones(2, 128, device=device))
+    assert grad_x.dtype == torch.float32  # the gradient returns to the input's dtype
+    assert_relative_close("value", stat, truth[0], 2e-2)
+    assert_relative_close("grad_x", grad_x, truth[1], 2e-2)
+
+
+def test_cuda_tf32_when_allowed(device):
+    if device != "cuda":
+        pytest.skip("TF32 exists on the GPU only")
+    x, directions = random_case((), 1024, 256, 256, device=device)
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        stat = sigreg(x, directions, backend="triton", reduction="none")
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert_relative_close("value", stat, oracle(x, directions, reduction="none"), 1e-2)
