@@ -128,7 +128,12 @@ def peak_extra_memory_mib(provider, samples, dim, slices, batch, dtype, device):
 def sizes(args):
     """(sweep name, N, D, K) rows: the main size first, then the sweeps."""
     if args.sizes:
-        return [("custom", *map(int, s.split(","))) for s in args.sizes]
+        triples = [tuple(map(int, s.split(","))) for s in args.sizes]
+        rows = [("main", *triples[0])]
+        for triple in triples[1:]:  # named after the one dimension that differs from the first size
+            differs = [name for name, a, b in zip("NDK", triple, triples[0]) if a != b]
+            rows.append((differs[0] if len(differs) == 1 else "custom", *triple))
+        return rows
     if args.quick:
         return [("main", 256, 64, 128), ("K", 256, 64, 256), ("D", 256, 128, 128)]
     n, d, k = (4096, 512, 1024) if args.device == "cuda" else (2048, 512, 1024)

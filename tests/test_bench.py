@@ -1,0 +1,27 @@
+"""The benchmark script runs end to end and writes sane rows (no timings are asserted)."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_smoke_run_writes_csv_and_plot(tmp_path):
+    csv_path = tmp_path / "bench.csv"
+    command = [sys.executable, str(ROOT / "bench" / "bench_sigreg.py"), "--providers", "reference", "cpu",
+               "--sizes", "64,8,16", "64,8,24", "--min-run-time", "0.01", "--csv", str(csv_path)]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True).stdout
+    assert "floor (matmuls)" in out
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    assert {r["provider"] for r in rows} == {"reference", "cpu"}
+    assert {r["mode"] for r in rows} == {"fwd", "bwd", "fwd+bwd"}
+    for row in rows:
+        assert float(row["ms"]) > 0 and float(row["p20_ms"]) <= float(row["p80_ms"])
+        if row["mode"] == "fwd+bwd":
+            assert float(row["peak_extra_mib"]) >= 0
+    png = subprocess.run([sys.executable, str(ROOT / "bench" / "plot_results.py"), str(csv_path)],
+                         capture_output=True, text=True, timeout=120, check=True).stdout.strip()
+    assert Path(png).stat().st_size > 1000
