@@ -29,3 +29,37 @@ def random_case(batch_shape, samples, dim, slices, scale=1.0, dtype=torch.float3
     directions = torch.randn(dim, slices, generator=generator, dtype=torch.float64)
     directions = directions / directions.norm(dim=0)
     return x.to(device=device, dtype=dtype), directions.to(device=device, dtype=dtype)
+
+
+def values_and_grads(fn, x, directions, weight):
+    """``fn``'s statistics (``reduction="none"``) and the gradients of ``2 * sum(weight * stats)``.
+
+    A random upstream gradient, times two: a kernel that assumed an upstream
+    gradient of one would fail.
+    """
+    x = x.detach().clone().requires_grad_()
+    directions = directions.detach().clone().requires_grad_()
+    stat = fn(x, directions)
+    loss = (stat * weight.to(stat.dtype)).sum() * 2
+    grad_x, grad_directions = torch.autograd.grad(loss, (x, directions))
+    return stat.detach(), grad_x, grad_directions
+
+
+def assert_matches_oracle(fn, x, directions, weight, **kwargs):
+    """Values and gradients of ``fn(x, directions, reduction="none", **kwargs)`` against the float64 oracle.
+
+    float32 inputs: within 1e-5, or twice the float32 reference's own error where
+    that is larger (at |x| ~ 100 the rounding of t * p alone exceeds 1e-5).
+    16-bit inputs: within 2e-2 (the oracle sees the same rounded inputs).
+    """
+    kwargs["reduction"] = "none"
+    ours = values_and_grads(lambda a, b: fn(a, b, **kwargs), x, directions, weight)
+    truth = values_and_grads(lambda a, b: oracle(a, b, **kwargs), x, directions, weight)
+    if x.dtype == torch.float32:
+        ref32 = values_and_grads(lambda a, b: sigreg_reference(a, b, **kwargs), x, directions, weight)
+        tolerances = [max(1e-5, 2 * relative_error(r, t)) for r, t in zip(ref32, truth)]
+    else:
+        tolerances = [2e-2] * 3
+    for name, actual, expected, tol in zip(("value", "grad_x", "grad_directions"), ours, truth, tolerances):
+        assert_relative_close(name, actual, expected, tol)
+    assert ours[1].dtype == x.dtype and ours[2].dtype == directions.dtype, "gradients come back in the input dtype"

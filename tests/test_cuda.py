@@ -6,9 +6,10 @@ built without its CUDA kernels. Nothing touches the device at import time.
 
 import pytest
 import torch
-from helpers import assert_relative_close, oracle, random_case, relative_error
+from helpers import assert_matches_oracle, assert_relative_close, oracle, random_case
+from helpers import values_and_grads as with_grads
 
-from sigreg_kernels import sigreg, sigreg_reference
+from sigreg_kernels import sigreg
 from sigreg_kernels.backends import reference_ecf_sums
 
 
@@ -45,15 +46,6 @@ SHAPES = [
 SCALES = [1e-3, 1.0, 100.0]
 
 
-def with_grads(fn, x, directions, weight):
-    """Value of ``fn`` (reduction="none") and gradients of ``sum(weight * value)``, float64 out."""
-    x = x.detach().clone().requires_grad_()
-    directions = directions.detach().clone().requires_grad_()
-    value = fn(x, directions)
-    (value * weight.to(value.dtype)).sum().backward()
-    return value.double(), x.grad.double(), directions.grad.double()
-
-
 def cuda_sigreg(x, directions, **kwargs):
     return sigreg(x, directions, backend="cuda", **kwargs)
 
@@ -65,12 +57,7 @@ def case(batch_shape, samples, dim, slices, scale=1.0, dtype=torch.float32, seed
 
 
 def check_fp32(x, directions, weight, **kwargs):
-    """Values and gradients within 1e-5 of the oracle, or twice the float32 reference's own error."""
-    truth = with_grads(lambda a, b: oracle(a, b, reduction="none", **kwargs), x, directions, weight)
-    ref32 = with_grads(lambda a, b: sigreg_reference(a, b, reduction="none", **kwargs), x, directions, weight)
-    ours = with_grads(lambda a, b: cuda_sigreg(a, b, reduction="none", **kwargs), x, directions, weight)
-    for name, actual, ref, expected in zip(("value", "grad_x", "grad_directions"), ours, ref32, truth):
-        assert_relative_close(name, actual, expected, max(1e-5, 2 * relative_error(ref, expected)))
+    assert_matches_oracle(cuda_sigreg, x, directions, weight, **kwargs)
 
 
 @pytest.mark.parametrize("batch_shape, samples, dim, slices", SHAPES)

@@ -17,9 +17,9 @@ import textwrap
 
 import pytest
 import torch
-from helpers import assert_relative_close, oracle, random_case, relative_error
+from helpers import assert_matches_oracle, assert_relative_close, oracle, random_case, values_and_grads
 
-from sigreg_kernels import sigreg, sigreg_reference
+from sigreg_kernels import sigreg
 
 pytest.importorskip("triton")
 
@@ -67,20 +67,14 @@ def device(request, monkeypatch):
     return request.param
 
 
-def _values_and_grads(fn, x, directions, weight):
-    """fn's statistic under a random upstream gradient (``reduction="none"``, weighted, times 2)."""
-    x = x.detach().clone().requires_grad_()
-    directions = directions.detach().clone().requires_grad_()
-    stat = fn(x, directions)
-    loss = (stat * weight.to(stat.dtype)).sum() * 2
-    grad_x, grad_directions = torch.autograd.grad(loss, (x, directions))
-    return stat.detach(), grad_x, grad_directions
+def triton_sigreg(x, directions, **kwargs):
+    return sigreg(x, directions, backend="triton", **kwargs)
 
 
 def _run_all(x, directions, weight, knots, t_max):
     kwargs = {"knots": knots, "t_max": t_max, "reduction": "none"}
-    triton = _values_and_grads(lambda a, b: sigreg(a, b, backend="triton", **kwargs), x, directions, weight)
-    truth = _values_and_grads(lambda a, b: oracle(a, b, **kwargs), x, directions, weight)
+    triton = values_and_grads(lambda a, b: sigreg(a, b, backend="triton", **kwargs), x, directions, weight)
+    truth = values_and_grads(lambda a, b: oracle(a, b, **kwargs), x, directions, weight)
     return triton, truth, kwargs
 
 
@@ -88,14 +82,7 @@ def _run_all(x, directions, weight, knots, t_max):
 def test_fp32_matches_oracle(device, batch_shape, samples, dim, slices, scale, knots, t_max):
     x, directions = random_case(batch_shape, samples, dim, slices, scale=scale, device=device)
     weight = torch.randn(*batch_shape, slices, generator=torch.Generator().manual_seed(1)).to(device)
-    triton, truth, kwargs = _run_all(x, directions, weight, knots, t_max)
-    # The fp32 reference's own error bounds what fp32 can do (at |x| = 100 the rounding
-    # of t * p alone exceeds 1e-5 in the gradients).
-    reference = _values_and_grads(lambda a, b: sigreg_reference(a, b, **kwargs), x, directions, weight)
-    for name, actual, ref, exact in zip(("value", "grad_x", "grad_directions"), triton, reference, truth):
-        tol = max(1e-5, 2 * relative_error(ref, exact))
-        assert_relative_close(name, actual, exact, tol)
-    assert triton[1].dtype == triton[2].dtype == torch.float32
+    assert_matches_oracle(triton_sigreg, x, directions, weight, knots=knots, t_max=t_max)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -103,11 +90,7 @@ def test_fp32_matches_oracle(device, batch_shape, samples, dim, slices, scale, k
 def test_half_matches_oracle(device, dtype, batch_shape, samples, dim, slices, scale, knots, t_max):
     x, directions = random_case(batch_shape, samples, dim, slices, scale=scale, dtype=dtype, device=device)
     weight = torch.randn(*batch_shape, slices, generator=torch.Generator().manual_seed(1)).to(device)
-    # The oracle sees the same rounded inputs; what is left is the kernels' own error.
-    triton, truth, _ = _run_all(x, directions, weight, knots, t_max)
-    for name, actual, exact in zip(("value", "grad_x", "grad_directions"), triton, truth):
-        assert_relative_close(name, actual, exact, 2e-2)
-    assert triton[1].dtype == triton[2].dtype == dtype
+    assert_matches_oracle(triton_sigreg, x, directions, weight, knots=knots, t_max=t_max)
 
 
 def test_ecf_sums_contract(device):
@@ -142,7 +125,7 @@ def test_bit_identical_reruns(device, deterministic):
     weight = torch.randn(2, 40, generator=torch.Generator().manual_seed(1)).to(device)
 
     def run():
-        return _values_and_grads(lambda a, b: sigreg(a, b, backend="triton", reduction="none"), x, directions, weight)
+        return values_and_grads(lambda a, b: sigreg(a, b, backend="triton", reduction="none"), x, directions, weight)
 
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(deterministic)
@@ -172,8 +155,8 @@ def test_compile_fullgraph(device):
         return sigreg(x, directions, backend="triton", reduction="sum") * 2
 
     compiled = torch.compile(loss_fn, fullgraph=True)
-    eager = _values_and_grads(loss_fn, x, directions, torch.ones((), device=device))
-    traced = _values_and_grads(compiled, x, directions, torch.ones((), device=device))
+    eager = values_and_grads(loss_fn, x, directions, torch.ones((), device=device))
+    traced = values_and_grads(compiled, x, directions, torch.ones((), device=device))
     for name, actual, expected in zip(("value", "grad_x", "grad_directions"), traced, eager):
         assert_relative_close(name, actual, expected, 1e-6)
 
@@ -259,9 +242,9 @@ def test_cuda_autocast_bf16(device):
         pytest.skip("autocast to bf16 on the GPU")
     x, directions = random_case((2,), 512, 96, 128, device=device)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        stat, grad_x, _ = _values_and_grads(lambda a, b: sigreg(a, b, backend="triton", reduction="none"),
+        stat, grad_x, _ = values_and_grads(lambda a, b: sigreg(a, b, backend="triton", reduction="none"),
                                             x, directions, torch.ones(2, 128, device=device))
-    truth = _values_and_grads(lambda a, b: oracle(a.bfloat16(), b.bfloat16(), reduction="none"),
+    truth = values_and_grads(lambda a, b: oracle(a.bfloat16(), b.bfloat16(), reduction="none"),
                               x, directions, torch.ones(2, 128, device=device))
     assert grad_x.dtype == torch.float32  # the gradient returns to the input's dtype
     assert_relative_close("value", stat, truth[0], 2e-2)
