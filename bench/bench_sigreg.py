@@ -138,9 +138,9 @@ def sizes(args):
         return [("main", 256, 64, 128), ("K", 256, 64, 256), ("D", 256, 128, 128)]
     n, d, k = (4096, 512, 1024) if args.device == "cuda" else (2048, 512, 1024)
     rows = [("main", n, d, k)]
-    rows += [("K", n, d, kk) for kk in (128, 256, 512, 2048, 4096) if kk != k]
-    rows += [("D", n, dd, k) for dd in (64, 128, 256, 1024, 2048) if dd != d]
-    rows += [("N", nn, d, k) for nn in (512, 1024, 4096, 8192, 16384) if nn != n]
+    rows += [("K", n, d, kk) for kk in (256, 4096)]
+    rows += [("D", n, dd, k) for dd in (64, 2048)]
+    rows += [("N", nn, d, k) for nn in (1024, 16384) if nn != n]
     return rows
 
 
@@ -173,7 +173,7 @@ def main():
         matmul_ms, floor = floor_ms(x, directions, args.device, args.min_run_time)
         results = {}
         for provider in providers:
-            loss_fn = make_provider(provider, args.device, dtype)
+            loss_fn = make_provider(provider, args.device, dtype, replays_backward="bwd" in args.modes)
             for mode in args.modes:
                 results[provider, mode] = time_ms(mode_callable(loss_fn, x, directions, mode), args.device,
                                                   args.min_run_time)
