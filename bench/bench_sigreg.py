@@ -61,7 +61,9 @@ def time_ms(fn, device: str, min_run_time: float):
     from torch.utils.benchmark import Timer
 
     fn()  # warm up (and compile) outside the measurement
-    measurement = Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    # Timer runs single-threaded unless told otherwise; time with the whole thread pool.
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    measurement = timer.blocked_autorange(min_run_time=min_run_time)
     per_run = [t / measurement.number_per_run for t in measurement.raw_times]
     return quantiles(per_run)
 

@@ -1,6 +1,7 @@
 """What the benchmark times: each provider is a loss function of (x, directions)."""
 
 import torch
+import torch._functorch.config
 
 import sigreg_kernels
 from sigreg_kernels import sigreg, sigreg_reference
@@ -31,6 +32,7 @@ def make_provider(name: str, device: str, dtype: torch.dtype, replays_backward: 
         # buffer donation forbids; donation saves memory, not time, and stays on
         # where memory is measured.
         torch._functorch.config.donated_buffer = not replays_backward
+        torch._dynamo.reset()  # one compiled graph per size, never the recompile limit
         fn = torch.compile(sigreg_reference, dynamic=False)
     else:
         fn = lambda x, directions: sigreg(x, directions, backend=name)  # noqa: E731
