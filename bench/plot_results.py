@@ -16,8 +16,7 @@ def main(csv_path: str) -> str:
     with open(csv_path) as f:
         rows = [r for r in csv.DictReader(f) if r["mode"] == "fwd+bwd"]
     main_size = next(r for r in rows if r["sweep"] == "main")
-    axes_of = {"K": "K", "D": "D", "N": "N"}
-    sweeps = [s for s in axes_of if any(r["sweep"] == s for r in rows)]
+    sweeps = [s for s in ("K", "D", "N") if any(r["sweep"] == s for r in rows)]
     fig, axes = plt.subplots(1, len(sweeps), figsize=(5 * len(sweeps), 4), squeeze=False)
     for ax, sweep in zip(axes[0], sweeps):
         chosen = [r for r in rows if r["sweep"] in (sweep, "main")]

@@ -7,7 +7,6 @@ import sigreg_kernels
 from sigreg_kernels import sigreg, sigreg_reference
 
 
-
 def provider_names(device: str):
     """The reference, its compiled form, then every fused backend built for the device."""
     fused = [b for b in sigreg_kernels.available_backends(device) if b != "reference"]
