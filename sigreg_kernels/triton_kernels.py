@@ -13,6 +13,16 @@ per knot (angle addition). The recurrence's angle error after j steps is about
 j * |delta p| * eps, the same as rounding t_j * p directly, and the modulus drifts
 by at most j * eps (j <= 16 by default), so it is as accurate as direct evaluation.
 
+Offsets into x and dx are int64 on every axis. Each stride fits in int32 (Triton
+passes a larger one as int64), but their products need not: a D-major x (stride_xd
+= N, as from x.mT.contiguous().mT) puts d * stride_xd past 2^31 once N * D does,
+and an int32 product wraps silently on the GPU. Offsets to a batch index are int64
+too; within one, offsets into the directions [D, K], the gradient of the sums and
+the partials stay int32: each such block is far below 2^31 elements.
+
+Grid axis 2 carries the batch index (CUDA caps it at 65535 programs): a larger batch
+is launched in several grids, each told its first index (batch_start / index_start).
+
 Determinism: no float atomics. Each program owns its outputs; sums over N are
 per-tile tree sums, accumulated in order over a fixed slab of rows (a "split"),
 and the launcher sums the per-split partials in a fixed order.
@@ -87,7 +97,7 @@ def _projection_tile(x_rows_ptr, a_ptr, rn, n_valid, rk, k_valid, D,
     for d0 in range(0, D, BLOCK_D):
         rd = d0 + tl.arange(0, BLOCK_D)
         d_valid = rd < D
-        x_tile = tl.load(x_rows_ptr + row_offsets + rd[None, :] * stride_xd,
+        x_tile = tl.load(x_rows_ptr + row_offsets + rd.to(tl.int64)[None, :] * stride_xd,
                          mask=n_valid[:, None] & d_valid[None, :], other=0.0)
         a_tile = tl.load(a_ptr + rd[:, None] * stride_ad + rk[None, :] * stride_ak,
                          mask=d_valid[:, None] & k_valid[None, :], other=0.0)
@@ -117,7 +127,7 @@ def _slice_gradient_tile(p, g_ptr, rk, k_valid, stride_gc, stride_gk, stride_gt,
 @triton.jit
 def _sigreg_fwd_kernel(
     x_ptr, a_ptr, partial_ptr,
-    N, D, K, rows_per_split,
+    N, D, K, rows_per_split, batch_start,
     stride_xb, stride_xn, stride_xd,
     stride_ad, stride_ak,
     stride_pb, stride_ps, stride_pc, stride_pk, stride_pt,
@@ -128,12 +138,12 @@ def _sigreg_fwd_kernel(
 ):
     """partial[b, split, 0|1, k, j] = sum of cos|sin(t_j p_nk) over the rows of one split.
 
-    Grid: (K blocks, splits, B). A program owns slices rk for rows
-    [split * rows_per_split, +rows_per_split) of batch b.
+    Grid: (K blocks, splits, batch indices from batch_start). A program owns slices rk
+    for rows [split * rows_per_split, +rows_per_split) of batch b.
     """
     pid_k = tl.program_id(0)
     split = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64) + batch_start
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     k_valid = rk < K
     knot = tl.arange(0, KNOTS_PAD)[:, None]
@@ -177,7 +187,7 @@ def _sigreg_fwd_kernel(
 @triton.jit
 def _sigreg_bwd_dx_kernel(
     x_ptr, a_ptr, g_ptr, dx_ptr,
-    N, D, K,
+    N, D, K, batch_start,
     stride_xb, stride_xn, stride_xd,
     stride_ad, stride_ak,
     stride_gb, stride_gc, stride_gk, stride_gt,
@@ -190,12 +200,13 @@ def _sigreg_bwd_dx_kernel(
 ):
     """dx[b, rn, rdx] = sum_k G[rn, k] A[rdx, k], written once.
 
-    Grid: (N blocks, D chunks of BLOCK_DX, B). The dx accumulator spans a whole
-    D chunk; with D <= BLOCK_DX there is one chunk and G is computed once per element.
+    Grid: (N blocks, D chunks of BLOCK_DX, batch indices from batch_start). The dx
+    accumulator spans a whole D chunk; with D <= BLOCK_DX there is one chunk and G is
+    computed once per element.
     """
     pid_n = tl.program_id(0)
     pid_dx = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64) + batch_start
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_valid = rn < N
     rdx = pid_dx * BLOCK_DX + tl.arange(0, BLOCK_DX)
@@ -218,14 +229,15 @@ def _sigreg_bwd_dx_kernel(
                          mask=dx_valid[:, None] & k_valid[None, :], other=0.0)
         acc = _dot(grad.to(a_tile.dtype), tl.trans(a_tile), acc, PRECISION, DOT_UPCAST)
 
-    out = dx_ptr + b * stride_dxb + rn.to(tl.int64)[:, None] * stride_dxn + rdx[None, :] * stride_dxd
+    out = (dx_ptr + b * stride_dxb + rn.to(tl.int64)[:, None] * stride_dxn
+           + rdx.to(tl.int64)[None, :] * stride_dxd)
     tl.store(out, acc.to(dx_ptr.dtype.element_ty), mask=n_valid[:, None] & dx_valid[None, :])
 
 
 @triton.jit
 def _sigreg_bwd_da_kernel(
     x_ptr, a_ptr, g_ptr, partial_ptr,
-    N, D, K, rows_per_split, splits,
+    N, D, K, rows_per_split, splits, index_start,
     stride_xb, stride_xn, stride_xd,
     stride_ad, stride_ak,
     stride_gb, stride_gc, stride_gk, stride_gt,
@@ -238,14 +250,14 @@ def _sigreg_bwd_da_kernel(
 ):
     """partial[b * splits + split, rda, rk] = x[b, rows, rda]^T @ G[rows, rk] over one split's rows.
 
-    Grid: (K blocks, D chunks of BLOCK_DA, B * splits); the launcher sums the
-    partials over their first axis in a fixed order.
+    Grid: (K blocks, D chunks of BLOCK_DA, B * splits indices from index_start); the
+    launcher sums the partials over their first axis in a fixed order.
     """
     pid_k = tl.program_id(0)
     pid_da = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    b = (pid_s // splits).to(tl.int64)
-    split = pid_s % splits
+    pid_s = tl.program_id(2).to(tl.int64) + index_start
+    b = pid_s // splits
+    split = (pid_s % splits).to(tl.int32)
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     k_valid = rk < K
     rda = pid_da * BLOCK_DA + tl.arange(0, BLOCK_DA)
@@ -266,9 +278,9 @@ def _sigreg_bwd_da_kernel(
                                     delta, KNOTS)
         # x tile [BLOCK_N, BLOCK_DA], loaded along its contiguous D axis, then transposed;
         # rows past the end load as 0 and add nothing.
-        x_tile = tl.load(x_rows_ptr + rn.to(tl.int64)[:, None] * stride_xn + rda[None, :] * stride_xd,
+        x_tile = tl.load(x_rows_ptr + rn.to(tl.int64)[:, None] * stride_xn + rda.to(tl.int64)[None, :] * stride_xd,
                          mask=n_valid[:, None] & da_valid[None, :], other=0.0)
         acc = _dot(tl.trans(x_tile), grad.to(x_tile.dtype), acc, PRECISION, DOT_UPCAST)
 
-    out = partial_ptr + pid_s.to(tl.int64) * stride_ps + rda[:, None] * stride_pd + rk[None, :] * stride_pk
+    out = partial_ptr + pid_s * stride_ps + rda[:, None] * stride_pd + rk[None, :] * stride_pk
     tl.store(out, acc, mask=da_valid[:, None] & k_valid[None, :])

@@ -12,9 +12,15 @@ traces this function itself as its fake kernel. Under the interpreter that traci
 cannot work: ``wrap_triton`` hands back the interpreted kernel, which then runs on
 fake tensors, so opcheck and torch.compile fail. There the same launcher is
 registered as an opaque custom_op with explicit fake kernels, which passes both, so
-CPU CI tests the kernels, autograd, opcheck and compile; the triton_op wiring itself
-is tested on a GPU. The choice is made once, when this module is first imported, the
-moment ``triton.jit`` decides whether the kernels are compiled or interpreted.
+CPU CI tests the kernels, autograd, opcheck and compile. The choice is made once,
+when this module is first imported, the moment ``triton.jit`` decides whether the
+kernels are compiled or interpreted.
+
+``SIGREG_TRITON_REGISTRATION=triton_op|custom_op``, read at that same import,
+overrides the default. With ``triton_op`` under the interpreter, eager calls work
+(the op runs the launcher with wrap_triton off, which hands back the kernels
+themselves), so the CPU tests run the GPU's registration, autograd included, in
+eager mode; opcheck and torch.compile still need the default there.
 """
 
 import contextlib
@@ -31,7 +37,17 @@ from .quadrature import knot_spacing
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# Block sizes. GPU: a few configs for H100, tuned per (N, D, K). Compiled for sm_90a
+
+def _registration_choice() -> str:
+    choice = os.environ.get("SIGREG_TRITON_REGISTRATION") or ("custom_op" if INTERPRET else "triton_op")
+    if choice not in ("triton_op", "custom_op"):
+        raise ValueError(f"SIGREG_TRITON_REGISTRATION must be 'triton_op' or 'custom_op', got {choice!r}")
+    return choice
+
+
+REGISTRATION = _registration_choice()
+
+# Block sizes. GPU: a few configs for H100, tuned per problem (_KEY). Compiled for sm_90a
 # (ptxas -v, no GPU needed), the first config of each list spills no registers in
 # bf16 and at most ~200 bytes in fp32, whose tl.dot (FMA when TF32 is off) needs more
 # registers than the tensor cores, hence BLOCK_D = 32. What fills the registers: the
@@ -41,25 +57,31 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # gets one config with 32-wide blocks (small test shapes still span several blocks).
 # ROW_QUANTUM (rows per split are a multiple of it) is at least every BLOCK_N, so a
 # split never depends on the config the autotuner picks.
+# The GPU lists exist in every process, so that the CPU tests can run each GPU
+# config, one at a time, under the interpreter.
+_GPU_FWD_CONFIGS = [
+    triton.Config({"BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_D": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_D": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 64, "BLOCK_K": 128, "BLOCK_D": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 128, "BLOCK_K": 32, "BLOCK_D": 32}, num_warps=4, num_stages=3),
+]
+_GPU_BWD_CONFIGS = [
+    triton.Config({"BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_D": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_D": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_D": 32}, num_warps=8, num_stages=2),
+]
+_GPU_BLOCK_LIMITS = (128, 256, 128)  # ROW_QUANTUM, MAX_BLOCK_DX, MAX_BLOCK_DA
 if INTERPRET:
     _FWD_CONFIGS = [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_D": 32})]
     _BWD_CONFIGS = _FWD_CONFIGS
     ROW_QUANTUM, MAX_BLOCK_DX, MAX_BLOCK_DA = 32, 64, 64
 else:
-    _FWD_CONFIGS = [
-        triton.Config({"BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_D": 32}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_D": 32}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_N": 64, "BLOCK_K": 128, "BLOCK_D": 32}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_N": 128, "BLOCK_K": 32, "BLOCK_D": 32}, num_warps=4, num_stages=3),
-    ]
-    _BWD_CONFIGS = [
-        triton.Config({"BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_D": 32}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_D": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_D": 32}, num_warps=8, num_stages=2),
-    ]
-    ROW_QUANTUM, MAX_BLOCK_DX, MAX_BLOCK_DA = 128, 256, 128
+    _FWD_CONFIGS, _BWD_CONFIGS = _GPU_FWD_CONFIGS, _GPU_BWD_CONFIGS
+    ROW_QUANTUM, MAX_BLOCK_DX, MAX_BLOCK_DA = _GPU_BLOCK_LIMITS
 
-_KEY = ["N", "D", "K", "KNOTS"]
+# PRECISION: an fp32 dot in IEEE (FMA) and in TF32 (tensor cores) differ in speed and
+# registers, so each gets its own choice. (The autotuner adds the tensors' dtypes.)
+_KEY = ["N", "D", "K", "KNOTS", "PRECISION"]
 # Every program stores its whole output block, so autotuning reruns are harmless.
 # Results are bit-identical run to run either way; the block sizes set the summation
 # order, so under torch.use_deterministic_algorithms(True) the first config is used
@@ -73,7 +95,7 @@ _bwd_da_fixed = triton.autotune(configs=_BWD_CONFIGS[:1], key=_KEY)(kernels._sig
 
 
 def _register(name: str):
-    if INTERPRET:
+    if REGISTRATION == "custom_op":
         return torch.library.custom_op(name, mutates_args=())
     return torch.library.triton_op(name, mutates_args=())
 
@@ -102,6 +124,28 @@ def _row_splits(rows: int, other_programs: int, device: torch.device):
                         triton.cdiv(rows, ROW_QUANTUM)))
     rows_per_split = triton.cdiv(triton.cdiv(rows, wanted), ROW_QUANTUM) * ROW_QUANTUM
     return rows_per_split, triton.cdiv(rows, rows_per_split)
+
+
+# CUDA caps grid axes 1 and 2 at 65535 programs (axis 0 at 2^31 - 1); axis 2 carries
+# the batch index, so a larger batch takes several launches.
+MAX_GRID_Z = 65535
+
+
+def _batch_chunks(batch: int, programs_per_index: int = 1) -> list[tuple[int, int]]:
+    """(first batch index, count) per launch, each with at most MAX_GRID_Z programs on grid axis 2."""
+    step = max(1, MAX_GRID_Z // programs_per_index)
+    if batch <= step:  # the usual case: one launch, with no loop over a (maybe symbolic) batch size
+        return [(0, batch)]
+    return [(start, min(step, batch - start)) for start in range(0, batch, step)]
+
+
+def _grid(axis0: int, block: str, axis1: int, axis2: int):
+    """The launch grid: ``axis0`` in blocks of the autotuned ``block``, then two fixed counts."""
+
+    def grid(meta):
+        return (triton.cdiv(axis0, meta[block]), axis1, axis2)
+
+    return grid
 
 
 def _feature_block(dim: int, largest: int) -> int:
@@ -141,19 +185,16 @@ def ecf_sums_triton(x: torch.Tensor, directions: torch.Tensor, knots: int,
     slices = directions.shape[1]
     rows_per_split, splits = _row_splits(samples, batch * triton.cdiv(slices, 64), x.device)
     partial = x.new_empty((batch, splits, 2, slices, knots), dtype=torch.float32)
-
-    def grid(meta):
-        return (triton.cdiv(slices, meta["BLOCK_K"]), splits, batch)
-
     fwd = _fwd_fixed if torch.are_deterministic_algorithms_enabled() else _fwd_tuned
     with _device_guard(x):
-        wrap_triton(fwd)[grid](
-            x, directions, partial,
-            samples, dim, slices, rows_per_split,
-            *x.stride(), *directions.stride(), *partial.stride(),
-            knot_spacing(knots, t_max),
-            KNOTS_PAD=triton.next_power_of_2(knots), **_common_flags(x, knots),
-        )
+        for start, count in _batch_chunks(batch):
+            wrap_triton(fwd)[_grid(slices, "BLOCK_K", splits, count)](
+                x, directions, partial,
+                samples, dim, slices, rows_per_split, start,
+                *x.stride(), *directions.stride(), *partial.stride(),
+                knot_spacing(knots, t_max),
+                KNOTS_PAD=triton.next_power_of_2(knots), **_common_flags(x, knots),
+            )
     # Fixed-order sum of the per-split partials: deterministic, no atomics.
     sums = partial[:, 0] if splits == 1 else partial.sum(dim=1)
     return sums, x.new_empty((0,), dtype=torch.float32)
@@ -172,19 +213,16 @@ def ecf_sums_triton_backward(grad_sums: torch.Tensor, x: torch.Tensor, direction
     flags = _common_flags(x, knots)
     grad_x = torch.empty_like(x)
     block_dx = _feature_block(dim, MAX_BLOCK_DX)
-
-    def grid_dx(meta):
-        return (triton.cdiv(samples, meta["BLOCK_N"]), triton.cdiv(dim, block_dx), batch)
-
     deterministic = torch.are_deterministic_algorithms_enabled()
     bwd_dx = _bwd_dx_fixed if deterministic else _bwd_dx_tuned
     with _device_guard(x):
-        wrap_triton(bwd_dx)[grid_dx](
-            x, directions, grad_sums, grad_x,
-            samples, dim, slices,
-            *x.stride(), *directions.stride(), *grad_sums.stride(), *grad_x.stride(),
-            delta, BLOCK_DX=block_dx, **flags,
-        )
+        for start, count in _batch_chunks(batch):
+            wrap_triton(bwd_dx)[_grid(samples, "BLOCK_N", triton.cdiv(dim, block_dx), count)](
+                x, directions, grad_sums, grad_x,
+                samples, dim, slices, start,
+                *x.stride(), *directions.stride(), *grad_sums.stride(), *grad_x.stride(),
+                delta, BLOCK_DX=block_dx, **flags,
+            )
     if not need_grad_directions:
         return grad_x, directions.new_empty((0,))
 
@@ -192,24 +230,21 @@ def ecf_sums_triton_backward(grad_sums: torch.Tensor, x: torch.Tensor, direction
     da_blocks = triton.cdiv(dim, block_da)
     rows_per_split, splits = _row_splits(samples, batch * da_blocks * triton.cdiv(slices, 64), x.device)
     partial = x.new_empty((batch * splits, dim, slices), dtype=torch.float32)
-
-    def grid_da(meta):
-        return (triton.cdiv(slices, meta["BLOCK_K"]), da_blocks, batch * splits)
-
     bwd_da = _bwd_da_fixed if deterministic else _bwd_da_tuned
     with _device_guard(x):
-        wrap_triton(bwd_da)[grid_da](
-            x, directions, grad_sums, partial,
-            samples, dim, slices, rows_per_split, splits,
-            *x.stride(), *directions.stride(), *grad_sums.stride(), *partial.stride(),
-            delta, BLOCK_DA=block_da, **flags,
-        )
+        for start, count in _batch_chunks(batch, splits):
+            wrap_triton(bwd_da)[_grid(slices, "BLOCK_K", da_blocks, count * splits)](
+                x, directions, grad_sums, partial,
+                samples, dim, slices, rows_per_split, splits, start * splits,
+                *x.stride(), *directions.stride(), *grad_sums.stride(), *partial.stride(),
+                delta, BLOCK_DA=block_da, **flags,
+            )
     # Fixed-order sum over batch indices and splits: deterministic, no atomics.
     grad_directions = partial[0] if partial.shape[0] == 1 else partial.sum(dim=0)
     return grad_x, grad_directions.to(directions.dtype)
 
 
-if INTERPRET:  # triton_op traces the launcher as its fake kernel; custom_op needs them spelled out
+if REGISTRATION == "custom_op":  # triton_op traces the launcher as its fake kernel; custom_op needs them spelled out
     @ecf_sums_triton.register_fake
     def _fake_ecf_sums_triton(x, directions, knots, t_max):
         return fake_ecf_sums(x, directions, knots, t_max, keeps_projection=False)

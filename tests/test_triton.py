@@ -119,6 +119,25 @@ def test_strided_inputs(device):
         assert_relative_close(name, actual, exact, 1e-5)
 
 
+def test_batch_beyond_grid_limit(device, monkeypatch):
+    # CUDA caps grid axis 2, which carries the batch, at 65535 programs; a larger batch
+    # is launched in chunks. A lowered cap makes 5 batch indices take 2 launches for
+    # the forward and dx kernels and 3 for dA (2 row splits per index): the results
+    # must be those of a single launch, bit for bit.
+    op = _import_op_module()
+    x, directions = random_case((5,), 40, 8, 16, device=device)
+    weight = torch.randn(5, 16, generator=torch.Generator().manual_seed(1)).to(device)
+
+    def run():
+        return values_and_grads(lambda a, b: sigreg(a, b, backend="triton", reduction="none"), x, directions, weight)
+
+    single = run()
+    monkeypatch.setattr(op, "MAX_GRID_Z", 4)
+    assert op._batch_chunks(5) == [(0, 4), (4, 1)] and op._batch_chunks(5, 2) == [(0, 2), (2, 2), (4, 1)]
+    for chunked, expected in zip(run(), single):
+        assert torch.equal(chunked, expected)
+
+
 @pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic-algorithms"])
 def test_bit_identical_reruns(device, deterministic):
     x, directions = random_case((2,), 100, 40, 40, device=device)
@@ -186,17 +205,20 @@ def test_rejects_float64_and_mixed_dtypes(device):
 
 
 # The interpreter checks no compile-time rules (tl.dot's minimum sizes, constexpr
-# branches, layouts): compile each kernel for sm_90 in a clean process, no GPU needed.
+# branches, layouts) nor the shared memory a config needs: compile each kernel in
+# every GPU config for sm_90 in a clean process, no GPU needed, and check that it
+# fits in the shared memory an H100 block may have (227 KiB).
 _COMPILE_FOR_H100 = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from sigreg_kernels import triton_kernels as k, triton_op as op
 
+    kernels = [(k._sigreg_fwd_kernel, config, {"KNOTS_PAD": 32}) for config in op._GPU_FWD_CONFIGS]
+    kernels += [(k._sigreg_bwd_dx_kernel, config, {"BLOCK_DX": 256}) for config in op._GPU_BWD_CONFIGS]
+    kernels += [(k._sigreg_bwd_da_kernel, config, {"BLOCK_DA": 128}) for config in op._GPU_BWD_CONFIGS]
     for dtype, precision in (("fp32", "ieee"), ("bf16", "tf32")):
-        for fn, config, extra in ((k._sigreg_fwd_kernel, op._FWD_CONFIGS[0], {"KNOTS_PAD": 32}),
-                                  (k._sigreg_bwd_dx_kernel, op._BWD_CONFIGS[0], {"BLOCK_DX": 256}),
-                                  (k._sigreg_bwd_da_kernel, op._BWD_CONFIGS[0], {"BLOCK_DA": 128})):
+        for fn, config, extra in kernels:
             constants = {"KNOTS": 17, "PRECISION": precision, "DOT_UPCAST": False, **extra, **config.kwargs}
             signature = {}
             for name in fn.arg_names:
@@ -208,7 +230,8 @@ _COMPILE_FOR_H100 = textwrap.dedent("""
                     signature[name] = "*fp32" if name.endswith("_ptr") else "fp32" if name == "delta" else "i32"
             source = ASTSource(fn, signature, {(fn.arg_names.index(n),): v for n, v in constants.items()})
             options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-            triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+            assert compiled.metadata.shared <= 227 * 1024, (fn.__name__, config, compiled.metadata.shared)
 """)
 
 
