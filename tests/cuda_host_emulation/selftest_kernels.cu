@@ -1,0 +1,71 @@
+// Kernels with the bugs the host emulation exists to catch, one each, so the
+// tests can check that it does (tests/test_cuda_emulated.py). Host-only: built
+// by the emulation, never by nvcc.
+#include <cuda_runtime_api.h>
+#include <mma.h>
+
+namespace {
+
+constexpr int kThreads = 256;
+
+// Reads its neighbour's shared-memory write with no __syncthreads() between.
+__global__ void missing_barrier_kernel(float* out) {
+  __shared__ __align__(16) unsigned char smem[kThreads * sizeof(float)];
+  float* s = reinterpret_cast<float*>(smem);
+  s[threadIdx.x] = static_cast<float>(threadIdx.x);
+  out[threadIdx.x] = s[(threadIdx.x + 1) % kThreads];
+}
+
+// The same with the barrier: the reference point.
+__global__ void with_barrier_kernel(float* out) {
+  __shared__ __align__(16) unsigned char smem[kThreads * sizeof(float)];
+  float* s = reinterpret_cast<float*>(smem);
+  s[threadIdx.x] = static_cast<float>(threadIdx.x);
+  __syncthreads();
+  out[threadIdx.x] = s[(threadIdx.x + 1) % kThreads];
+}
+
+// Half of the block skips the barrier.
+__global__ void divergent_barrier_kernel(float* out) {
+  if (threadIdx.x < kThreads / 2) __syncthreads();
+  out[threadIdx.x] = 1.0f;
+}
+
+// Half of each warp skips a full-mask shuffle.
+__global__ void partial_shuffle_kernel(float* out) {
+  float v = static_cast<float>(threadIdx.x);
+  if (threadIdx.x % 32 < 16) v = __shfl_xor_sync(0xffffffffu, v, 1);
+  out[threadIdx.x] = v;
+}
+
+// Stores a WMMA accumulator to a pointer that is not 32-byte aligned.
+__global__ void misaligned_wmma_kernel(float* out) {
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc;
+  nvcuda::wmma::fill_fragment(acc, 1.0f);
+  nvcuda::wmma::store_matrix_sync(out + 2, acc, 16, nvcuda::wmma::mem_row_major);
+}
+
+}  // namespace
+
+extern "C" {
+int selftest_missing_barrier(float* out) {
+  missing_barrier_kernel<<<1, kThreads, 0, nullptr>>>(out);
+  return cudaGetLastError();
+}
+int selftest_with_barrier(float* out) {
+  with_barrier_kernel<<<1, kThreads, 0, nullptr>>>(out);
+  return cudaGetLastError();
+}
+int selftest_divergent_barrier(float* out) {
+  divergent_barrier_kernel<<<1, kThreads, 0, nullptr>>>(out);
+  return cudaGetLastError();
+}
+int selftest_partial_shuffle(float* out) {
+  partial_shuffle_kernel<<<1, kThreads, 0, nullptr>>>(out);
+  return cudaGetLastError();
+}
+int selftest_misaligned_wmma(float* out) {
+  misaligned_wmma_kernel<<<1, 32, 0, nullptr>>>(out);
+  return cudaGetLastError();
+}
+}  // extern "C"
