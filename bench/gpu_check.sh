@@ -1,25 +1,77 @@
 #!/usr/bin/env bash
 # On a GPU machine: build the extension with its CUDA kernels, run the GPU tests,
-# compute-sanitizer on a small case, and the benchmark (bf16 and fp32).
-# Writes at most 8 files under $OUT (default bench/results/gpu-<date>); commit them
+# compute-sanitizer on small cases, and the benchmark. In stages, so that each
+# command stays short (a cold build is a few minutes, each benchmark dtype a few
+# more, mostly torch.compile of the reference):
+#
+#   bash bench/gpu_check.sh build test sanitize     # then, on the same machine:
+#   bash bench/gpu_check.sh bench-bf16
+#   bash bench/gpu_check.sh bench-fp32
+#   bash bench/gpu_check.sh all                     # everything in one go
+#
+# Any stage builds first if the installed extension lacks its CUDA kernels.
+# Results go under $OUT (default bench/results/gpu-<date>): check.log, and per
+# dtype cuda-<dtype>.csv/.png and bench-<dtype>.txt (at most 7 files); commit them
 # under bench/results/ with the device and date.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu-$(date +%F)}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
+# This machine's architecture only (CI compiles sm_80 and sm_90a); override to build more.
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$(python3 -c \
+  "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}' + ('a' if m == 9 else ''))")}
 PY=${PYTHON:-python3}
-{
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-  date -u
-  FORCE_CUDA=1 $PY -m pip install --no-build-isolation --no-deps -e . 2>&1 | tail -3
-  $PY -m pytest tests/test_cuda.py tests/test_triton.py tests/test_cpu_parity.py tests/test_api.py -q -rs 2>&1 | tail -40
-  for backend in cuda triton; do
-    compute-sanitizer --tool memcheck --error-exitcode 1 $PY bench/sanitizer_case.py $backend 2>&1 | tail -5
+LOG="$OUT/check.log"
+
+log() { echo "== $* ($(date -u +%T))" | tee -a "$LOG"; }
+
+cuda_kernels_built() {
+  $PY -c "from sigreg_kernels import ops; raise SystemExit(0 if ops.CUDA_KERNELS_BUILT else 1)" 2>/dev/null
+}
+
+stage_build() {
+  log "build for sm_${TORCH_CUDA_ARCH_LIST}"
+  {
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+    FORCE_CUDA=1 $PY -m pip install --no-build-isolation --no-deps -e . 2>&1 | tail -3
+  } 2>&1 | tee -a "$LOG"
+  cuda_kernels_built || { log "FAILED: the extension has no CUDA kernels"; exit 1; }
+}
+
+stage_test() {
+  log "GPU tests"
+  $PY -m pytest tests/test_cuda.py tests/test_triton.py tests/test_cpu_parity.py tests/test_api.py \
+    -q -rs -p no:cacheprovider 2>&1 | tail -40 | tee -a "$LOG"
+}
+
+stage_sanitize() {
+  for tool in memcheck racecheck synccheck; do
+    for backend in cuda triton; do
+      log "compute-sanitizer $tool, $backend"
+      compute-sanitizer --tool $tool --error-exitcode 1 $PY bench/sanitizer_case.py $backend 2>&1 \
+        | tail -5 | tee -a "$LOG"
+    done
   done
-} 2>&1 | tee "$OUT/check.log"
-for dtype in bfloat16 float32; do
-  $PY bench/bench_sigreg.py --device cuda --dtype $dtype --csv "$OUT/cuda-$dtype.csv" 2>&1 | tee "$OUT/bench-$dtype.txt"
-  $PY bench/plot_results.py "$OUT/cuda-$dtype.csv"
+}
+
+stage_bench() {  # $1: bfloat16 or float32
+  log "benchmark $1"
+  $PY bench/bench_sigreg.py --device cuda --dtype "$1" --csv "$OUT/cuda-$1.csv" 2>&1 | tee "$OUT/bench-$1.txt"
+  $PY bench/plot_results.py "$OUT/cuda-$1.csv"
+}
+
+[ $# -gt 0 ] || set -- all
+for stage in "$@"; do
+  [ "$stage" = build ] || cuda_kernels_built || stage_build
+  case "$stage" in
+    build) stage_build ;;
+    test) stage_test ;;
+    sanitize) stage_sanitize ;;
+    bench-bf16) stage_bench bfloat16 ;;
+    bench-fp32) stage_bench float32 ;;
+    all) stage_test; stage_sanitize; stage_bench bfloat16; stage_bench float32 ;;
+    *) echo "unknown stage '$stage': build, test, sanitize, bench-bf16, bench-fp32 or all" >&2; exit 2 ;;
+  esac
 done
