@@ -38,7 +38,7 @@ def rewrite_for_host(source: str) -> str:
     source, launches = LAUNCH.subn(r"::emu::launch(\2, \1, ", source)
     source, arrays = SHARED.subn(r"unsigned char* \2 = ::emu::block_shared_memory(\3, \1);", source)
     assert "<<<" not in source, "a kernel launch the rewrite does not recognize"
-    assert "__shared__" not in source, "a __shared__ declaration other than `__shared__ __align__(A) unsigned char s[B];`"
+    assert "__shared__" not in source, "a __shared__ declaration unlike `__shared__ __align__(A) unsigned char s[B];`"
     assert launches > 0
     return source
 
@@ -138,8 +138,8 @@ class EmulatedKernels:
         """Per-slice statistics ``[*B, K]`` as the ``cuda`` backend computes them, differentiable."""
         assert reduction == "none"
         batch_shape, samples, dim = x.shape[:-2], x.shape[-2], x.shape[-1]
-        sums = _EcfSums.apply(self, x.reshape(math.prod(batch_shape), samples, dim).contiguous(), directions.contiguous(), knots, t_max,
-                              tensor_cores)
+        x = x.reshape(math.prod(batch_shape), samples, dim).contiguous()
+        sums = _EcfSums.apply(self, x, directions.contiguous(), knots, t_max, tensor_cores)
         return statistic_from_sums(sums, samples, knots, t_max).reshape(*batch_shape, directions.shape[1])
 
 

@@ -31,6 +31,26 @@ def random_case(batch_shape, samples, dim, slices, scale=1.0, dtype=torch.float3
     return x.to(device=device, dtype=dtype), directions.to(device=device, dtype=dtype)
 
 
+# (batch dims, N, D, K) for the CUDA kernels: none a multiple of their tiles (64 rows,
+# 64 slices, 32 and 256 features), the single-element edges, and a batch of views.
+CUDA_KERNEL_SHAPES = [
+    ((), 1, 1, 1),
+    ((), 2, 5, 3),
+    ((), 300, 7, 1),
+    ((2,), 37, 19, 65),
+    ((2, 3), 41, 33, 129),
+    ((3,), 129, 1, 70),
+    ((), 130, 257, 67),
+]
+
+
+def weighted_case(batch_shape, samples, dim, slices, scale=1.0, dtype=torch.float32, device="cpu", seed=0):
+    """``random_case`` and a random upstream weight ``[*batch_shape, slices]`` for the statistics."""
+    x, directions = random_case(batch_shape, samples, dim, slices, scale=scale, dtype=dtype, device=device, seed=seed)
+    weight = torch.randn(*batch_shape, slices, generator=torch.Generator().manual_seed(seed + 1)).to(device)
+    return x, directions, weight
+
+
 def values_and_grads(fn, x, directions, weight):
     """``fn``'s statistics (``reduction="none"``) and the gradients of ``2 * sum(weight * stats)``.
 

@@ -6,7 +6,7 @@ built without its CUDA kernels. Nothing touches the device at import time.
 
 import pytest
 import torch
-from helpers import assert_matches_oracle, assert_relative_close, oracle, random_case
+from helpers import CUDA_KERNEL_SHAPES, assert_matches_oracle, assert_relative_close, oracle, weighted_case
 from helpers import values_and_grads as with_grads
 
 from sigreg_kernels import sigreg
@@ -32,17 +32,7 @@ def _needs_cuda_kernels():
         pytest.skip(reason)
 
 
-# (batch dims, N, D, K): none a multiple of the kernels' tiles (64 rows, 64 slices,
-# 32 and 256 features), the single-element edges, and a batch of views.
-SHAPES = [
-    ((), 1, 1, 1),
-    ((), 2, 5, 3),
-    ((), 300, 7, 1),
-    ((2,), 37, 19, 65),
-    ((2, 3), 41, 33, 129),
-    ((3,), 129, 1, 70),
-    ((), 130, 257, 67),
-]
+SHAPES = CUDA_KERNEL_SHAPES
 SCALES = [1e-3, 1.0, 100.0]
 
 
@@ -51,9 +41,7 @@ def cuda_sigreg(x, directions, **kwargs):
 
 
 def case(batch_shape, samples, dim, slices, scale=1.0, dtype=torch.float32, seed=0):
-    x, directions = random_case(batch_shape, samples, dim, slices, scale=scale, dtype=dtype, device="cuda", seed=seed)
-    weight = torch.randn(*batch_shape, slices, generator=torch.Generator().manual_seed(seed + 1)).cuda()
-    return x, directions, weight
+    return weighted_case(batch_shape, samples, dim, slices, scale=scale, dtype=dtype, device="cuda", seed=seed)
 
 
 def check_fp32(x, directions, weight, **kwargs):

@@ -12,7 +12,8 @@ from functools import partial
 import pytest
 import torch
 from emulated_cuda import EmulatedKernels, build
-from helpers import assert_matches_oracle, assert_relative_close, oracle, random_case, values_and_grads
+from helpers import (CUDA_KERNEL_SHAPES, assert_matches_oracle, assert_relative_close, oracle, values_and_grads,
+                     weighted_case)
 
 from sigreg_kernels.backends import reference_ecf_sums
 
@@ -24,23 +25,11 @@ def kernels(tmp_path_factory):
     return EmulatedKernels(build(tmp_path_factory.mktemp("cuda_host_emulation")))
 
 
-# (batch dims, N, D, K): none a multiple of the kernels' tiles (64 rows, 64 slices,
-# 32 and 256 features), the single-element edges, and a batch of views.
-SHAPES = [
-    ((), 1, 1, 1),
-    ((), 2, 5, 3),
-    ((), 300, 7, 1),
-    ((2,), 37, 19, 65),
-    ((2, 3), 41, 33, 129),
-    ((3,), 129, 1, 70),
-    ((), 130, 257, 67),
-]
+SHAPES = CUDA_KERNEL_SHAPES
 
 
 def case(batch_shape, samples, dim, slices, scale=1.0, dtype=torch.float32, seed=0):
-    x, directions = random_case(batch_shape, samples, dim, slices, scale=scale, dtype=dtype, seed=seed)
-    weight = torch.randn(*batch_shape, slices, generator=torch.Generator().manual_seed(seed + 1))
-    return x, directions, weight
+    return weighted_case(batch_shape, samples, dim, slices, scale=scale, dtype=dtype, seed=seed)
 
 
 def assert_low_precision_close(fn, x, directions, weight, tol=2e-2, **kwargs):
