@@ -10,12 +10,13 @@
 #   bash bench/gpu_check.sh all                     # everything in one go
 #
 # Any stage builds first if the installed extension lacks its CUDA kernels.
-# Results go under $OUT (default bench/results/gpu-<date>): check.log, and per
+# Results go under $OUT (default bench/results/<gpu>-<date>): check.log, and per
 # dtype cuda-<dtype>.csv/.png and bench-<dtype>.txt (at most 7 files); commit them
 # under bench/results/ with the device and date.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-bench/results/gpu-$(date +%F)}
+GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-' | tr -cd 'A-Za-z0-9._-')
+OUT=${OUT:-bench/results/${GPU_NAME:-gpu}-$(date +%F)}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 # This machine's architecture only (CI compiles sm_80 and sm_90a); override to build more.
