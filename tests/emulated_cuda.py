@@ -87,6 +87,7 @@ class EmulatedKernels:
         self.lib.sigreg_emu_ecf_sums_backward.argtypes = [ctypes.c_int, ctypes.c_int, ptr, ptr, ptr, ptr, ptr, *sizes]
         self.lib.sigreg_emu_failure.restype = ctypes.c_char_p
         self.lib.sigreg_emu_set_descending.argtypes = [ctypes.c_int]
+        self.lib.sigreg_emu_set_max_grid_yz.argtypes = [ctypes.c_int64]
 
     def failure(self) -> str:
         return self.lib.sigreg_emu_failure().decode()
@@ -104,6 +105,15 @@ class EmulatedKernels:
             yield
         finally:
             self.lib.sigreg_emu_set_descending(0)
+
+    @contextlib.contextmanager
+    def max_grid_yz(self, limit: int):
+        """Grid y/z capped at ``limit`` blocks (the hardware's cap is 65535)."""
+        self.lib.sigreg_emu_set_max_grid_yz(limit)
+        try:
+            yield
+        finally:
+            self.lib.sigreg_emu_set_max_grid_yz(65535)
 
     def run(self, name: str, *args) -> int:
         """A self-test launcher of selftest_kernels.cu: its CUDA error code."""

@@ -98,7 +98,8 @@ int main() {
             check_chunking(n_tiles, f.chunks, f.tiles_per_chunk);
             EXPECT(f.k_tiles * kTile >= k && (f.k_tiles - 1) * kTile < k);
             EXPECT(f.passes * kKnotsPerPass >= knots - 1 && (f.passes - 1) * kKnotsPerPass < knots - 1);
-            EXPECT(f.chunks <= kMaxGridYZ && batch * f.passes <= kMaxGridYZ);
+            EXPECT(f.chunks <= kMaxGridYZ && f.batch_per_launch * f.passes <= kMaxGridYZ);
+            EXPECT(f.batch_per_launch >= 1 && plan_forward(p, 4).batch_per_launch == (f.passes <= 2 ? 4 / f.passes : 1));
             EXPECT(f.workspace_floats == f.chunks * batch * 2 * k * knots);
             // the workspace does not grow with N: at most about kTargetBlocks column tiles of partials
             EXPECT(f.chunks == 1 || f.chunks * f.k_tiles * batch * f.passes < 2 * kTargetBlocks);
@@ -106,6 +107,7 @@ int main() {
               const BackwardPlan b = plan_backward(p, dirs);
               EXPECT(b.coef_floats == 2 * batch * knots * k);
               EXPECT(b.n_tiles == n_tiles && b.d_chunks * kOutColumns >= d && b.d_chunks <= kMaxGridYZ);
+              EXPECT(b.batch_per_launch == kMaxGridYZ);
               if (!dirs) { EXPECT(b.directions_floats == 0); continue; }
               check_chunking(batch * n_tiles, b.chunks, b.tiles_per_chunk);
               EXPECT(b.chunks <= kMaxGradDirChunks && b.directions_floats == b.chunks * d * k);
@@ -114,9 +116,9 @@ int main() {
   const int64_t big = int64_t{1} << 31;
   EXPECT(unsupported_reason(Problem{1, big, 8, 8, 17, 0.1f}) != nullptr);
   EXPECT(unsupported_reason(Problem{1, 8, 8, big, 17, 0.1f}) != nullptr);
-  EXPECT(unsupported_reason(Problem{70000, 8, 8, 8, 17, 0.1f}) != nullptr);
-  EXPECT(unsupported_reason(Problem{40000, 8, 8, 8, 33, 0.1f}) != nullptr);  // 2 passes: grid z 80000
-  EXPECT(unsupported_reason(Problem{65535, 8, 8, 8, 17, 0.1f}) == nullptr);
+  // Batches past the grid's cap of 65535 take several launches.
+  EXPECT(unsupported_reason(Problem{70000, 8, 8, 8, 17, 0.1f}) == nullptr);
+  EXPECT(plan_forward(Problem{40000, 8, 8, 8, 33, 0.1f}).batch_per_launch == 32767);  // 2 passes per index
   std::printf("ok\n");
   return 0;
 }

@@ -106,6 +106,24 @@ def test_results_do_not_depend_on_thread_order(kernels, dtype, tensor_cores):
         assert torch.isfinite(a).all(), f"{name} has NaN: a read of unwritten (poisoned) memory"
 
 
+def test_batch_beyond_the_grid_cap_takes_several_launches(kernels):
+    """Grid z carries batch x knot passes (forward) and the batch (grad_x); past the cap,
+    the launches split the batch. Lowered to 4: 5 batch indices with 3 passes take 5
+    forward launches and 2 grad_x launches, and give the single-launch results."""
+    x, directions, _ = case((5,), 70, 12, 65, seed=11)
+    grad_sums = torch.randn(5, 2, 65, 40, generator=torch.Generator().manual_seed(12))
+
+    def run():
+        sums = kernels.ecf_sums(x, directions, 40, 3.0, tensor_cores=False)
+        return (sums, *kernels.ecf_sums_backward(grad_sums, x, directions, 40, 3.0, False, True))
+
+    single = run()
+    with kernels.max_grid_yz(4):
+        split = run()
+    for name, a, b in zip(("sums", "grad_x", "grad_directions"), single, split):
+        assert torch.equal(a, b), name
+
+
 def test_nan_input_reaches_only_its_batch_index(kernels):
     x, directions, _ = case((2,), 70, 12, 65, seed=9)
     x[0, 5, 3] = float("nan")

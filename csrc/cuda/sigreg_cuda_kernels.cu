@@ -4,6 +4,8 @@
 // neither does anything of size N x K x knots. Reductions over samples write
 // per-chunk partials that a second kernel adds in a fixed order: no atomics.
 // Building blocks (tiles, shared memory, products) are in sigreg_cuda_tiles.cuh.
+#include <algorithm>
+
 #include "sigreg_cuda_tiles.cuh"
 
 namespace sigreg {
@@ -36,12 +38,12 @@ template <typename T, bool TC>
 __global__ void __launch_bounds__(kThreads, 2)
     ecf_sums_kernel(const T* __restrict__ x, const T* __restrict__ directions, float* __restrict__ workspace,
                     int batch, int samples, int dim, int slices, int knots, float delta, int tiles_per_chunk,
-                    int passes) {
+                    int passes, int batch_first) {
   static_assert(kKnotsPerPass % 4 == 0, "each of the 4 threads of a column keeps a quarter of the knots");
   constexpr int kKept = kKnotsPerPass / 4;
   __shared__ __align__(128) unsigned char smem[Smem<T>::kBytes];
   const int k0 = blockIdx.x * kTile, chunk = blockIdx.y;
-  const int b = blockIdx.z / passes, pass = blockIdx.z % passes;
+  const int b = batch_first + static_cast<int>(blockIdx.z) / passes, pass = blockIdx.z % passes;
   const int j_first = 1 + pass * kKnotsPerPass;
   const float t_first = static_cast<float>(j_first) * delta;
   const int tile_end = static_cast<int>(
@@ -152,9 +154,11 @@ __global__ void knot_coefficients_kernel(const float* __restrict__ grad_sums, fl
 template <typename T, bool TC>
 __global__ void __launch_bounds__(kThreads, 2)
     ecf_grad_x_kernel(const float2* __restrict__ coef, const T* __restrict__ x, const T* __restrict__ directions,
-                      T* __restrict__ grad_x, int samples, int dim, int slices, int knots, float delta) {
+                      T* __restrict__ grad_x, int samples, int dim, int slices, int knots, float delta,
+                      int batch_first) {
   __shared__ __align__(128) unsigned char smem[Smem<T>::kBytes];
-  const int n0 = blockIdx.x * kTile, d0 = blockIdx.y * static_cast<int>(kOutColumns), b = blockIdx.z;
+  const int n0 = blockIdx.x * kTile, d0 = blockIdx.y * static_cast<int>(kOutColumns);
+  const int b = batch_first + static_cast<int>(blockIdx.z);
   const T* x_b = x + static_cast<int64_t>(b) * samples * dim;
   const float2* coef_b = coef + static_cast<int64_t>(b) * knots * slices;
   const int valid_rows = min(kTile, samples - n0);
@@ -283,12 +287,15 @@ struct LaunchSums {
   template <typename T, bool TC>
   static cudaError_t run(const Problem& p, const ForwardPlan& plan, const void* x, const void* directions,
                          float* workspace, float* sums, cudaStream_t stream) {
-    const dim3 grid(u32(plan.k_tiles), u32(plan.chunks), u32(p.batch * plan.passes));
-    ecf_sums_kernel<T, TC><<<grid, kThreads, 0, stream>>>(
-        static_cast<const T*>(x), static_cast<const T*>(directions), workspace, i32(p.batch), i32(p.samples),
-        i32(p.dim), i32(p.slices), i32(p.knots), p.delta, i32(plan.tiles_per_chunk), i32(plan.passes));
-    cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
+    for (int64_t first = 0; first < p.batch; first += plan.batch_per_launch) {
+      const int64_t count = std::min(plan.batch_per_launch, p.batch - first);
+      const dim3 grid(u32(plan.k_tiles), u32(plan.chunks), u32(count * plan.passes));
+      ecf_sums_kernel<T, TC><<<grid, kThreads, 0, stream>>>(
+          static_cast<const T*>(x), static_cast<const T*>(directions), workspace, i32(p.batch), i32(p.samples),
+          i32(p.dim), i32(p.slices), i32(p.knots), p.delta, i32(plan.tiles_per_chunk), i32(plan.passes), i32(first));
+      const cudaError_t err = cudaGetLastError();
+      if (err != cudaSuccess) return err;
+    }
     const int64_t count = p.batch * 2 * p.slices * p.knots;
     sum_ecf_chunks_kernel<<<elementwise_blocks(count), kThreads, 0, stream>>>(
         workspace, sums, i32(plan.chunks), count, p.slices * p.knots, i32(p.knots), static_cast<double>(p.samples));
@@ -308,12 +315,15 @@ struct LaunchBackward {
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess || p.dim == 0) return err;  // no features: empty gradients
 
-    const dim3 grid_x(u32(plan.n_tiles), u32(plan.d_chunks), u32(p.batch));
-    ecf_grad_x_kernel<T, TC><<<grid_x, kThreads, 0, stream>>>(
-        coef, static_cast<const T*>(x), static_cast<const T*>(directions), static_cast<T*>(grad_x), i32(p.samples),
-        i32(p.dim), i32(p.slices), i32(p.knots), p.delta);
-    err = cudaGetLastError();
-    if (err != cudaSuccess || grad_directions == nullptr) return err;
+    for (int64_t first = 0; first < p.batch; first += plan.batch_per_launch) {
+      const dim3 grid_x(u32(plan.n_tiles), u32(plan.d_chunks), u32(std::min(plan.batch_per_launch, p.batch - first)));
+      ecf_grad_x_kernel<T, TC><<<grid_x, kThreads, 0, stream>>>(
+          coef, static_cast<const T*>(x), static_cast<const T*>(directions), static_cast<T*>(grad_x), i32(p.samples),
+          i32(p.dim), i32(p.slices), i32(p.knots), p.delta, i32(first));
+      err = cudaGetLastError();
+      if (err != cudaSuccess) return err;
+    }
+    if (grad_directions == nullptr) return cudaSuccess;
 
     const dim3 grid_a(u32(plan.k_tiles), u32(plan.d_chunks), u32(plan.chunks));
     ecf_grad_directions_kernel<T, TC><<<grid_a, kThreads, 0, stream>>>(

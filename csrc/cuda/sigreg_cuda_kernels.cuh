@@ -45,34 +45,45 @@ inline Chunking split_tiles(int64_t tiles, int64_t wanted) {
   return {ceil_div(tiles, per_chunk), per_chunk};
 }
 
-// Forward: block (k tile, chunk of sample tiles, b * passes + pass); each block
-// writes partial sums of its chunk to workspace [chunks, B, 2, K, knots], which
-// a second kernel adds up in a fixed order (no atomics: bit-identical reruns).
+// Batch indices per launch where grid z carries the batch (times `per_index`
+// blocks): a larger batch takes several launches, each told its first index.
+// `max_grid_yz` is the hardware's cap; the tests lower it.
+inline int64_t batch_per_launch(int64_t per_index, int64_t max_grid_yz) {
+  const int64_t n = max_grid_yz / per_index;
+  return n > 1 ? n : 1;
+}
+
+// Forward: block (k tile, chunk of sample tiles, b * passes + pass) for the batch
+// indices of one launch; each block writes partial sums of its chunk to workspace
+// [chunks, B, 2, K, knots], which a second kernel adds up in a fixed order (no
+// atomics: bit-identical reruns).
 struct ForwardPlan {
-  int64_t k_tiles, chunks, tiles_per_chunk, passes, workspace_floats;
+  int64_t k_tiles, chunks, tiles_per_chunk, passes, workspace_floats, batch_per_launch;
 };
-inline ForwardPlan plan_forward(const Problem& p) {
+inline ForwardPlan plan_forward(const Problem& p, int64_t max_grid_yz = kMaxGridYZ) {
   const int64_t k_tiles = ceil_div(p.slices, kTile);
   const int64_t passes = ceil_div(p.knots - 1, kKnotsPerPass);
   const int64_t other_blocks = k_tiles * p.batch * passes;  // 0 only for an empty batch, which launches nothing
   const int64_t wanted = ceil_div(kTargetBlocks, other_blocks > 0 ? other_blocks : 1);
   const Chunking c = split_tiles(ceil_div(p.samples, kTile), wanted);
-  return {k_tiles, c.chunks, c.tiles_per_chunk, passes, c.chunks * p.batch * 2 * p.slices * p.knots};
+  return {k_tiles,     c.chunks, c.tiles_per_chunk, passes, c.chunks * p.batch * 2 * p.slices * p.knots,
+          batch_per_launch(passes, max_grid_yz)};
 }
 
 // Backward: a small kernel turns grad_sums into the knot coefficient table
 // [B, knots, K] of float2 (coef_floats); then grad_x blocks (sample tile,
 // 256-feature chunk, b) loop over all slices, so grad_x is written once, with
-// no workspace. With grad_directions, blocks (k tile, 256-feature chunk, chunk
-// of (b, sample tile) pairs) write partial products to a workspace
-// [chunks, D, K] (directions_floats), added up in a fixed order.
+// no workspace (batch_per_launch indices per launch). With grad_directions,
+// blocks (k tile, 256-feature chunk, chunk of (b, sample tile) pairs) write
+// partial products to a workspace [chunks, D, K] (directions_floats), added up
+// in a fixed order.
 struct BackwardPlan {
-  int64_t coef_floats, n_tiles, d_chunks;                       // grad_x
+  int64_t coef_floats, n_tiles, d_chunks, batch_per_launch;     // grad_x
   int64_t k_tiles, chunks, tiles_per_chunk, directions_floats;  // grad_directions (0 if not needed)
 };
-inline BackwardPlan plan_backward(const Problem& p, bool need_grad_directions) {
+inline BackwardPlan plan_backward(const Problem& p, bool need_grad_directions, int64_t max_grid_yz = kMaxGridYZ) {
   BackwardPlan plan{2 * p.batch * p.knots * p.slices, ceil_div(p.samples, kTile), ceil_div(p.dim, kOutColumns),
-                    ceil_div(p.slices, kTile), 0, 0, 0};
+                    batch_per_launch(1, max_grid_yz), ceil_div(p.slices, kTile), 0, 0, 0};
   if (need_grad_directions) {
     int64_t wanted = ceil_div(kTargetGradDirBlocks, plan.k_tiles * (plan.d_chunks > 0 ? plan.d_chunks : 1));
     wanted = wanted < kMaxGradDirChunks ? wanted : kMaxGradDirChunks;
@@ -91,8 +102,6 @@ inline const char* unsupported_reason(const Problem& p) {
   if (p.samples > int_limit || p.dim > int_limit || p.slices > int_limit || p.knots > int_limit)
     return "N, D, K and knots must each be below 2^31 - 512 on CUDA";
   if (p.batch * ceil_div(p.samples, kTile) > int_limit) return "B * ceil(N / 64) must be below 2^31 - 512 on CUDA";
-  if (p.batch * ceil_div(p.knots - 1, kKnotsPerPass) > kMaxGridYZ)
-    return "B * ceil((knots - 1) / 16) must be at most 65535 on CUDA";
   if (ceil_div(p.dim, kOutColumns) > kMaxGridYZ) return "D must be at most 65535 * 256 on CUDA";
   return nullptr;
 }

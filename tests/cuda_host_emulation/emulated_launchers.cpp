@@ -15,6 +15,7 @@ using namespace sigreg::cuda;
 namespace {
 
 constexpr int kUnsupported = -1;
+int64_t max_grid_yz = kMaxGridYZ;  // lowered by tests to make a small batch take several launches
 constexpr int kWroteOutsideWorkspace = -2;
 
 // A workspace filled with NaN between guard regions that must keep their value.
@@ -48,6 +49,8 @@ extern "C" {
 
 void sigreg_emu_set_descending(int descending) { emu::state.descending = descending != 0; }
 
+void sigreg_emu_set_max_grid_yz(int64_t limit) { max_grid_yz = limit; }
+
 // The first failure of the last launch ("" if none): divergence, misaligned WMMA operands.
 const char* sigreg_emu_failure() { return emu::state.failure.c_str(); }
 
@@ -56,7 +59,7 @@ int sigreg_emu_ecf_sums(int dtype, int tensor_cores, const void* x, const void* 
   const Problem p = make_problem(batch, samples, dim, slices, knots, t_max);
   if (unsupported_reason(p) != nullptr) return kUnsupported;
   if (p.batch == 0) return cudaSuccess;
-  const ForwardPlan plan = plan_forward(p);
+  const ForwardPlan plan = plan_forward(p, max_grid_yz);
   Workspace workspace(plan.workspace_floats);
   const int error = launch_ecf_sums(p, plan, static_cast<DType>(dtype), tensor_cores != 0, x, directions,
                                     workspace.data(), sums, nullptr);
@@ -71,7 +74,7 @@ int sigreg_emu_ecf_sums_backward(int dtype, int tensor_cores, const float* grad_
   if (unsupported_reason(p) != nullptr) return kUnsupported;
   if (p.batch == 0) return cudaSuccess;  // the caller zeroes grad_directions: a sum over no samples
   const bool directions_wanted = grad_directions != nullptr && p.dim > 0;
-  const BackwardPlan plan = plan_backward(p, directions_wanted);
+  const BackwardPlan plan = plan_backward(p, directions_wanted, max_grid_yz);
   Workspace coef(plan.coef_floats), directions_workspace(plan.directions_floats);
   const int error = launch_ecf_sums_backward(
       p, plan, static_cast<DType>(dtype), tensor_cores != 0, grad_sums, x, directions, coef.data(), grad_x,
