@@ -88,6 +88,11 @@ def test_backward_feature_chunks_and_chunks_across_batch(kernels):
     assert_matches_oracle(kernels.sigreg, x, directions, weight)
 
 
+def test_many_samples_split_into_chunks(kernels):
+    """N = 70,000: forward blocks sum two 64-row tiles each; grad_directions sums 69 per chunk, 16 chunks."""
+    assert_matches_oracle(kernels.sigreg, *case((), 70_000, 16, 8, scale=2.0, seed=13))
+
+
 @pytest.mark.parametrize("dtype,tensor_cores", [(torch.float32, False), (torch.bfloat16, True)], ids=str)
 def test_results_do_not_depend_on_thread_order(kernels, dtype, tensor_cores):
     """A missing barrier or a cross-block race changes results when threads and blocks run in reverse."""
