@@ -1,15 +1,23 @@
 """A small awkward case through a GPU backend, for compute-sanitizer.
 
     compute-sanitizer --tool memcheck python bench/sanitizer_case.py cuda
+
+Deterministic algorithms: the Triton backend then launches its single fixed block
+configuration instead of autotuning (timing every configuration many times, which
+would be slow under the sanitizer and check nothing more).
 """
 
+import os
 import sys
 
-import torch
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # lets cuBLAS run under deterministic algorithms
 
-from sigreg_kernels import sigreg
+import torch  # noqa: E402
+
+from sigreg_kernels import sigreg  # noqa: E402
 
 backend = sys.argv[1] if len(sys.argv) > 1 else "cuda"
+torch.use_deterministic_algorithms(True)
 for dtype in (torch.float32, torch.bfloat16):
     x = torch.randn(2, 37, 19, device="cuda", dtype=dtype, requires_grad=True)
     directions = torch.randn(19, 65, device="cuda", dtype=dtype)
