@@ -32,7 +32,7 @@ cuda_kernels_built() {
 }
 
 stage_build() {
-  log "build for sm_${TORCH_CUDA_ARCH_LIST}"
+  log "build for CUDA arch ${TORCH_CUDA_ARCH_LIST}"
   {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
@@ -65,6 +65,12 @@ stage_bench() {  # $1: bfloat16 or float32
 
 [ $# -gt 0 ] || set -- all
 for stage in "$@"; do
+  case "$stage" in
+    build | test | sanitize | bench-bf16 | bench-fp32 | all) ;;
+    *) echo "unknown stage '$stage': build, test, sanitize, bench-bf16, bench-fp32 or all" >&2; exit 2 ;;
+  esac
+done
+for stage in "$@"; do
   [ "$stage" = build ] || cuda_kernels_built || stage_build
   case "$stage" in
     build) stage_build ;;
@@ -73,6 +79,5 @@ for stage in "$@"; do
     bench-bf16) stage_bench bfloat16 ;;
     bench-fp32) stage_bench float32 ;;
     all) stage_test; stage_sanitize; stage_bench bfloat16; stage_bench float32 ;;
-    *) echo "unknown stage '$stage': build, test, sanitize, bench-bf16, bench-fp32 or all" >&2; exit 2 ;;
   esac
 done
