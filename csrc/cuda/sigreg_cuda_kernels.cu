@@ -61,11 +61,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 
   for (int tile = chunk * tiles_per_chunk; tile < tile_end; ++tile) {
     const int n0 = tile * kTile;
-    Tile<T, TC> proj;
-    project_tile(proj, smem, x_b, directions, samples, dim, slices, n0, k0);
-    __syncthreads();  // the previous tile's readers of P are done (also when dim == 0)
-    proj.store(ps, Smem<T>::kLdP);
-    __syncthreads();
+    project_tile<T, TC>(smem, x_b, directions, samples, dim, slices, n0, k0);
 
     float tile_cos[kKnotsPerPass], tile_sin[kKnotsPerPass];
 #pragma unroll
@@ -149,6 +145,26 @@ __global__ void knot_coefficients_kernel(const float* __restrict__ grad_sums, fl
   }
 }
 
+// Hands each element (r, dd + c) of a backward block's 64 x 256 accumulator,
+// sub-tile by sub-tile through shared memory, to store(r, dd, c, value).
+template <typename T, typename TileT, typename Store>
+__device__ void store_accumulator(const TileT (&out)[kOutSubTiles], unsigned char* smem, int d0, int dim,
+                                  Store store) {
+  float* ps = SmemPtrs::p<T>(smem);
+#pragma unroll
+  for (int sub = 0; sub < kOutSubTiles; ++sub) {
+    const int dd = d0 + sub * kTile;
+    if (dd >= dim) break;
+    __syncthreads();
+    out[sub].store(ps, Smem<T>::kLdP);
+    __syncthreads();
+    for (int e = threadIdx.x; e < kTile * kTile; e += kThreads) {
+      const int r = e / kTile, c = e % kTile;
+      store(r, dd, c, ps[r * Smem<T>::kLdP + c]);
+    }
+  }
+}
+
 // grad_x[b, n0:n0+64, d0:d0+256] = G @ directions^T over all slices, with G
 // recomputed per 64-slice tile; the 64 x 256 accumulator stays in registers.
 template <typename T, bool TC>
@@ -162,7 +178,6 @@ __global__ void __launch_bounds__(kThreads, 2)
   const T* x_b = x + static_cast<int64_t>(b) * samples * dim;
   const float2* coef_b = coef + static_cast<int64_t>(b) * knots * slices;
   const int valid_rows = min(kTile, samples - n0);
-  float* ps = SmemPtrs::p<T>(smem);
   T* gs = SmemPtrs::g<T>(smem);
   T* ws = SmemPtrs::w<T>(smem);
 
@@ -171,11 +186,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   for (int sub = 0; sub < kOutSubTiles; ++sub) out[sub].zero();
 
   for (int k0 = 0; k0 < slices; k0 += kTile) {
-    Tile<T, TC> proj;
-    project_tile(proj, smem, x_b, directions, samples, dim, slices, n0, k0);
-    __syncthreads();  // the previous tile's readers of P and G are done (also when dim == 0)
-    proj.store(ps, Smem<T>::kLdP);
-    __syncthreads();
+    project_tile<T, TC>(smem, x_b, directions, samples, dim, slices, n0, k0);
     gradient_tile<T>(smem, coef_b, valid_rows, slices, k0, knots, delta);
 #pragma unroll
     for (int sub = 0; sub < kOutSubTiles; ++sub) {
@@ -189,19 +200,10 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   }
 
-#pragma unroll
-  for (int sub = 0; sub < kOutSubTiles; ++sub) {
-    const int dd = d0 + sub * kTile;
-    if (dd >= dim) break;
-    __syncthreads();
-    out[sub].store(ps, Smem<T>::kLdP);
-    __syncthreads();
-    for (int e = threadIdx.x; e < kTile * kTile; e += kThreads) {
-      const int r = e / kTile, c = e % kTile;
-      if (r < valid_rows && dd + c < dim)
-        grad_x[(static_cast<int64_t>(b) * samples + n0 + r) * dim + dd + c] = from_float<T>(ps[r * Smem<T>::kLdP + c]);
-    }
-  }
+  store_accumulator<T>(out, smem, d0, dim, [&](int r, int dd, int c, float value) {
+    if (r < valid_rows && dd + c < dim)
+      grad_x[(static_cast<int64_t>(b) * samples + n0 + r) * dim + dd + c] = from_float<T>(value);
+  });
 }
 
 // Partial grad_directions[d0:d0+256, k0:k0+64] = sum over a chunk of (b, sample
@@ -216,7 +218,6 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int n_tiles = (samples + kTile - 1) / kTile;
   const int tile_end =
       static_cast<int>(min(static_cast<int64_t>(row_tiles), static_cast<int64_t>(chunk + 1) * tiles_per_chunk));
-  float* ps = SmemPtrs::p<T>(smem);
   T* gs = SmemPtrs::g<T>(smem);
   T* ws = SmemPtrs::w<T>(smem);
 
@@ -227,11 +228,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   for (int tile = chunk * tiles_per_chunk; tile < tile_end; ++tile) {
     const int b = tile / n_tiles, n0 = (tile % n_tiles) * kTile;
     const T* x_b = x + static_cast<int64_t>(b) * samples * dim;
-    Tile<T, TC> proj;
-    project_tile(proj, smem, x_b, directions, samples, dim, slices, n0, k0);
-    __syncthreads();  // the previous tile's readers of P and G are done (also when dim == 0)
-    proj.store(ps, Smem<T>::kLdP);
-    __syncthreads();
+    project_tile<T, TC>(smem, x_b, directions, samples, dim, slices, n0, k0);
     gradient_tile<T>(smem, coef + static_cast<int64_t>(b) * knots * slices, min(kTile, samples - n0), slices, k0,
                      knots, delta);
 #pragma unroll
@@ -247,19 +244,9 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 
   float* out_chunk = workspace + static_cast<int64_t>(chunk) * dim * slices;
-#pragma unroll
-  for (int sub = 0; sub < kOutSubTiles; ++sub) {
-    const int dd = d0 + sub * kTile;
-    if (dd >= dim) break;
-    __syncthreads();
-    out[sub].store(ps, Smem<T>::kLdP);
-    __syncthreads();
-    for (int e = threadIdx.x; e < kTile * kTile; e += kThreads) {
-      const int r = e / kTile, c = e % kTile;
-      if (dd + r < dim && k0 + c < slices)
-        out_chunk[static_cast<int64_t>(dd + r) * slices + k0 + c] = ps[r * Smem<T>::kLdP + c];
-    }
-  }
+  store_accumulator<T>(out, smem, d0, dim, [&](int r, int dd, int c, float value) {
+    if (dd + r < dim && k0 + c < slices) out_chunk[static_cast<int64_t>(dd + r) * slices + k0 + c] = value;
+  });
 }
 
 // out[i] = sum over chunks of workspace[chunk, i], in double and in a fixed order.

@@ -234,12 +234,15 @@ __device__ __forceinline__ void load_tile(T* dst, int ld, const T* __restrict__ 
   }
 }
 
-// acc = x_b[n0 : n0 + 64, :] @ directions[:, k0 : k0 + 64], looping over the features.
-template <typename T, typename TileT>
-__device__ void project_tile(TileT& acc, unsigned char* smem, const T* __restrict__ x_b,
-                             const T* __restrict__ directions, int samples, int dim, int slices, int n0, int k0) {
+// The projection tile P = x_b[n0 : n0 + 64, :] @ directions[:, k0 : k0 + 64]
+// (float) into shared memory, looping over the features; on return every thread
+// may read P (and earlier readers of P and G are done).
+template <typename T, bool TC>
+__device__ void project_tile(unsigned char* smem, const T* __restrict__ x_b, const T* __restrict__ directions,
+                             int samples, int dim, int slices, int n0, int k0) {
   T* xs = SmemPtrs::x<T>(smem);
   T* as = SmemPtrs::a<T>(smem);
+  Tile<T, TC> acc;
   acc.zero();
   for (int d0 = 0; d0 < dim; d0 += kDepth) {
     __syncthreads();  // earlier readers of the shared region are done
@@ -248,10 +251,13 @@ __device__ void project_tile(TileT& acc, unsigned char* smem, const T* __restric
     __syncthreads();
     acc.template mma<kDepth, RowMajor, RowMajor>(xs, Smem<T>::kLdX, as, Smem<T>::kLdA);
   }
+  __syncthreads();  // the previous tile's readers of P and G are done (also when dim == 0)
+  acc.store(SmemPtrs::p<T>(smem), Smem<T>::kLdP);
+  __syncthreads();
 }
 
 // G[n, k] = sum_j t_j (gS_kj cos(t_j p_nk) - gC_kj sin(t_j p_nk)) for the
-// projection tile P in shared memory (stored and synchronized by the caller).
+// projection tile P in shared memory (from project_tile).
 // G goes to shared memory in the input type (it feeds the next product), zero
 // on rows >= valid_rows and slices >= K. coef_b ([knots, K] of float2, see
 // knot_coefficients_kernel) is read through L1: the 4 threads of a column
