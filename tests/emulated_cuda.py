@@ -88,6 +88,7 @@ class EmulatedKernels:
         self.lib.sigreg_emu_failure.restype = ctypes.c_char_p
         self.lib.sigreg_emu_set_descending.argtypes = [ctypes.c_int]
         self.lib.sigreg_emu_set_max_grid_yz.argtypes = [ctypes.c_int64]
+        self.lib.sigreg_emu_set_max_grid_yz.restype = ctypes.c_int64
 
     def failure(self) -> str:
         return self.lib.sigreg_emu_failure().decode()
@@ -108,12 +109,12 @@ class EmulatedKernels:
 
     @contextlib.contextmanager
     def max_grid_yz(self, limit: int):
-        """Grid y/z capped at ``limit`` blocks (the hardware's cap is 65535)."""
-        self.lib.sigreg_emu_set_max_grid_yz(limit)
+        """Grid y/z capped at ``limit`` blocks instead of the hardware's cap."""
+        previous = self.lib.sigreg_emu_set_max_grid_yz(limit)
         try:
             yield
         finally:
-            self.lib.sigreg_emu_set_max_grid_yz(65535)
+            self.lib.sigreg_emu_set_max_grid_yz(previous)
 
     def run(self, name: str, *args) -> int:
         """A self-test launcher of selftest_kernels.cu: its CUDA error code."""

@@ -49,7 +49,12 @@ extern "C" {
 
 void sigreg_emu_set_descending(int descending) { emu::state.descending = descending != 0; }
 
-void sigreg_emu_set_max_grid_yz(int64_t limit) { max_grid_yz = limit; }
+// Returns the cap it replaces.
+int64_t sigreg_emu_set_max_grid_yz(int64_t limit) {
+  const int64_t previous = max_grid_yz;
+  max_grid_yz = limit;
+  return previous;
+}
 
 // The first failure of the last launch ("" if none): divergence, misaligned WMMA operands.
 const char* sigreg_emu_failure() { return emu::state.failure.c_str(); }
