@@ -19,10 +19,10 @@ GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' 
 OUT=${OUT:-bench/results/${GPU_NAME:-gpu}-$(date +%F)}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
-# This machine's architecture only (CI compiles sm_80 and sm_90a); override to build more.
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$(python3 -c \
-  "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}' + ('a' if m == 9 else ''))")}
 PY=${PYTHON:-python3}
+# This machine's architecture only (CI compiles sm_80 and sm_90a); override to build more.
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($PY -c \
+  "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}' + ('a' if m == 9 else ''))")}
 LOG="$OUT/check.log"
 
 log() { echo "== $* ($(date -u +%T))" | tee -a "$LOG"; }
