@@ -1,7 +1,7 @@
 """Builds sigreg_kernels._C: the CPU kernels always, the CUDA kernels when CUDA is there.
 
 Switches (environment variables):
-  FORCE_CUDA=1            build the CUDA kernels even if no GPU / CUDA torch is detected
+  FORCE_CUDA=1            require the CUDA kernels: stop with the reason instead of building CPU only
   SIGREG_SKIP_CUDA=1      never build the CUDA kernels
   TORCH_CUDA_ARCH_LIST    GPU architectures (default "8.0;9.0a": A100, H100)
   MAX_JOBS                parallel compile jobs (ninja)
@@ -21,9 +21,28 @@ CSRC = os.path.join(ROOT, "csrc")
 def build_cuda() -> bool:
     if os.environ.get("SIGREG_SKIP_CUDA", "0") == "1":
         return False
-    if os.environ.get("FORCE_CUDA", "0") == "1":
-        return True
-    return torch.version.cuda is not None and CUDA_HOME is not None
+    forced = os.environ.get("FORCE_CUDA", "0") == "1"
+    if not forced and (torch.version.cuda is None or CUDA_HOME is None):
+        return False
+    check_cuda_toolchain()
+    return True
+
+
+def check_cuda_toolchain() -> None:
+    """Fail here, with what to do, rather than deep inside the compile."""
+    skip = "or set SIGREG_SKIP_CUDA=1 to build the CPU kernels only"
+    if torch.version.cuda is None:
+        raise SystemExit(f"sigreg_kernels: FORCE_CUDA=1 needs a CUDA build of torch; torch {torch.__version__} "
+                         f"is CPU-only (its headers lack c10/cuda): install a CUDA torch, {skip}")
+    if CUDA_HOME is None:
+        raise SystemExit(f"sigreg_kernels: FORCE_CUDA=1 but no CUDA toolkit found: put nvcc on PATH or set "
+                         f"CUDA_HOME, {skip}")
+    # torch takes CUDA_HOME from `which nvcc` when unset: a wrapper script in
+    # /usr/local/bin makes that /usr/local, which has no CUDA headers.
+    if not os.path.isfile(os.path.join(CUDA_HOME, "include", "cuda_runtime.h")):
+        raise SystemExit(f"sigreg_kernels: the CUDA toolkit root {CUDA_HOME} (CUDA_HOME, or found from nvcc) has "
+                         f"no include/cuda_runtime.h: set CUDA_HOME to the toolkit's root (e.g. "
+                         f"/usr/local/cuda), {skip}")
 
 
 def extension():
@@ -32,7 +51,9 @@ def extension():
     cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
     link_flags = ["-fopenmp"]
     if not build_cuda():
-        print("sigreg_kernels: building the CPU kernels only (no CUDA torch or toolkit; FORCE_CUDA=1 overrides)")
+        why = ("SIGREG_SKIP_CUDA=1" if os.environ.get("SIGREG_SKIP_CUDA", "0") == "1"
+               else "no CUDA torch or toolkit; FORCE_CUDA=1 requires them")
+        print(f"sigreg_kernels: building the CPU kernels only ({why})")
         return CppExtension("sigreg_kernels._C", sources, include_dirs=[CSRC],
                             extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")

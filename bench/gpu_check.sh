@@ -24,6 +24,8 @@ PY=${PYTHON:-python3}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($PY -c \
   "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}' + ('a' if m == 9 else ''))")}
 LOG="$OUT/check.log"
+# torch infers the toolkit root from `which nvcc`, wrong when that is a wrapper script.
+if [ -z "${CUDA_HOME:-}" ] && [ -f /usr/local/cuda/include/cuda_runtime.h ]; then export CUDA_HOME=/usr/local/cuda; fi
 
 log() { echo "== $* ($(date -u +%T))" | tee -a "$LOG"; }
 

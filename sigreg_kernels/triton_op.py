@@ -29,8 +29,6 @@ import os
 
 import torch
 import triton
-from torch.library import wrap_triton
-
 from . import triton_kernels as kernels
 from .op_registration import fake_ecf_sums, fake_ecf_sums_backward, register_ecf_autograd
 from .quadrature import knot_spacing
@@ -46,6 +44,17 @@ def _registration_choice() -> str:
 
 
 REGISTRATION = _registration_choice()
+
+if REGISTRATION == "triton_op":
+    # Called by name in the launchers below: triton_op finds their kernels by reading
+    # the source for wrap_triton(...) calls.
+    from torch.library import wrap_triton
+else:
+    def wrap_triton(kernel):
+        """An opaque custom_op launches its kernels directly. (Before torch 2.13, torch's
+        wrap_triton outside a triton_op returns a tracing wrapper that fails on an
+        interpreted kernel.)"""
+        return kernel
 
 # Block sizes. GPU: a few configs for H100, tuned per problem (_KEY). Compiled for sm_90a
 # (ptxas -v, no GPU needed), the first config of each list spills no registers in
@@ -166,6 +175,28 @@ def _check_inputs(x: torch.Tensor, directions: torch.Tensor) -> None:
         raise RuntimeError("the triton kernels of this process were compiled for CUDA: set "
                            "TRITON_INTERPRET=1 before sigreg_kernels.triton_op is first imported "
                            "to run them on CPU tensors")
+    if x.device.type == "cpu" and (problem := _interpreter_numpy_problem()):
+        raise RuntimeError(problem)
+
+
+@functools.cache
+def _interpreter_numpy_problem() -> str | None:
+    """Why this triton's interpreter cannot run here, or None.
+
+    Before triton 3.7 the interpreter turns its 1-element arrays into loop bounds with
+    int(), which numpy 2.4 rejects (a deprecation since numpy 1.25): every kernel with
+    a loop fails with "only 0-dimensional arrays can be converted to Python scalars".
+    """
+    import numpy
+
+    def major_minor(version: str) -> tuple[int, int]:
+        major, minor = version.split(".")[:2]
+        return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+    if major_minor(triton.__version__) < (3, 7) and major_minor(numpy.__version__) >= (2, 4):
+        return (f"triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1) fails with numpy "
+                f"{numpy.__version__}: install numpy<2.4, or triton>=3.7")
+    return None
 
 
 def _device_guard(x: torch.Tensor):

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,15 @@ def test_launcher_syntax_against_torch_headers(tmp_path):
          "-isystem", str(tmp_path / "stub"), "-isystem", str(TORCH_INCLUDE),
          "-isystem", str(TORCH_INCLUDE / "torch" / "csrc" / "api" / "include"), "-isystem", str(cuda_include),
          str(LAUNCHER)], cwd=tmp_path)
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="checks the CPU-only torch case")
+def test_force_cuda_on_cpu_torch_stops_with_the_reason():
+    # `setup.py --name` evaluates the extension (and its checks) without building it.
+    env = {**os.environ, "FORCE_CUDA": "1"}
+    env.pop("SIGREG_SKIP_CUDA", None)
+    result = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=120, check=False)
+    assert result.returncode != 0
+    assert "FORCE_CUDA=1 needs a CUDA build of torch" in result.stderr + result.stdout
+    assert "SIGREG_SKIP_CUDA=1" in result.stderr + result.stdout

@@ -204,6 +204,33 @@ def test_rejects_float64_and_mixed_dtypes(device):
         op.ecf_sums_triton(x.float(), directions.half(), 17, 3.0)
 
 
+@pytest.mark.parametrize("triton_version, numpy_version, fails", [
+    ("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.0", False), ("3.10.1", "2.5.0rc1", False),
+])
+def test_interpreter_numpy_incompatibility_is_named(device, monkeypatch, triton_version, numpy_version, fails):
+    # triton < 3.7's interpreter breaks on numpy >= 2.4: the op says so instead of
+    # failing inside a kernel with numpy's message.
+    op = _import_op_module()
+    import numpy
+    import triton
+
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    op._interpreter_numpy_problem.cache_clear()
+    try:
+        problem = op._interpreter_numpy_problem()
+        if fails:
+            assert problem is not None and "numpy<2.4" in problem and triton_version in problem
+            if device == "cpu":
+                x, directions = random_case((1,), 8, 4, 3)
+                with pytest.raises(RuntimeError, match="numpy<2.4"):
+                    op.ecf_sums_triton(x, directions, 17, 3.0)
+        else:
+            assert problem is None
+    finally:
+        op._interpreter_numpy_problem.cache_clear()
+
+
 # The interpreter checks no compile-time rules (tl.dot's minimum sizes, constexpr
 # branches, layouts) nor the shared memory a config needs: compile each kernel in
 # every GPU config for sm_90 in a clean process, no GPU needed, and check that it
