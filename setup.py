@@ -16,13 +16,14 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(ROOT, "csrc")
+SKIP_CUDA = os.environ.get("SIGREG_SKIP_CUDA", "0") == "1"
+FORCE_CUDA = os.environ.get("FORCE_CUDA", "0") == "1"
 
 
 def build_cuda() -> bool:
-    if os.environ.get("SIGREG_SKIP_CUDA", "0") == "1":
+    if SKIP_CUDA:
         return False
-    forced = os.environ.get("FORCE_CUDA", "0") == "1"
-    if not forced and (torch.version.cuda is None or CUDA_HOME is None):
+    if not FORCE_CUDA and (torch.version.cuda is None or CUDA_HOME is None):
         return False
     check_cuda_toolchain()
     return True
@@ -51,8 +52,7 @@ def extension():
     cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
     link_flags = ["-fopenmp"]
     if not build_cuda():
-        why = ("SIGREG_SKIP_CUDA=1" if os.environ.get("SIGREG_SKIP_CUDA", "0") == "1"
-               else "no CUDA torch or toolkit; FORCE_CUDA=1 requires them")
+        why = "SIGREG_SKIP_CUDA=1" if SKIP_CUDA else "no CUDA torch or toolkit; FORCE_CUDA=1 requires them"
         print(f"sigreg_kernels: building the CPU kernels only ({why})")
         return CppExtension("sigreg_kernels._C", sources, include_dirs=[CSRC],
                             extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)

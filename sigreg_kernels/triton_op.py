@@ -26,9 +26,11 @@ eager mode; opcheck and torch.compile still need the default there.
 import contextlib
 import functools
 import os
+import re
 
 import torch
 import triton
+
 from . import triton_kernels as kernels
 from .op_registration import fake_ecf_sums, fake_ecf_sums_backward, register_ecf_autograd
 from .quadrature import knot_spacing
@@ -189,9 +191,9 @@ def _interpreter_numpy_problem() -> str | None:
     """
     import numpy
 
-    def major_minor(version: str) -> tuple[int, int]:
-        major, minor = version.split(".")[:2]
-        return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+    def major_minor(version: str) -> tuple[int, int]:  # "3.6.0", "3.7rc1", "2.5.0+git1" -> (3, 6), (3, 7), (2, 5)
+        major, minor = re.match(r"(\d+)\.(\d+)", version).groups()
+        return int(major), int(minor)
 
     if major_minor(triton.__version__) < (3, 7) and major_minor(numpy.__version__) >= (2, 4):
         return (f"triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1) fails with numpy "

@@ -206,6 +206,7 @@ def test_rejects_float64_and_mixed_dtypes(device):
 
 @pytest.mark.parametrize("triton_version, numpy_version, fails", [
     ("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.0", False), ("3.10.1", "2.5.0rc1", False),
+    ("3.6rc1", "2.4.0", True),
 ])
 def test_interpreter_numpy_incompatibility_is_named(device, monkeypatch, triton_version, numpy_version, fails):
     # triton < 3.7's interpreter breaks on numpy >= 2.4: the op says so instead of
