@@ -18,14 +18,20 @@ def check_tensor(name: str, value, min_dim: int, max_dim: int | None = None) -> 
         raise ValueError(f"{name} must be {expected}, got shape {tuple(value.shape)}")
 
 
-def check_sigreg_args(x, directions, knots, t_max, reduction) -> None:
+def check_sigreg_args(x, directions, knots, t_max, reduction, clip_value=None) -> None:
     check_tensor("x", x, min_dim=2)
-    check_tensor("directions", directions, min_dim=2, max_dim=2)
     samples, dim = x.shape[-2], x.shape[-1]
     if samples == 0:
         raise ValueError(f"x must hold at least one sample (N = x.shape[-2] > 0), got shape {tuple(x.shape)}")
     if dim == 0:
         raise ValueError(f"x must have at least one feature (D = x.shape[-1] > 0), got shape {tuple(x.shape)}")
+    check_quadrature_args(knots, t_max)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_clip_value(clip_value)
+    if directions is None:  # the univariate test of x's own columns
+        return
+    check_tensor("directions", directions, min_dim=2, max_dim=2)
     if directions.shape[0] != dim:
         raise ValueError(
             f"directions must have shape (D, K) with D = x.shape[-1] = {dim}, got {tuple(directions.shape)}"
@@ -39,9 +45,15 @@ def check_sigreg_args(x, directions, knots, t_max, reduction) -> None:
             f"x ({x.dtype}) and directions ({directions.dtype}) cannot be combined: "
             "float64 is only computed with float64"
         )
-    check_quadrature_args(knots, t_max)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def check_clip_value(clip_value) -> None:
+    if clip_value is None:
+        return
+    if isinstance(clip_value, bool) or not isinstance(clip_value, (int, float)):
+        raise TypeError(f"clip_value must be a float or None, got {type(clip_value).__name__}")
+    if math.isnan(clip_value):
+        raise ValueError("clip_value must not be NaN")
 
 
 def check_quadrature_args(knots, t_max) -> None:

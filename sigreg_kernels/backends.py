@@ -16,18 +16,6 @@ try:
 except ImportError as error:  # the compiled extension was not built
     _ops, _EXTENSION_ERROR = None, error
 
-_triton_op = None  # imported on first use: importing triton is slow, and it may be absent
-
-
-def _load_triton():
-    global _triton_op
-    if _triton_op is None:
-        from . import triton_op
-
-        _triton_op = triton_op
-    return _triton_op
-
-
 def _triton_unavailable_reason(device: torch.device):
     try:
         import triton  # noqa: F401
@@ -76,17 +64,18 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype | None =
 
 
 def reference_ecf_sums(x, directions, knots: int, t_max: float):
-    """The ECF sums in plain PyTorch, materializing ``[B, N, K, T]``."""
+    """The ECF sums in plain PyTorch, materializing ``[B, N, K, T]`` (``directions=None``: ``P = x``)."""
     acc = accumulation_dtype(x.dtype)
     t, _, _ = quadrature(knots, t_max, dtype=acc, device=x.device)
-    angles = (x @ directions).to(acc).unsqueeze(-1) * t
+    projection = x if directions is None else x @ directions
+    angles = projection.to(acc).unsqueeze(-1) * t
     return torch.stack((angles.cos().sum(dim=-3), angles.sin().sum(dim=-3)), dim=1)
 
 
 def ecf_sums(name: str, x, directions, knots: int, t_max: float):
-    """``[B, 2, K, T]`` sums of cos and sin over the samples of ``x: [B, N, D]``."""
+    """``[B, 2, K, T]`` sums of cos and sin over the samples of ``x: [B, N, D]`` (reference, cpu)."""
     if name == "reference":
         return reference_ecf_sums(x, directions, knots, t_max)
-    if name == "triton":
-        return _load_triton().ecf_sums_triton(x, directions, knots, t_max)[0]
-    return torch.ops.sigreg.ecf_sums(x, directions, knots, t_max)[0]
+    if name == "cpu":
+        return torch.ops.sigreg.ecf_sums(x, directions, knots, t_max)[0]
+    raise ValueError(f"backend {name!r} does not compute the ECF sums alone (see fused.py)")

@@ -16,11 +16,8 @@ def is_distributed() -> bool:
 class _AllReduceEcfSums(torch.autograd.Function):
     @staticmethod
     def forward(ctx, sums, samples: int):
-        # Sums and count share one buffer: a single all-reduce per call.
-        buffer = torch.cat([sums.reshape(-1), sums.new_full((1,), float(samples))])
-        dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
-        ctx.world_size = dist.get_world_size()
-        return buffer[:-1].view_as(sums), int(buffer[-1].item())
+        global_sums, global_samples, ctx.world_size = all_reduce_sums_and_count(sums, samples)
+        return global_sums, global_samples
 
     @staticmethod
     def backward(ctx, grad_sums, _grad_samples):
@@ -34,3 +31,15 @@ class _AllReduceEcfSums(torch.autograd.Function):
 def all_reduce_ecf_sums(sums: torch.Tensor, samples: int):
     """Global ECF sums and global sample count, summed over all ranks."""
     return _AllReduceEcfSums.apply(sums, samples)
+
+
+def all_reduce_sums_and_count(sums: torch.Tensor, samples: int):
+    """``(global sums, global sample count, world size)``: sums and count share one buffer,
+    a single all-reduce per call.
+
+    The caller's backward must scale each rank's gradient by the world size (see
+    ``_AllReduceEcfSums.backward``): the fused path folds that factor into ``coef``.
+    """
+    buffer = torch.cat([sums.reshape(-1), sums.new_full((1,), float(samples))])
+    dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+    return buffer[:-1].view_as(sums), int(buffer[-1].item()), dist.get_world_size()

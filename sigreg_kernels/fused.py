@@ -1,0 +1,94 @@
+"""SIGReg on the GPU backends: three kernels and the library's matrix products, with autograd.
+
+A backend (``cuda``, ``triton``) provides the kernels of ``primitives.py``; this file
+strings them together. Per call, without torch.distributed:
+
+    forward   ecf_partials -> statistic -> mean/sum           (2 device ops, 3 with a reduction)
+    backward  slice_gradient -> G @ Aᵀ -> xᵀ @ G              (3 device ops)
+
+Why this split: the sums over the samples need a grid over (slice tiles × row
+splits) and the gradient ``G`` a grid over (row tiles × slice tiles); the two
+plain products ``G·Aᵀ`` and ``xᵀ·G`` run fastest as library GEMMs (Hopper's
+tensor-core instructions, tuned tiles), at the price of one transient ``N×K``
+tensor ``G`` in the input dtype (SPEC §3). The statistic kernel folds the
+reduction's factor, ``clip_value`` and the distributed scaling into ``coef`` =
+d loss / d sums, so the backward starts from the loss's gradient as a ``[B, K]``
+view, with no elementwise op of its own.
+
+float32 at "highest" precision (no TF32, like torch.matmul): the projection is
+an SGEMM first (one more op per pass), then the kernels read it
+(``directions=None``); in the backward ``G`` overwrites that projection in place,
+so the backward still holds one ``N×K`` tensor.
+"""
+
+import importlib
+
+import torch
+
+from .distributed import all_reduce_sums_and_count, is_distributed
+
+# The module of each GPU backend that provides the kernels of primitives.py (imported on
+# first use: importing triton is slow). "primitives" runs the contract itself, on any device.
+KERNEL_MODULES = {
+    "cuda": "sigreg_kernels.cuda_ops",
+    "triton": "sigreg_kernels.triton_op",
+    "primitives": "sigreg_kernels.primitives",
+}
+
+
+def backend_kernels(name: str):
+    return importlib.import_module(KERNEL_MODULES[name])
+
+
+def projection_first(x: torch.Tensor) -> bool:
+    """float32 without TF32: the projection by SGEMM beats an FMA tile inside the kernels."""
+    return x.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+
+
+class _FusedSigreg(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, directions, backend, knots, t_max, reduction, clip_value):
+        kernels = backend_kernels(backend)
+        samples = x.shape[1]
+        if directions is not None and projection_first(x):
+            partials = kernels.ecf_partials(torch.matmul(x, directions), None, knots, t_max)
+        else:
+            partials = kernels.ecf_partials(x, directions, knots, t_max)
+        grad_factor = 1.0
+        if is_distributed():
+            # The statistic is that of the global batch (SPEC §2): one all-reduce of the sums.
+            partials, samples, grad_factor = all_reduce_sums_and_count(partials.sum(dim=1, keepdim=True), samples)
+        stat, coef = kernels.statistic(partials, samples, knots, t_max, reduction, clip_value, grad_factor)
+        ctx.save_for_backward(x, directions, coef)
+        ctx.kernels, ctx.knots, ctx.t_max, ctx.reduction = kernels, knots, t_max, reduction
+        if reduction == "mean":
+            return stat.mean()
+        if reduction == "sum":
+            return stat.sum()
+        return stat
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        x, directions, coef = ctx.saved_tensors
+        kernels, knots, t_max = ctx.kernels, ctx.knots, ctx.t_max
+        batch, slices = coef.shape[0], coef.shape[2]
+        # coef already holds the reduction's 1 / (B K): a scalar's gradient is just expanded.
+        scale = grad_loss.to(coef.dtype)
+        scale = scale.expand(batch, slices) if ctx.reduction != "none" else scale
+        if directions is None:
+            return kernels.slice_gradient(coef, scale, x, None, knots, t_max), None, None, None, None, None, None
+        if projection_first(x):
+            g = torch.matmul(x, directions)
+            kernels.slice_gradient_(g, coef, scale, knots, t_max)
+        else:
+            g = kernels.slice_gradient(coef, scale, x, directions, knots, t_max)
+        grad_x = torch.matmul(g, directions.mT) if ctx.needs_input_grad[0] else None
+        grad_directions = None
+        if ctx.needs_input_grad[1]:  # sum over the batch: one GEMM over all B·N rows, no atomics
+            grad_directions = torch.matmul(x.reshape(-1, x.shape[-1]).mT, g.reshape(-1, slices))
+        return grad_x, grad_directions, None, None, None, None, None
+
+
+def fused_sigreg(backend: str, x, directions, knots: int, t_max: float, reduction: str, clip_value):
+    """SIGReg of ``x: [B, N, D]`` with ``backend``'s kernels: a scalar, or ``[B, K]`` for "none"."""
+    return _FusedSigreg.apply(x, directions, backend, knots, t_max, reduction, clip_value)

@@ -1,0 +1,106 @@
+"""The three kernels every GPU backend provides, written in plain PyTorch: their contract.
+
+The GPU backends (``triton``, ``cuda``) compute SIGReg with three kernels, each one
+device launch, which ``fused.py`` strings together with the library's own matrix
+products (cuBLAS through ``torch.matmul``). These functions say what each kernel
+computes, and run the same orchestration on any device (the tests use them to
+check the orchestration, and as a readable statement of the contract).
+
+Shapes: ``x`` is ``[B, N, D]``; ``directions`` is ``[D, K]``, or ``None`` for the
+univariate test of ``x``'s own columns (``P = x``, ``K = D``). ``T`` = ``knots``,
+``t_j = j * t_max / (T - 1)``.
+
+1. ``ecf_partials(x, directions, knots, t_max) -> partials [B, S, 2, K, T]`` (float32):
+   the ECF sums over the rows of each of ``S`` row splits,
+   ``partials[b, s, 0, k, j] = sum_{n in split s} cos(t_j P[b, n, k])`` and ``[.., 1, ..]``
+   the same with sin, ``P = x_b @ directions`` (16-bit inputs: exact products,
+   float32 accumulation; float32 inputs: TF32 only where
+   ``torch.get_float32_matmul_precision() != "highest"``). Split ``s`` holds rows
+   ``[s * R, min((s + 1) * R, N))``; ``S`` and ``R`` are the backend's choice, a
+   function of the shapes (and the device) only, so reruns sum in the same order.
+   Knot 0 is ``sum cos(0 * p)``: ``N`` for finite ``p``, NaN where ``p`` is NaN or
+   infinite, as the reference computes it.
+
+2. ``statistic(partials, samples, knots, t_max, reduction, clip_value, grad_factor)
+   -> (stat [B, K], coef [B, 2, K, T])`` (float32): with ``sums = partials.sum(1)``
+   (a fixed order over splits), ``C = sums[:, 0] / samples``, ``S = sums[:, 1] / samples``:
+   ``stat_k = samples * sum_j w_j ((C_kj - phi_j)^2 + S_kj^2)``, set to 0 where
+   ``stat_k < clip_value`` (``clip_value`` None: no clipping). ``coef`` is the
+   derivative of the reduced loss with respect to ``sums``, times ``grad_factor``:
+   ``coef[b, 0, k, j] = f * 2 w_j (C_kj - phi_j)``, ``coef[b, 1, k, j] = f * 2 w_j S_kj``,
+   0 on clipped slices, with ``f = grad_factor / (B * K)`` for ``reduction="mean"``,
+   ``f = grad_factor`` for ``"sum"`` and ``"none"``. (The loss's gradient
+   reaches the kernels as a ``[B, K]`` scale, an expanded view for a scalar loss,
+   so the backward starts with no elementwise op of its own.)
+
+3. ``slice_gradient(coef, scale, x, directions, knots, t_max) -> G [B, N, K]`` in x's dtype:
+   ``G[b, n, k] = scale[b, k] * sum_{j>=1} t_j (coef[b, 1, k, j] cos(t_j P) - coef[b, 0, k, j] sin(t_j P))``,
+   ``P = P[b, n, k]`` as in 1 (recomputed, never stored). ``scale`` is ``[B, K]``
+   float32 with any strides (stride 0 for the gradient of a scalar loss).
+   ``slice_gradient_(projection, coef, scale, knots, t_max)`` is the same with
+   ``directions=None`` on a float32 ``projection`` that it overwrites with ``G``:
+   the float32 "highest" route, so that the backward holds one ``N x K`` tensor.
+
+The gradients are then ``grad_x = G @ directions.T`` (``G`` itself when
+``directions`` is None) and ``grad_directions = sum_b x_b^T G_b``, library GEMMs.
+"""
+
+import torch
+
+from .op_registration import accumulation_dtype
+from .quadrature import quadrature
+
+REDUCTION_FACTORS = ("mean", "sum", "none")
+
+
+def projection(x, directions):
+    """``P = x @ directions`` in the accumulation dtype (``x`` itself when ``directions`` is None).
+
+    (float64 inputs stay float64: the tests evaluate this contract in float64 as their oracle.)
+    """
+    acc = accumulation_dtype(x.dtype)
+    if directions is None:
+        return x.to(acc)
+    return x.to(acc) @ directions.to(acc)  # products of 16-bit values are exact in float32
+
+
+def ecf_partials(x, directions, knots: int, t_max: float):
+    t, _, _ = quadrature(knots, t_max, dtype=accumulation_dtype(x.dtype), device=x.device)
+    angles = projection(x, directions).unsqueeze(-1) * t  # [B, N, K, T]
+    sums = torch.stack((angles.cos().sum(dim=1), angles.sin().sum(dim=1)), dim=1)  # [B, 2, K, T]
+    return sums.unsqueeze(1)  # one split
+
+
+def loss_factor(reduction: str, batch: int, slices: int, grad_factor: float) -> float:
+    """The factor that turns d stat_k / d sums into d loss / d sums."""
+    if reduction not in REDUCTION_FACTORS:
+        raise ValueError(f"reduction must be one of {REDUCTION_FACTORS}, got {reduction!r}")
+    return grad_factor / (batch * slices) if reduction == "mean" else grad_factor
+
+
+def statistic(partials, samples: int, knots: int, t_max: float, reduction: str, clip_value, grad_factor: float):
+    _, phi, w = quadrature(knots, t_max, dtype=partials.dtype, device=partials.device)
+    sums = partials.sum(dim=1)
+    ecf_cos, ecf_sin = sums[:, 0] / samples, sums[:, 1] / samples  # [B, K, T]
+    stat = ((ecf_cos - phi).square() + ecf_sin.square()) @ w * samples  # [B, K]
+    factor = loss_factor(reduction, sums.shape[0], sums.shape[2], grad_factor)
+    coef = torch.stack((2 * w * (ecf_cos - phi), 2 * w * ecf_sin), dim=1) * factor
+    if clip_value is not None:
+        kept = stat >= clip_value
+        stat = torch.where(kept, stat, 0.0)
+        coef = coef * kept[:, None, :, None]
+    return stat, coef
+
+
+def slice_gradient(coef, scale, x, directions, knots: int, t_max: float):
+    t, _, _ = quadrature(knots, t_max, dtype=accumulation_dtype(x.dtype), device=x.device)
+    angles = projection(x, directions).unsqueeze(-1) * t  # [B, N, K, T]
+    coef, scale = coef.to(t.dtype), scale.to(t.dtype)
+    weights_cos = (t * coef[:, 1]) * scale.unsqueeze(-1)  # [B, K, T]
+    weights_sin = (t * coef[:, 0]) * scale.unsqueeze(-1)
+    g = (angles.cos() * weights_cos.unsqueeze(1) - angles.sin() * weights_sin.unsqueeze(1)).sum(dim=-1)
+    return g.to(x.dtype)
+
+
+def slice_gradient_(projection_, coef, scale, knots: int, t_max: float):
+    projection_.copy_(slice_gradient(coef, scale, projection_, None, knots, t_max))

@@ -1,0 +1,38 @@
+"""The kernels of ``sigreg_kernels.primitives`` registered as one op each, as a GPU backend's are.
+
+They stand in for the CUDA kernels (which need a GPU) when counting the device
+ops of the fused path: each is one dispatched op, as each CUDA kernel is one launch.
+"""
+
+import torch
+
+from sigreg_kernels import primitives
+
+
+@torch.library.custom_op("sigreg_contract::ecf_partials", mutates_args=())
+def _ecf_partials(x: torch.Tensor, directions: torch.Tensor | None, knots: int, t_max: float) -> torch.Tensor:
+    return primitives.ecf_partials(x, directions, knots, t_max)
+
+
+@torch.library.custom_op("sigreg_contract::statistic", mutates_args=())
+def _statistic(partials: torch.Tensor, samples: int, knots: int, t_max: float, reduction: str,
+               clip_value: float | None, grad_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return primitives.statistic(partials, samples, knots, t_max, reduction, clip_value, grad_factor)
+
+
+@torch.library.custom_op("sigreg_contract::slice_gradient", mutates_args=())
+def _slice_gradient(coef: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, directions: torch.Tensor | None,
+                    knots: int, t_max: float) -> torch.Tensor:
+    return primitives.slice_gradient(coef, scale, x, directions, knots, t_max)
+
+
+@torch.library.custom_op("sigreg_contract::slice_gradient_", mutates_args=("projection",))
+def _slice_gradient_(projection: torch.Tensor, coef: torch.Tensor, scale: torch.Tensor, knots: int,
+                     t_max: float) -> None:
+    primitives.slice_gradient_(projection, coef, scale, knots, t_max)
+
+
+ecf_partials = torch.ops.sigreg_contract.ecf_partials
+statistic = torch.ops.sigreg_contract.statistic
+slice_gradient = torch.ops.sigreg_contract.slice_gradient
+slice_gradient_ = torch.ops.sigreg_contract.slice_gradient_
