@@ -21,23 +21,32 @@ an SGEMM first (one more op per pass), then the kernels read it
 so the backward still holds one ``N×K`` tensor.
 """
 
-import importlib
-
 import torch
 
 from .distributed import all_reduce_sums_and_count, is_distributed
 
-# The module of each GPU backend that provides the kernels of primitives.py (imported on
-# first use: importing triton is slow). "primitives" runs the contract itself, on any device.
-KERNEL_MODULES = {
-    "cuda": "sigreg_kernels.cuda_ops",
-    "triton": "sigreg_kernels.triton_op",
-    "primitives": "sigreg_kernels.primitives",
-}
+# The module that provides the kernels of primitives.py, per backend name; "primitives"
+# runs the contract itself, on any device (register_kernels adds others, e.g. in tests).
+_KERNELS = {}
+
+
+def register_kernels(name: str, module) -> None:
+    _KERNELS[name] = module
 
 
 def backend_kernels(name: str):
-    return importlib.import_module(KERNEL_MODULES[name])
+    if name not in _KERNELS:  # imported on first use: importing triton is slow
+        # Import statements, not importlib: torch.compile traces them.
+        if name == "cuda":
+            from . import cuda_ops as module
+        elif name == "triton":
+            from . import triton_op as module
+        elif name == "primitives":
+            from . import primitives as module
+        else:
+            raise ValueError(f"no kernels registered for backend {name!r}")
+        _KERNELS[name] = module
+    return _KERNELS[name]
 
 
 def projection_first(x: torch.Tensor) -> bool:

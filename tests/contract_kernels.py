@@ -32,6 +32,30 @@ def _slice_gradient_(projection: torch.Tensor, coef: torch.Tensor, scale: torch.
     primitives.slice_gradient_(projection, coef, scale, knots, t_max)
 
 
+# Shapes for torch.compile (one split: the contract sums all rows at once).
+@_ecf_partials.register_fake
+def _(x, directions, knots, t_max):
+    slices = x.shape[2] if directions is None else directions.shape[1]
+    return x.new_empty((x.shape[0], 1, 2, slices, knots), dtype=torch.float32)
+
+
+@_statistic.register_fake
+def _(partials, samples, knots, t_max, reduction, clip_value, grad_factor):
+    batch, slices = partials.shape[0], partials.shape[3]
+    return partials.new_empty((batch, slices)), partials.new_empty((batch, 2, slices, knots))
+
+
+@_slice_gradient.register_fake
+def _(coef, scale, x, directions, knots, t_max):
+    slices = x.shape[2] if directions is None else directions.shape[1]
+    return x.new_empty((x.shape[0], x.shape[1], slices))
+
+
+@_slice_gradient_.register_fake
+def _(projection, coef, scale, knots, t_max):
+    return None
+
+
 ecf_partials = torch.ops.sigreg_contract.ecf_partials
 statistic = torch.ops.sigreg_contract.statistic
 slice_gradient = torch.ops.sigreg_contract.slice_gradient
