@@ -3,11 +3,15 @@
     python bench/bench_sigreg.py                      # CPU: the main size, then sweeps over K, D and N
     python bench/bench_sigreg.py --device cuda --dtype bfloat16
     python bench/bench_sigreg.py --quick              # small sizes, a few seconds
+    python bench/bench_sigreg.py --device cuda --dtype bfloat16 float32 --sizes 4096,512,1024 \
+        --providers triton cuda --no-memory           # chosen dtypes, sizes ([NAME:]N,D,K) and providers
 
 Every row is timed in the same run as the reference, its torch.compile form and
 the matrix products the op cannot avoid (the "floor"), and reported as ratios.
-Rows are appended to a CSV under bench/results/ (device, date, version);
-bench/plot_results.py draws them.
+Each size's rows are appended to a CSV (default under bench/results/: device,
+date, version) as soon as it is measured; bench/plot_results.py draws them. A
+provider that fails is reported and left out; the others are still measured, and
+the exit status is 1.
 """
 
 import argparse
@@ -105,11 +109,11 @@ def floor_ms(x, directions, device, min_run_time):
     return matmul_ms, matmul_ms + elementwise_flops / H100_FP32_FLOPS * 1e3
 
 
-def peak_extra_memory_mib(provider, samples, dim, slices, batch, dtype, device):
-    """Peak memory above the inputs during one fwd+bwd."""
+def peak_extra_memory_mib(provider, samples, dim, slices, batch, dtype, device, loss_fn=None):
+    """Peak memory above the inputs during one fwd+bwd (on the GPU, of ``loss_fn`` if given)."""
     if device == "cuda":
         x, directions = make_inputs(batch, samples, dim, slices, dtype, device)
-        loss_fn = make_provider(provider, device, dtype)
+        loss_fn = loss_fn or make_provider(provider, device, dtype)
         mode_callable(loss_fn, x, directions, "fwd+bwd")()  # warm-up, compile
         x.grad = None
         torch.cuda.synchronize()
@@ -130,11 +134,16 @@ def peak_extra_memory_mib(provider, samples, dim, slices, batch, dtype, device):
 def sizes(args):
     """(sweep name, N, D, K) rows: the main size first, then the sweeps."""
     if args.sizes:
-        triples = [tuple(map(int, s.split(","))) for s in args.sizes]
-        rows = [("main", *triples[0])]
-        for triple in triples[1:]:  # named after the one dimension that differs from the first size
-            differs = [name for name, a, b in zip("NDK", triple, triples[0]) if a != b]
-            rows.append((differs[0] if len(differs) == 1 else "custom", *triple))
+        rows = []
+        for spec in args.sizes:  # N,D,K or NAME:N,D,K
+            name, _, triple = spec.rpartition(":")
+            rows.append((name, *map(int, triple.split(","))))
+        first = rows[0][1:]
+        for i, (name, *triple) in enumerate(rows):
+            if not name:  # named after the one dimension that differs from the first size
+                differs = [dim for dim, a, b in zip("NDK", triple, first) if a != b]
+                name = "main" if i == 0 else differs[0] if len(differs) == 1 else "custom"
+            rows[i] = (name, *triple)
         return rows
     if args.quick:
         return [("main", 256, 64, 128), ("K", 256, 64, 256), ("D", 256, 128, 128)]
@@ -146,75 +155,112 @@ def sizes(args):
     return rows
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--providers", nargs="+", default=None, help="default: all available on the device")
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    parser.add_argument("--batch", type=int, default=1, help="leading batch size (views)")
-    parser.add_argument("--sizes", nargs="+", help="explicit N,D,K triples instead of the sweeps")
-    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    parser.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
-    parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per CPU timing")
-    parser.add_argument("--csv", default=None, help="default: bench/results/<device>-<date>.csv")
-    args = parser.parse_args()
-
-    dtype = getattr(torch, args.dtype)
-    providers = args.providers or provider_names(args.device)
-    date = datetime.date.today().isoformat()
-    csv_path = args.csv or os.path.join(HERE, "results", f"{args.device}-{args.dtype}-{date}.csv")
-    machine = machine_line(args.device)
-    print(f"# {machine}\n# dtype {args.dtype}, batch {args.batch}, {date}")
-    header = f"{'sweep':>5} {'N':>6} {'D':>5} {'K':>5} {'provider':>18} {'mode':>8} {'ms':>9} {'p20':>9} {'p80':>9}"
-    header += f" {'x ref':>7} {'x comp':>7} {'/floor':>7} {'peak MiB':>9} {'mem/ref':>8}"
-    print(header)
-    rows = []
-    for sweep, samples, dim, slices in sizes(args):
-        x, directions = make_inputs(args.batch, samples, dim, slices, dtype, args.device)
-        matmul_ms, floor = floor_ms(x, directions, args.device, args.min_run_time)
-        results = {}
-        for provider in providers:
-            loss_fn = make_provider(provider, args.device, dtype, replays_backward="bwd" in args.modes)
-            for mode in args.modes:
-                results[provider, mode] = time_ms(mode_callable(loss_fn, x, directions, mode), args.device,
-                                                  args.min_run_time)
-            memory = None
-            if not args.no_memory and "fwd+bwd" in args.modes:
-                memory = peak_extra_memory_mib(provider, samples, dim, slices, args.batch, dtype, args.device)
-            results[provider, "memory"] = memory
-        for provider in providers:
-            for mode in args.modes:
-                median, p20, p80 = results[provider, mode]
-                ref = results.get(("reference", mode), (None,))[0]
-                comp = results.get(("reference+compile", mode), (None,))[0]
-                memory = results[provider, "memory"] if mode == "fwd+bwd" else None
-                ref_memory = results.get(("reference", "memory"))
-                row = dict(device=args.device, machine=machine, date=date, version=sigreg_kernels.__version__,
-                           dtype=args.dtype, batch=args.batch, sweep=sweep, N=samples, D=dim, K=slices,
-                           provider=provider, mode=mode, ms=median, p20_ms=p20, p80_ms=p80,
-                           speedup_vs_reference=ref / median if ref else None,
-                           speedup_vs_compile=comp / median if comp else None,
-                           matmul_ms=matmul_ms, floor_ms=floor,
-                           ratio_to_floor=median / floor if mode == "fwd+bwd" else None,
-                           peak_extra_mib=memory,
-                           memory_vs_reference=memory / ref_memory if memory and ref_memory else None)
-                rows.append(row)
-                fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
-                print(f"{sweep:>5} {samples:>6} {dim:>5} {slices:>5} {provider:>18} {mode:>8} {median:>9.2f} "
-                      f"{p20:>9.2f} {p80:>9.2f} {fmt(row['speedup_vs_reference'], '7.1f')} "
-                      f"{fmt(row['speedup_vs_compile'], '7.2f')} {fmt(row['ratio_to_floor'], '7.2f')} "
-                      f"{fmt(memory, '9.1f')} {fmt(row['memory_vs_reference'], '8.3f')}", flush=True)
-        print(f"{'':>5} {samples:>6} {dim:>5} {slices:>5} {'floor (matmuls)':>18} {'fwd+bwd':>8} {floor:>9.2f}")
-    os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
-    new_file = not os.path.exists(csv_path)
-    with open(csv_path, "a", newline="") as f:
+def append_csv(path, rows):
+    """Append one size's rows (the file is closed, so they are on disk if the run is cut short later)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    new_file = not os.path.exists(path) or os.path.getsize(path) == 0
+    with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         if new_file:
             writer.writeheader()
         writer.writerows(rows)
-    print(f"# rows appended to {os.path.relpath(csv_path)}")
+
+
+def measure_provider(provider, x, directions, samples, dim, slices, dtype, args):
+    """{mode: (median, p20, p80)} and the peak extra memory (or None) of one provider at one size."""
+    loss_fn = make_provider(provider, args.device, dtype, replays_backward="bwd" in args.modes)
+    results = {mode: time_ms(mode_callable(loss_fn, x, directions, mode), args.device, args.min_run_time)
+               for mode in args.modes}
+    memory = None
+    if not args.no_memory and "fwd+bwd" in args.modes:
+        if not args.one_compile:
+            memory = peak_extra_memory_mib(provider, samples, dim, slices, args.batch, dtype, args.device)
+        elif args.device == "cuda":  # the graph compiled for timing, no second compile
+            memory = peak_extra_memory_mib(provider, samples, dim, slices, args.batch, dtype, args.device,
+                                           loss_fn=loss_fn)
+        elif provider != "reference+compile":  # CPU memory is measured in a fresh process, which compiles
+            memory = peak_extra_memory_mib(provider, samples, dim, slices, args.batch, dtype, args.device)
+    return results, memory
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"],
+                        help="one or more; each runs every size")
+    parser.add_argument("--providers", nargs="+", default=None, help="default: all available on the device")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--batch", type=int, default=1, help="leading batch size (views)")
+    parser.add_argument("--sizes", nargs="+", help="explicit [NAME:]N,D,K triples instead of the sweeps "
+                        "(unnamed: after the one dimension that differs from the first size)")
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
+    parser.add_argument("--one-compile", action="store_true",
+                        help="compile the reference once per size and dtype: on the GPU its peak memory is "
+                             "measured on the graph compiled for timing (without buffer donation when bwd is "
+                             "timed: an upper bound); on the CPU, where memory is measured in a fresh process, "
+                             "the compiled reference's memory is skipped")
+    parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per CPU timing")
+    parser.add_argument("--csv", default=None, help="default: bench/results/<device>-<dtypes>-<date>.csv")
+    args = parser.parse_args()
+
+    providers = args.providers or provider_names(args.device)
+    date = datetime.date.today().isoformat()
+    csv_path = args.csv or os.path.join(HERE, "results", f"{args.device}-{'+'.join(args.dtype)}-{date}.csv")
+    machine = machine_line(args.device)
+    failures = 0
+    for dtype_name in args.dtype:
+        dtype = getattr(torch, dtype_name)
+        print(f"# {machine}\n# dtype {dtype_name}, batch {args.batch}, {date}")
+        header = f"{'sweep':>5} {'N':>6} {'D':>5} {'K':>5} {'provider':>18} {'mode':>8} {'ms':>9} {'p20':>9} {'p80':>9}"
+        header += f" {'x ref':>7} {'x comp':>7} {'/floor':>7} {'peak MiB':>9} {'mem/ref':>8}"
+        print(header, flush=True)
+        for sweep, samples, dim, slices in sizes(args):
+            x, directions = make_inputs(args.batch, samples, dim, slices, dtype, args.device)
+            matmul_ms, floor = floor_ms(x, directions, args.device, args.min_run_time)
+            results = {}
+            for provider in providers:
+                try:
+                    timings, results[provider, "memory"] = measure_provider(
+                        provider, x, directions, samples, dim, slices, dtype, args)
+                except Exception as error:  # noqa: BLE001 - report it, measure the others
+                    failures += 1
+                    print(f"# {provider} failed at N={samples} D={dim} K={slices}: {type(error).__name__}: "
+                          f"{str(error).splitlines()[0] if str(error) else ''}", flush=True)
+                    continue
+                results.update({(provider, mode): value for mode, value in timings.items()})
+            rows = []
+            for provider in providers:
+                for mode in args.modes:
+                    if (provider, mode) not in results:
+                        continue
+                    median, p20, p80 = results[provider, mode]
+                    ref = results.get(("reference", mode), (None,))[0]
+                    comp = results.get(("reference+compile", mode), (None,))[0]
+                    memory = results[provider, "memory"] if mode == "fwd+bwd" else None
+                    ref_memory = results.get(("reference", "memory"))
+                    row = dict(device=args.device, machine=machine, date=date, version=sigreg_kernels.__version__,
+                               dtype=dtype_name, batch=args.batch, sweep=sweep, N=samples, D=dim, K=slices,
+                               provider=provider, mode=mode, ms=median, p20_ms=p20, p80_ms=p80,
+                               speedup_vs_reference=ref / median if ref else None,
+                               speedup_vs_compile=comp / median if comp else None,
+                               matmul_ms=matmul_ms, floor_ms=floor,
+                               ratio_to_floor=median / floor if mode == "fwd+bwd" else None,
+                               peak_extra_mib=memory,
+                               memory_vs_reference=memory / ref_memory if memory and ref_memory else None)
+                    rows.append(row)
+                    fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
+                    print(f"{sweep:>5} {samples:>6} {dim:>5} {slices:>5} {provider:>18} {mode:>8} {median:>9.2f} "
+                          f"{p20:>9.2f} {p80:>9.2f} {fmt(row['speedup_vs_reference'], '7.1f')} "
+                          f"{fmt(row['speedup_vs_compile'], '7.2f')} {fmt(row['ratio_to_floor'], '7.2f')} "
+                          f"{fmt(memory, '9.1f')} {fmt(row['memory_vs_reference'], '8.3f')}", flush=True)
+            print(f"{'':>5} {samples:>6} {dim:>5} {slices:>5} {'floor (matmuls)':>18} {'fwd+bwd':>8} {floor:>9.2f}",
+                  flush=True)
+            if rows:
+                append_csv(csv_path, rows)
+    print(f"# rows appended to {os.path.relpath(csv_path)}" + (f"; {failures} measurements failed" if failures else ""))
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -65,6 +65,11 @@ def values_and_grads(fn, x, directions, weight):
     return stat.detach(), grad_x, grad_directions
 
 
+# Bounds for 16-bit inputs (assert_matches_oracle says why they differ).
+LOW_PRECISION_VALUE_TOL = 1e-4
+LOW_PRECISION_GRAD_TOL = 2e-2
+
+
 def assert_matches_oracle(fn, x, directions, weight, *, tolerance=None, **kwargs):
     """Values and gradients of ``fn(x, directions, reduction="none", **kwargs)`` against the float64 oracle.
 
@@ -72,7 +77,11 @@ def assert_matches_oracle(fn, x, directions, weight, *, tolerance=None, **kwargs
     error, or one float32 ulp of the largest angle t * p (at |x| ~ 100 the rounding
     of t * p alone exceeds 1e-5; on a handful of elements the reference's own error
     can be luckily small, but no float32 evaluation can beat the angle's rounding).
-    16-bit inputs: within 2e-2 (the oracle sees the same rounded inputs).
+    16-bit inputs (the oracle sees the same rounded inputs): the statistics within
+    1e-4, the gradients within 2e-2. A product of two 16-bit numbers is exact in
+    float32 and every backend sums in float32, so the statistics are as accurate as
+    with float32 inputs; the gradients come back rounded to the input dtype. At large
+    N and |x| ~ 10 a dropped row tile moves the statistics by ~2e-3: 2e-2 would pass it.
     ``tolerance``: one bound for all three instead (float32 through TF32 tensor cores).
     """
     kwargs["reduction"] = "none"
@@ -86,7 +95,7 @@ def assert_matches_oracle(fn, x, directions, weight, *, tolerance=None, **kwargs
         angle_ulp = torch.finfo(torch.float32).eps * largest_angle
         tolerances = [max(1e-5, 2 * relative_error(r, t), angle_ulp) for r, t in zip(ref32, truth)]
     else:
-        tolerances = [2e-2] * 3
+        tolerances = [LOW_PRECISION_VALUE_TOL, LOW_PRECISION_GRAD_TOL, LOW_PRECISION_GRAD_TOL]
     for name, actual, expected, tol in zip(("value", "grad_x", "grad_directions"), ours, truth, tolerances):
         assert_relative_close(name, actual, expected, tol)
     assert ours[1].dtype == x.dtype and ours[2].dtype == directions.dtype, "gradients come back in the input dtype"

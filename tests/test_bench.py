@@ -25,3 +25,20 @@ def test_bench_smoke_run_writes_csv_and_plot(tmp_path):
     png = subprocess.run([sys.executable, str(ROOT / "bench" / "plot_results.py"), str(csv_path)],
                          capture_output=True, text=True, timeout=120, check=True).stdout.strip()
     assert Path(png).stat().st_size > 1000
+
+
+def test_bench_dtypes_named_sizes_and_a_failing_provider(tmp_path):
+    """Several dtypes in one run, NAME:N,D,K sizes, one CSV header however many sizes are appended, and a
+    provider that fails: reported, left out, the others measured, exit status 1."""
+    csv_path = tmp_path / "bench.csv"
+    command = [sys.executable, str(ROOT / "bench" / "bench_sigreg.py"), "--providers", "reference", "no-such",
+               "--dtype", "float32", "bfloat16", "--sizes", "mid:48,8,16", "48,8,20", "--modes", "fwd+bwd",
+               "--no-memory", "--min-run-time", "0.01", "--csv", str(csv_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stdout.count("# no-such failed at N=48") == 4
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["dtype"], r["sweep"], r["K"]) for r in rows] == [
+        ("float32", "mid", "16"), ("float32", "K", "20"), ("bfloat16", "mid", "16"), ("bfloat16", "K", "20")]
+    assert all(r["provider"] == "reference" and float(r["ms"]) > 0 and r["peak_extra_mib"] == "" for r in rows)
