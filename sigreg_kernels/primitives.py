@@ -25,7 +25,7 @@ univariate test of ``x``'s own columns (``P = x``, ``K = D``). ``T`` = ``knots``
    -> (stat [B, K], coef [B, 2, K, T])`` (float32): with ``sums = partials.sum(1)``
    (a fixed order over splits), ``C = sums[:, 0] / samples``, ``S = sums[:, 1] / samples``:
    ``stat_k = samples * sum_j w_j ((C_kj - phi_j)^2 + S_kj^2)``, set to 0 where
-   ``stat_k < clip_value`` (``clip_value`` None: no clipping). ``coef`` is the
+   ``stat_k < clip_value`` (``clip_value`` None: no clipping; a NaN statistic stays NaN). ``coef`` is the
    derivative of the reduced loss with respect to ``sums``, times ``grad_factor``:
    ``coef[b, 0, k, j] = f * 2 w_j (C_kj - phi_j)``, ``coef[b, 1, k, j] = f * 2 w_j S_kj``,
    0 on clipped slices, with ``f = grad_factor / (B * K)`` for ``reduction="mean"``,
@@ -86,7 +86,7 @@ def statistic(partials, samples: int, knots: int, t_max: float, reduction: str, 
     factor = loss_factor(reduction, sums.shape[0], sums.shape[2], grad_factor)
     coef = torch.stack((2 * w * (ecf_cos - phi), 2 * w * ecf_sin), dim=1) * factor
     if clip_value is not None:
-        kept = stat >= clip_value
+        kept = ~(stat < clip_value)  # as stats[stats < clip_value] = 0: a NaN statistic stays NaN
         stat = torch.where(kept, stat, 0.0)
         coef = coef * kept[:, None, :, None]
     return stat, coef

@@ -3,12 +3,18 @@
 code without a GPU (see ``cuda_host_emulation/cuda_host_emulation.h`` for the
 execution model and what it catches).
 
-What this covers: the kernels' indexing, masking, tiling, shared-memory phases
-and barriers, the launch plans and reduction order, the fp16/bf16 conversions,
-the WMMA operand layouts and alignment. What it does not: the hardware's own
-arithmetic (tensor-core rounding and accumulation order, the CUDA math
-library), timing, and the ATen launcher (``csrc/cuda/sigreg_cuda.cpp``), whose
-host-side steps ``emulated_launchers.cpp`` repeats.
+``EmulatedKernels`` offers the four kernels of ``sigreg_kernels/primitives.py``
+with the signatures of ``sigreg_kernels/cuda_ops.py`` (plus the emulation's
+knobs: ``tensor_cores``, ``num_sms``), their C++ plans, a launch counter, and
+``sigreg``: the whole op through ``sigreg_kernels/fused.py`` with these kernels.
+
+What this covers: the kernels' indexing, masking, tiling, shared-memory phases,
+barriers and asynchronous copies, the launch plans and reduction order, the
+fp16/bf16 conversions, the WMMA operand layouts and alignment. What it does
+not: the hardware's own arithmetic (tensor-core rounding and accumulation
+order, the CUDA math library), timing, and the ATen launcher
+(``csrc/cuda/sigreg_cuda.cpp``), whose host-side steps ``emulated_launchers.cpp``
+repeats.
 """
 
 import contextlib
@@ -20,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from sigreg_kernels.functional import statistic_from_sums
+from sigreg_kernels import fused
 
 ROOT = Path(__file__).resolve().parent.parent
 EMULATION = Path(__file__).resolve().parent / "cuda_host_emulation"
@@ -31,6 +37,10 @@ SELFTEST = EMULATION / "selftest_kernels.cu"
 LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>()]*>)?)<<<([^<>]*?)>>>\(")
 SHARED = re.compile(r"__shared__\s+__align__\((\d+)\)\s+unsigned char\s+(\w+)\[([^\]]+)\];")
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # sigreg::cuda::DType
+MODE_TENSOR_CORES, MODE_FMA, MODE_PROJECTED = 0, 1, 2  # sigreg::cuda::Mode
+REDUCTION_CODES = {"mean": 0, "sum": 1, "none": 2}  # sigreg::cuda::Reduction
+TILE_NAMES = ("small", "big")  # sigreg::cuda::Tile
+NUM_SMS = 4  # the emulation's "device": a few SMs, so small problems still span several waves
 
 
 def rewrite_for_host(source: str) -> str:
@@ -53,7 +63,7 @@ def build(build_dir: Path) -> Path:
         f"-I{EMULATION / 'include'}", f"-I{build_dir}", f"-I{KERNELS.parent}", f"-I{ROOT / 'csrc'}",
         str(EMULATION / "emulated_launchers.cpp"), str(build_dir / "selftest_kernels.host.cpp"), "-o", str(library),
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
     assert result.returncode == 0, f"building the emulated kernels failed:\n{result.stderr}"
     return library
 
@@ -63,12 +73,16 @@ GUARD_ELEMENTS, GUARD_VALUE = 4096, -1234.5
 
 class GuardedOutput:
     """An output tensor filled with NaN (an entry the kernel does not write stays NaN),
-    between guard regions that must keep their value: no write past either end."""
+    or with ``initial``, between guard regions that must keep their value: no write past either end."""
 
-    def __init__(self, shape, dtype):
+    def __init__(self, shape, dtype, initial=None):
         numel = math.prod(shape)
         self.buffer = torch.full((numel + 2 * GUARD_ELEMENTS,), GUARD_VALUE, dtype=dtype)
-        self.tensor = self.buffer[GUARD_ELEMENTS:GUARD_ELEMENTS + numel].view(shape).fill_(float("nan"))
+        self.tensor = self.buffer[GUARD_ELEMENTS:GUARD_ELEMENTS + numel].view(shape)
+        if initial is None:
+            self.tensor.fill_(float("nan"))
+        else:
+            self.tensor.copy_(initial)
 
     def checked(self, name):
         guards = torch.cat((self.buffer[:GUARD_ELEMENTS], self.buffer[GUARD_ELEMENTS + self.tensor.numel():]))
@@ -76,27 +90,42 @@ class GuardedOutput:
         return self.tensor
 
 
-class EmulatedKernels:
-    """The forward and backward launches, on contiguous CPU tensors."""
+def _ptr(t):
+    return None if t is None else t.data_ptr()
 
-    def __init__(self, library: Path):
+
+class EmulatedKernels:
+    """The kernels of ``primitives.py`` as the ``cuda`` backend runs them, on contiguous CPU tensors."""
+
+    def __init__(self, library: Path, num_sms: int = NUM_SMS):
         self.lib = ctypes.CDLL(str(library))
-        ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-        sizes = [i64] * 5 + [ctypes.c_double]
-        self.lib.sigreg_emu_ecf_sums.argtypes = [ctypes.c_int, ctypes.c_int, ptr, ptr, ptr, *sizes]
-        self.lib.sigreg_emu_ecf_sums_backward.argtypes = [ctypes.c_int, ctypes.c_int, ptr, ptr, ptr, ptr, ptr, *sizes]
-        self.lib.sigreg_emu_failure.restype = ctypes.c_char_p
-        self.lib.sigreg_emu_set_descending.argtypes = [ctypes.c_int]
-        self.lib.sigreg_emu_set_max_grid_yz.argtypes = [ctypes.c_int64]
-        self.lib.sigreg_emu_set_max_grid_yz.restype = ctypes.c_int64
+        self.num_sms = num_sms
+        ptr, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
+        lib = self.lib
+        lib.sigreg_emu_ecf_partials.argtypes = [i32, i32, ptr, ptr, ptr] + [i64] * 5 + [f64, i64]
+        lib.sigreg_emu_statistic.argtypes = [ptr, ptr, ptr] + [i64] * 5 + [f64, i32, i32, f64, f64]
+        lib.sigreg_emu_slice_gradient.argtypes = [i32, i32, ptr, ptr, i64, i64, ptr, ptr, ptr] + [i64] * 5 + [f64, i64]
+        lib.sigreg_emu_plan_ecf_partials.argtypes = [i64] * 4 + [i32, i64, ptr]
+        lib.sigreg_emu_plan_slice_gradient.argtypes = [i64] * 4 + [i32, i64, ptr]
+        lib.sigreg_emu_plan_statistic.argtypes = [i64] * 3 + [ptr]
+        lib.sigreg_emu_failure.restype = ctypes.c_char_p
+        lib.sigreg_emu_set_descending.argtypes = [i32]
+        lib.sigreg_emu_set_max_grid_x.argtypes = [i64]
+        lib.sigreg_emu_set_max_grid_x.restype = i64
+        lib.sigreg_emu_take_launches.restype = i64
+
+    # ---- the emulation's knobs ----
 
     def failure(self) -> str:
         return self.lib.sigreg_emu_failure().decode()
 
     def check(self, code: int) -> None:
         assert code != -1, "the kernels reject this problem size"
-        assert code != -2, "the kernels wrote outside a workspace"
         assert code == 0, f"launch failed with CUDA error {code}: {self.failure()}"
+
+    def take_launches(self) -> int:
+        """Kernel launches since the last call."""
+        return self.lib.sigreg_emu_take_launches()
 
     @contextlib.contextmanager
     def descending(self):
@@ -108,63 +137,129 @@ class EmulatedKernels:
             self.lib.sigreg_emu_set_descending(0)
 
     @contextlib.contextmanager
-    def max_grid_yz(self, limit: int):
-        """Grid y/z capped at ``limit`` blocks instead of the hardware's cap."""
-        previous = self.lib.sigreg_emu_set_max_grid_yz(limit)
+    def max_grid_x(self, limit: int):
+        """Grid x capped at ``limit`` blocks instead of the hardware's 2^31 - 1."""
+        previous = self.lib.sigreg_emu_set_max_grid_x(limit)
         try:
             yield
         finally:
-            self.lib.sigreg_emu_set_max_grid_yz(previous)
+            self.lib.sigreg_emu_set_max_grid_x(previous)
 
     def run(self, name: str, *args) -> int:
-        """A self-test launcher of selftest_kernels.cu: its CUDA error code."""
+        """A self-test launcher of selftest_kernels.cu on tensors: its CUDA error code."""
         function = getattr(self.lib, name)
         function.argtypes = [ctypes.c_void_p] * len(args)
         return function(*(a.data_ptr() for a in args))
 
-    def ecf_sums(self, x, directions, knots, t_max, tensor_cores):
-        batch, samples, dim = x.shape
-        slices = directions.shape[1]
-        sums = GuardedOutput((batch, 2, slices, knots), torch.float32)
-        self.check(self.lib.sigreg_emu_ecf_sums(
-            DTYPE_CODES[x.dtype], int(tensor_cores), x.data_ptr(), directions.data_ptr(), sums.tensor.data_ptr(),
-            batch, samples, dim, slices, knots, t_max))
-        return sums.checked("sums")
+    # ---- the C++ plans (csrc/cuda/sigreg_cuda_kernels.cuh) ----
 
-    def ecf_sums_backward(self, grad_sums, x, directions, knots, t_max, tensor_cores, need_grad_directions):
-        batch, samples, dim = x.shape
-        slices = directions.shape[1]
-        grad_sums = grad_sums.to(torch.float32).contiguous()
-        grad_x = GuardedOutput(x.shape, x.dtype)
-        grad_directions = GuardedOutput(directions.shape, directions.dtype) if need_grad_directions else None
-        if grad_directions is not None and batch == 0:
-            grad_directions.tensor.zero_()
-        self.check(self.lib.sigreg_emu_ecf_sums_backward(
-            DTYPE_CODES[x.dtype], int(tensor_cores), grad_sums.data_ptr(), x.data_ptr(), directions.data_ptr(),
-            grad_x.tensor.data_ptr(), None if grad_directions is None else grad_directions.tensor.data_ptr(),
-            batch, samples, dim, slices, knots, t_max))
-        return grad_x.checked("grad_x"), None if grad_directions is None else grad_directions.checked("grad_directions")
+    def _plan(self, function, count, *args):
+        out = (ctypes.c_int64 * count)()
+        function(*args, out)
+        return list(out)
 
-    def sigreg(self, x, directions, *, knots=17, t_max=3.0, reduction="none", tensor_cores=False):
-        """Per-slice statistics ``[*B, K]`` as the ``cuda`` backend computes them, differentiable."""
-        assert reduction == "none"
+    def plan_ecf_partials(self, batch, samples, slices, knots, projected, num_sms=None):
+        names = ("tile", "k_tiles", "passes", "splits", "rows_per_split", "blocks", "launches")
+        values = self._plan(self.lib.sigreg_emu_plan_ecf_partials, 7, batch, samples, slices, knots, int(projected),
+                            num_sms or self.num_sms)
+        return dict(zip(names, values))
+
+    def plan_slice_gradient(self, batch, samples, slices, knots, projected, num_sms=None):
+        names = ("tile", "n_tiles", "k_tiles", "passes", "blocks", "launches")
+        values = self._plan(self.lib.sigreg_emu_plan_slice_gradient, 6, batch, samples, slices, knots,
+                            int(projected), num_sms or self.num_sms)
+        return dict(zip(names, values))
+
+    def plan_statistic(self, batch, slices, knots):
+        names = ("slices_per_block", "blocks", "launches", "cached")
+        return dict(zip(names, self._plan(self.lib.sigreg_emu_plan_statistic, 4, batch, slices, knots)))
+
+    # ---- the kernels (signatures of sigreg_kernels/cuda_ops.py) ----
+
+    @staticmethod
+    def _mode(directions, tensor_cores):
+        return MODE_PROJECTED if directions is None else (MODE_TENSOR_CORES if tensor_cores else MODE_FMA)
+
+    def ecf_partials(self, x, directions, knots, t_max, *, tensor_cores=True, num_sms=None):
+        """``partials [B, S, 2, K, T]`` float32 of ``x [B, N, D]`` (contiguous)."""
+        batch, samples, dim = x.shape
+        slices = dim if directions is None else directions.shape[1]
+        num_sms = num_sms or self.num_sms
+        plan = self.plan_ecf_partials(batch, samples, slices, knots, directions is None, num_sms)
+        partials = GuardedOutput((batch, plan["splits"], 2, slices, knots), torch.float32)
+        self.check(self.lib.sigreg_emu_ecf_partials(
+            DTYPE_CODES[x.dtype], self._mode(directions, tensor_cores), x.data_ptr(), _ptr(directions),
+            partials.tensor.data_ptr(), batch, samples, dim, slices, knots, t_max, num_sms))
+        return partials.checked("partials")
+
+    def statistic(self, partials, samples, knots, t_max, reduction, clip_value, grad_factor):
+        """``(stat [B, K], coef [B, 2, K, T])`` float32."""
+        partials = partials.contiguous()
+        batch, splits, _, slices, _ = partials.shape
+        stat = GuardedOutput((batch, slices), torch.float32)
+        coef = GuardedOutput((batch, 2, slices, knots), torch.float32)
+        self.check(self.lib.sigreg_emu_statistic(
+            partials.data_ptr(), stat.tensor.data_ptr(), coef.tensor.data_ptr(), batch, splits, slices, knots,
+            samples, t_max, REDUCTION_CODES[reduction], clip_value is not None,
+            0.0 if clip_value is None else clip_value, grad_factor))
+        return stat.checked("stat"), coef.checked("coef")
+
+    def _gradient(self, g, coef, scale, x, directions, knots, t_max, tensor_cores, num_sms):
+        batch, samples, dim = x.shape
+        slices = dim if directions is None else directions.shape[1]
+        self.check(self.lib.sigreg_emu_slice_gradient(
+            DTYPE_CODES[x.dtype], self._mode(directions, tensor_cores), coef.contiguous().data_ptr(),
+            scale.data_ptr(), scale.stride(0), scale.stride(1), x.data_ptr(), _ptr(directions), g.data_ptr(),
+            batch, samples, dim, slices, knots, t_max, num_sms or self.num_sms))
+
+    def slice_gradient(self, coef, scale, x, directions, knots, t_max, *, tensor_cores=True, num_sms=None):
+        """``G [B, N, K]`` in x's dtype; ``scale [B, K]`` float32 with any strides."""
+        slices = x.shape[2] if directions is None else directions.shape[1]
+        g = GuardedOutput((*x.shape[:2], slices), x.dtype)
+        self._gradient(g.tensor, coef, scale, x, directions, knots, t_max, tensor_cores, num_sms)
+        return g.checked("G")
+
+    def slice_gradient_(self, projection, coef, scale, knots, t_max, *, num_sms=None):
+        """Overwrites ``projection [B, N, K]`` with ``G``."""
+        g = GuardedOutput(projection.shape, projection.dtype, initial=projection)
+        self._gradient(g.tensor, coef, scale, g.tensor, None, knots, t_max, False, num_sms)
+        projection.copy_(g.checked("projection"))
+
+    # ---- the op ----
+
+    def sigreg(self, x, directions, *, knots=17, t_max=3.0, reduction="none", tensor_cores=False, clip_value=None):
+        """SIGReg of ``x [*B, N, D]`` as the ``cuda`` backend computes it (``fused.py`` around these
+        kernels), differentiable; ``directions=None``: the columns of ``x``. ``tensor_cores``: WMMA
+        products (TF32 for float32 inputs) instead of exact FMAs, where the kernels compute the product
+        (float32 at "highest" precision takes the SGEMM route of fused.py instead)."""
         batch_shape, samples, dim = x.shape[:-2], x.shape[-2], x.shape[-1]
-        x = x.reshape(math.prod(batch_shape), samples, dim).contiguous()
-        sums = _EcfSums.apply(self, x, directions.contiguous(), knots, t_max, tensor_cores)
-        return statistic_from_sums(sums, samples, knots, t_max).reshape(*batch_shape, directions.shape[1])
+        name = f"cuda-emulated-{id(self)}-{int(tensor_cores)}"
+        fused.register_kernels(name, _FusedKernels(self, tensor_cores))
+        flat = x.reshape(math.prod(batch_shape), samples, dim).contiguous()
+        out = fused.fused_sigreg(name, flat, None if directions is None else directions.contiguous(), knots, t_max,
+                                 reduction, clip_value)
+        if reduction != "none":
+            return out
+        return out.reshape(*batch_shape, dim if directions is None else directions.shape[1])
 
 
-class _EcfSums(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, kernels, x, directions, knots, t_max, tensor_cores):
-        ctx.save_for_backward(x, directions)
-        ctx.config = (kernels, knots, t_max, tensor_cores)
-        return kernels.ecf_sums(x, directions, knots, t_max, tensor_cores)
+class _FusedKernels:
+    """The four kernels with the signatures ``fused.py`` calls, on the emulation."""
 
-    @staticmethod
-    def backward(ctx, grad_sums):
-        x, directions = ctx.saved_tensors
-        kernels, knots, t_max, tensor_cores = ctx.config
-        grad_x, grad_directions = kernels.ecf_sums_backward(grad_sums, x, directions, knots, t_max, tensor_cores,
-                                                            ctx.needs_input_grad[2])
-        return None, grad_x, grad_directions, None, None, None
+    def __init__(self, kernels: EmulatedKernels, tensor_cores: bool):
+        self.kernels, self.tensor_cores = kernels, tensor_cores
+
+    def ecf_partials(self, x, directions, knots, t_max):
+        return self.kernels.ecf_partials(x.contiguous(), None if directions is None else directions.contiguous(),
+                                         knots, t_max, tensor_cores=self.tensor_cores)
+
+    def statistic(self, partials, samples, knots, t_max, reduction, clip_value, grad_factor):
+        return self.kernels.statistic(partials, samples, knots, t_max, reduction, clip_value, grad_factor)
+
+    def slice_gradient(self, coef, scale, x, directions, knots, t_max):
+        return self.kernels.slice_gradient(coef, scale, x.contiguous(),
+                                           None if directions is None else directions.contiguous(), knots, t_max,
+                                           tensor_cores=self.tensor_cores)
+
+    def slice_gradient_(self, projection, coef, scale, knots, t_max):
+        self.kernels.slice_gradient_(projection, coef, scale, knots, t_max)

@@ -1,16 +1,19 @@
-"""The CUDA kernels against the float64 oracle, and as a registered op (GPU only).
+"""The CUDA backend on a GPU: each kernel against ``primitives.py`` in float64, the op
+(``sigreg(..., backend="cuda")``: fused.py around the kernels) against the float64
+oracle, one launch per kernel, opcheck and torch.compile.
 
 Every test skips, with the reason, where there is no GPU or the extension was
 built without its CUDA kernels. Nothing touches the device at import time.
+``test_cuda_emulated.py`` runs the kernels' device code on the CPU.
 """
 
 import pytest
 import torch
-from helpers import CUDA_KERNEL_SHAPES, assert_matches_oracle, assert_relative_close, oracle, weighted_case
+from helpers import (CUDA_KERNEL_SHAPES, LOW_PRECISION_GRAD_TOL, LOW_PRECISION_VALUE_TOL, assert_matches_oracle,
+                     assert_relative_close, oracle, random_case, weighted_case)
 from helpers import values_and_grads as with_grads
 
-from sigreg_kernels import sigreg
-from sigreg_kernels.backends import reference_ecf_sums
+from sigreg_kernels import cuda_plan, primitives, sigreg
 
 
 def cuda_unavailable_reason():
@@ -44,93 +47,106 @@ def case(batch_shape, samples, dim, slices, scale=1.0, dtype=torch.float32, seed
     return weighted_case(batch_shape, samples, dim, slices, scale=scale, dtype=dtype, device="cuda", seed=seed)
 
 
-def check_fp32(x, directions, weight, **kwargs):
-    assert_matches_oracle(cuda_sigreg, x, directions, weight, **kwargs)
+def f64(t):
+    return None if t is None else t.double()
 
+
+@pytest.fixture
+def precision():
+    """Restores torch's float32 matmul precision after the test."""
+    previous = torch.get_float32_matmul_precision()
+    yield torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision(previous)
+
+
+# ---- The op against the float64 oracle ----
 
 @pytest.mark.parametrize("batch_shape, samples, dim, slices", SHAPES)
 @pytest.mark.parametrize("scale", SCALES)
 def test_values_and_gradients_fp32(batch_shape, samples, dim, slices, scale):
-    check_fp32(*case(batch_shape, samples, dim, slices, scale=scale))
+    """float32 at "highest" precision: the SGEMM route (the kernels read the projection)."""
+    assert_matches_oracle(cuda_sigreg, *case(batch_shape, samples, dim, slices, scale=scale))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("batch_shape, samples, dim, slices", SHAPES[2:])
+@pytest.mark.parametrize("batch_shape, samples, dim, slices", SHAPES[2:] + [((2,), 4096, 512, 1024)])
 def test_low_precision_inputs(dtype, batch_shape, samples, dim, slices):
-    x, directions, weight = case(batch_shape, samples, dim, slices, dtype=dtype)
-    assert_matches_oracle(cuda_sigreg, x, directions, weight)  # 2e-2 for 16-bit inputs
-    xg, dg = x.clone().requires_grad_(), directions.clone().requires_grad_()
-    cuda_sigreg(xg, dg).backward()
-    assert xg.grad.dtype == dtype and dg.grad.dtype == dtype
-
-
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_scaled_scalar_loss(reduction):
-    """loss * 2 through a scalar reduction: an upstream gradient of exactly one is not special."""
-    x, directions, _ = case((2,), 77, 40, 90)
-    truth = [t.double() for t in _scalar_grads(lambda a, b: oracle(a, b, reduction=reduction), x, directions)]
-    ours = _scalar_grads(lambda a, b: cuda_sigreg(a, b, reduction=reduction), x, directions)
-    for name, actual, expected in zip(("value", "grad_x", "grad_directions"), ours, truth):
-        assert_relative_close(name, actual.double(), expected, 1e-5)
-
-
-def _scalar_grads(fn, x, directions):
-    x = x.detach().clone().requires_grad_()
-    directions = directions.detach().clone().requires_grad_()
-    loss = 2 * fn(x, directions)
-    loss.backward()
-    return loss.detach(), x.grad, directions.grad
-
-
-def test_gradient_of_x_only():
-    """need_grad_directions=False: grad_x alone, and directions.grad stays None."""
-    x, directions, weight = case((2,), 50, 20, 30)
-    xg = x.clone().requires_grad_()
-    (cuda_sigreg(xg, directions, reduction="none") * weight).sum().backward()
-    truth = with_grads(lambda a, b: oracle(a, b, reduction="none"), x, directions, weight)[1]
-    assert_relative_close("grad_x", xg.grad.double(), truth, 1e-5)
-
-
-@pytest.mark.parametrize("knots", [2, 5, 17, 18, 40])
-def test_ecf_sums_at_any_knot_count(knots):
-    """The raw sums, including knot 0 (= N) and knots past the first 16 (a second and third pass)."""
-    x, directions, _ = case((2,), 70, 24, 66)
-    sums, projection = torch.ops.sigreg.ecf_sums(x, directions, knots, 2.5)
-    assert projection.shape == (0,) and sums.dtype == torch.float32
-    expected = reference_ecf_sums(x.double(), directions.double(), knots, 2.5)
-    assert_relative_close("sums", sums.double(), expected, 1e-5)
-    assert torch.all(sums[:, 0, :, 0] == 70) and torch.all(sums[:, 1, :, 0] == 0)
-    check_fp32(x, directions, torch.randn(2, 66, device="cuda"), knots=knots, t_max=2.5)
-
-
-def test_many_samples_split_into_chunks():
-    """N large enough that blocks sum several tiles and grad_directions splits over 16 chunks."""
-    check_fp32(*case((), 70_000, 16, 8, scale=2.0))
+    """16-bit inputs: the kernels' tensor-core product; the headline shape among them."""
+    assert_matches_oracle(cuda_sigreg, *case(batch_shape, samples, dim, slices, dtype=dtype))
 
 
 def test_tensor_cores_off_matches(monkeypatch):
-    """SIGREG_CUDA_DISABLE_TENSOR_CORES=1: the FMA path, same accuracy for 16-bit inputs."""
-    x, directions, weight = case((2,), 100, 70, 80, dtype=torch.bfloat16)
+    """SIGREG_CUDA_DISABLE_TENSOR_CORES=1: the FMA product, same accuracy for 16-bit inputs."""
     monkeypatch.setenv("SIGREG_CUDA_DISABLE_TENSOR_CORES", "1")
-    assert_matches_oracle(cuda_sigreg, x, directions, weight)  # 2e-2 for 16-bit inputs
+    assert_matches_oracle(cuda_sigreg, *case((2,), 100, 70, 80, dtype=torch.bfloat16))
 
 
-def test_float32_matmul_precision():
-    """"highest" (the default) is exact float32; "high" lets the projections use TF32, as torch.matmul does."""
+def test_float32_matmul_precision(precision):
+    """"highest" (the default) is exact float32; "high" lets the kernels' product use TF32, as torch.matmul does."""
     x, directions, weight = case((2,), 200, 300, 70)
-    previous = torch.get_float32_matmul_precision()
-    try:
-        torch.set_float32_matmul_precision("highest")
-        exact = with_grads(lambda a, b: cuda_sigreg(a, b, reduction="none"), x, directions, weight)
-        torch.set_float32_matmul_precision("high")
-        tf32 = with_grads(lambda a, b: cuda_sigreg(a, b, reduction="none"), x, directions, weight)
-    finally:
-        torch.set_float32_matmul_precision(previous)
+    precision("highest")
+    exact = with_grads(lambda a, b: cuda_sigreg(a, b, reduction="none"), x, directions, weight)
+    precision("high")
+    tf32 = with_grads(lambda a, b: cuda_sigreg(a, b, reduction="none"), x, directions, weight)
     truth = with_grads(lambda a, b: oracle(a, b, reduction="none"), x, directions, weight)
     for name, e, t, expected in zip(("value", "grad_x", "grad_directions"), exact, tf32, truth):
         assert_relative_close(name, e, expected, 1e-5)
         assert_relative_close(name + " (tf32)", t, expected, 2e-2)
     assert not torch.equal(exact[0], tf32[0]), "precision 'high' did not change the projection"
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("clip_value", [None, 0.3])
+def test_scalar_loss_and_clipping(reduction, clip_value):
+    """loss * 2 through a scalar reduction (a scale of strides 0), with and without clipping."""
+    x, directions, _ = case((2,), 77, 40, 90)
+    x[..., :3] += 2.0  # some slices far from normal: above the clip
+
+    def grads(fn, a, b):
+        a, b = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+        loss = 2 * fn(a, b, reduction=reduction, clip_value=clip_value)
+        loss.backward()
+        return loss.detach(), a.grad, b.grad
+
+    ours = grads(cuda_sigreg, x, directions)
+    truth = grads(lambda a, b, **kw: oracle(a, b, **kw), x, directions)
+    for name, actual, expected in zip(("value", "grad_x", "grad_directions"), ours, truth):
+        assert_relative_close(name, actual.double(), expected.double(), 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_without_directions(dtype):
+    """directions=None: the univariate test of x's columns (the kernels' projected mode)."""
+    x, _ = random_case((2,), 300, 48, 1, scale=1.5, dtype=dtype, device="cuda", seed=2)
+    xg = x.clone().requires_grad_()
+    stat = cuda_sigreg(xg, None, reduction="none")
+    weight = torch.randn_like(stat.float())
+    (stat * weight).sum().backward()
+    xr = x.double().requires_grad_()
+    truth = oracle_none(xr)
+    (truth * weight.double()).sum().backward()
+    value_tol = 1e-5 if dtype == torch.float32 else LOW_PRECISION_VALUE_TOL
+    grad_tol = 1e-5 if dtype == torch.float32 else LOW_PRECISION_GRAD_TOL
+    assert_relative_close("value", stat, truth, value_tol)
+    assert_relative_close("grad_x", xg.grad, xr.grad, grad_tol)
+
+
+def oracle_none(x):
+    from sigreg_kernels import sigreg_reference
+
+    return sigreg_reference(x, None, reduction="none")
+
+
+@pytest.mark.parametrize("knots", [2, 5, 17, 18, 40])
+def test_any_knot_count(knots):
+    """16 knots per pass: one, two (18: a second pass of one knot) and three passes."""
+    x, directions, weight = case((2,), 70, 24, 66)
+    assert_matches_oracle(cuda_sigreg, x, directions, weight, knots=knots, t_max=2.5)
+
+
+def test_many_samples():
+    """N large: many row splits, summed in a fixed order by the statistic kernel."""
+    assert_matches_oracle(cuda_sigreg, *case((), 70_000, 16, 8, scale=2.0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -148,28 +164,112 @@ def test_non_finite_inputs_propagate():
     assert torch.isnan(cuda_sigreg(x, directions))
 
 
+# ---- Each kernel against its contract (primitives.py in float64) ----
+
+KERNEL_CASES = [  # (dtype, with directions, float32 precision)
+    (torch.bfloat16, True, "highest"), (torch.float16, True, "highest"), (torch.float32, True, "highest"),
+    (torch.float32, False, "highest"), (torch.bfloat16, False, "highest"), (torch.float32, True, "high"),
+]
+
+
+@pytest.mark.parametrize("dtype, with_directions, matmul", KERNEL_CASES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 130, 257, 67), (6, 41, 33, 129), (1, 4096, 512, 1024)], ids=str)
+def test_kernels_match_the_contract(shape, dtype, with_directions, matmul, precision):
+    """ecf_partials (any split), statistic and slice_gradient (scale of strides 0) and slice_gradient_."""
+    from sigreg_kernels import cuda_ops
+
+    precision(matmul)
+    batch, samples, dim, slices = shape
+    x, directions = random_case((batch,), samples, dim, slices, dtype=dtype, device="cuda", seed=1)
+    directions = directions if with_directions else None
+    slices = slices if with_directions else dim
+    partials = cuda_ops.ecf_partials(x, directions, 17, 3.0)
+    truth = primitives.ecf_partials(f64(x), f64(directions), 17, 3.0)
+    stat, coef = cuda_ops.statistic(partials, samples, 17, 3.0, "mean", None, 2.0)
+    true_stat, true_coef = primitives.statistic(truth, samples, 17, 3.0, "mean", None, 2.0)
+    scale = torch.tensor(0.7, device="cuda").expand(batch, slices)
+    g = cuda_ops.slice_gradient(true_coef.float(), scale, x, directions, 17, 3.0)
+    true_g = primitives.slice_gradient(true_coef, f64(scale), f64(x), f64(directions), 17, 3.0)
+    tf32 = dtype == torch.float32 and matmul == "high" and with_directions
+    if dtype != torch.float32:
+        stat_tol, grad_tol = LOW_PRECISION_VALUE_TOL, LOW_PRECISION_GRAD_TOL
+    else:  # float32: 1e-5, or one ulp of the largest angle
+        largest_angle = 3.0 * primitives.projection(f64(x), f64(directions)).abs().max().item()
+        stat_tol = grad_tol = 2e-2 if tf32 else max(1e-5, torch.finfo(torch.float32).eps * largest_angle)
+    assert_relative_close("stat", stat, true_stat, stat_tol)
+    assert_relative_close("coef", coef, true_coef, stat_tol)
+    assert_relative_close("G", g, true_g, grad_tol)
+    if directions is None:
+        projection = x.clone()
+        cuda_ops.slice_gradient_(projection, true_coef.float(), scale, 17, 3.0)
+        assert torch.equal(projection, g)
+
+
+def test_fake_kernels_plan_the_real_splits():
+    """The fake ecf_partials (for torch.compile) has the real partials' shape: the same plan, this GPU's SMs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    for batch, samples, dim, slices in [(1, 4096, 512, 1024), (3, 37, 19, 65), (1, 70_000, 16, 8)]:
+        x, directions = random_case((batch,), samples, dim, slices, device="cuda")
+        real = torch.ops.sigreg.ecf_partials(x, directions, 17, 3.0)
+        with FakeTensorMode() as mode:
+            fake = torch.ops.sigreg.ecf_partials(mode.from_tensor(x), mode.from_tensor(directions), 17, 3.0)
+        assert fake.shape == real.shape
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        plan = cuda_plan.plan_ecf_partials(batch, samples, dim, slices, 17, x.dtype, True, False, sms)
+        assert real.shape[1] == plan.splits
+
+
+def test_each_kernel_is_one_launch_and_nothing_else():
+    """The profiler sees exactly the kernel's launch for each op: no fill, no copy."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x, directions = random_case((2,), 3000, 64, 300, dtype=torch.bfloat16, device="cuda")
+    partials = torch.ops.sigreg.ecf_partials(x, directions, 17, 3.0)
+    _, coef = torch.ops.sigreg.statistic(partials, 3000, 17, 3.0, "mean", None, 1.0)
+    scale = torch.ones(2, 300, device="cuda")
+    calls = {
+        "ecf_partials_kernel": lambda: torch.ops.sigreg.ecf_partials(x, directions, 17, 3.0),
+        "statistic_kernel": lambda: torch.ops.sigreg.statistic(partials, 3000, 17, 3.0, "mean", None, 1.0),
+        "slice_gradient_kernel": lambda: torch.ops.sigreg.slice_gradient(coef, scale, x, directions, 17, 3.0),
+    }
+    for name, call in calls.items():
+        call()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            call()
+            torch.cuda.synchronize()
+        kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        if not kernels:
+            pytest.skip("the profiler records no CUDA kernels here (CUPTI)")
+        assert len(kernels) == 1 and name in kernels[0], (name, kernels)
+
+
 def test_float64_is_rejected_with_a_clear_message():
     x, directions, _ = case((), 10, 4, 3)
     with pytest.raises(RuntimeError, match="float64"):
-        torch.ops.sigreg.ecf_sums(x.double(), directions.double(), 17, 3.0)
+        torch.ops.sigreg.ecf_partials(x.double().reshape(1, 10, 4), directions.double(), 17, 3.0)
 
 
-@pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("contiguous", [True, False])
-def test_opcheck(requires_grad, contiguous):
+def test_opcheck(contiguous):
     x, directions, _ = case((2,), 37, 19, 65)
     if not contiguous:
         x, directions = x.transpose(1, 2).contiguous().transpose(1, 2), directions.t().contiguous().t()
-    torch.library.opcheck(
-        torch.ops.sigreg.ecf_sums.default,
-        (x.requires_grad_(requires_grad), directions.requires_grad_(requires_grad), 17, 3.0),
-    )
-    grad_sums = torch.randn(2, 2, 65, 17, device="cuda")
-    for need_grad_directions in (False, True):
-        torch.library.opcheck(
-            torch.ops.sigreg.ecf_sums_backward.default,
-            (grad_sums, x.detach(), directions.detach(), torch.empty(0, device="cuda"), 17, 3.0, need_grad_directions),
-        )
+    partials = torch.ops.sigreg.ecf_partials(x, directions, 17, 3.0)
+    _, coef = torch.ops.sigreg.statistic(partials, 37, 17, 3.0, "sum", 0.1, 1.0)
+    scale = torch.randn(65, 2, device="cuda").t()
+    samples = [
+        (torch.ops.sigreg.ecf_partials.default, (x, directions, 17, 3.0)),
+        (torch.ops.sigreg.ecf_partials.default, (x, None, 5, 2.0)),
+        (torch.ops.sigreg.statistic.default, (partials, 37, 17, 3.0, "mean", None, 2.0)),
+        (torch.ops.sigreg.statistic.default, (partials, 37, 17, 3.0, "none", 0.5, 1.0)),
+        (torch.ops.sigreg.slice_gradient.default, (coef, scale, x, directions, 17, 3.0)),
+        (torch.ops.sigreg.slice_gradient_.default,
+         ((x.contiguous() @ directions).contiguous(), coef, scale, 17, 3.0)),
+    ]
+    for op, args in samples:
+        torch.library.opcheck(op, args)
 
 
 def test_torch_compile_fullgraph():
@@ -179,3 +279,4 @@ def test_torch_compile_fullgraph():
     traced = with_grads(compiled, x, directions, weight)
     for name, actual, expected in zip(("value", "grad_x", "grad_directions"), traced, eager):
         assert_relative_close(name, actual, expected, 1e-6)
+

@@ -1,10 +1,12 @@
 """The CUDA sources build without a GPU: nvcc for sm_80 and sm_90a, warnings fatal.
 
 The device code (every ``.cu``/``.cuh`` in ``csrc/cuda``) is torch-free, so it
-compiles with the CUDA toolkit alone; the launch plans are plain host C++ and
-run here. The ATen launcher (``sigreg_cuda.cpp``) needs a CUDA build of torch;
-it is syntax-checked against the installed torch headers when they carry the
-c10/cuda headers.
+compiles with the CUDA toolkit alone, with no register spills; the registers and
+shared memory ptxas reports for sm_90a are the ones the plans count with
+(``sigreg_kernels/cuda_plan.py``; the C++ plans run in test_cuda_emulated.py).
+The ATen launcher (``sigreg_cuda.cpp``) needs a CUDA build of torch; it is
+syntax-checked against the installed torch headers when they carry the c10/cuda
+headers.
 """
 
 import os
@@ -16,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from sigreg_kernels import cuda_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
@@ -40,8 +44,8 @@ TORCH_HEADER = re.compile(r'#\s*include\s*[<"](torch|ATen|c10)/')
 LOCAL_INCLUDE = re.compile(r'#\s*include\s*"([^"]+)"')
 
 
-def run(command, cwd):
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300, check=False)
+def run(command, cwd, timeout=300):
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False)
     assert result.returncode == 0, f"{' '.join(map(str, command))} failed:\n{result.stdout}\n{result.stderr}"
     return result
 
@@ -63,77 +67,71 @@ def test_device_code_includes_no_torch_header():
         pending += [path.parent / name for name in LOCAL_INCLUDE.findall(text)]
 
 
-@needs_nvcc
-@pytest.mark.parametrize("source", [p.name for p in torch_free_sources() if p.suffix == ".cu"])
-def test_nvcc_compiles_for_sm80_and_sm90a(source, tmp_path):
-    run([NVCC, "-c", str(CUDA_DIR / source), "-o", str(tmp_path / "out.o"), "--threads", "2", *NVCC_FLAGS, *ARCHS],
-        cwd=tmp_path)
+# ptxas: report registers and shared memory, warn on spills; warnings are errors.
+PTXAS_FLAGS = ["-Xptxas", "-v,-warn-spills,-Werror"]
+INSTANCE = re.compile(r"(ecf_partials_kernel|slice_gradient_kernel)I(f|6__half|13__nv_bfloat16)"
+                      r"LNS0_4TileE(\d)ELNS0_4ModeE(\d)E")
+MANGLED_TYPES = {"f": "float", "6__half": "__half", "13__nv_bfloat16": "__nv_bfloat16"}
 
 
-PLAN_TEST = r"""
-#include "cuda/sigreg_cuda_kernels.cuh"
-#include <cstdio>
-#include <initializer_list>
-#include <cstdlib>
-using namespace sigreg::cuda;
-#define EXPECT(c) \
-  do { if (!(c)) { std::printf("%s:%d: %s failed\n", __FILE__, __LINE__, #c); std::exit(1); } } while (0)
+def ptxas_resources(report: str, arch: str) -> dict:
+    """{(kernel, ctype, tile, mode): (registers, shared bytes)} of the templated kernels in a ``-v`` report."""
+    found, current = {}, None
+    for line in report.splitlines():
+        entry = re.search(r"Compiling entry function '(\S+)' for '(\w+)'", line)
+        if entry:
+            current = entry.group(1) if entry.group(2) == arch else None
+            continue
+        used = re.search(r"Used (\d+) registers.*?(\d+) bytes smem", line)
+        if used and current:
+            match = INSTANCE.search(current)
+            if match:
+                key = (match.group(1), MANGLED_TYPES[match.group(2)], cuda_plan.TILES[int(match.group(3))],
+                       cuda_plan.MODES[int(match.group(4))])
+                found[key] = (int(used.group(1)), int(used.group(2)))
+            current = None
+    return found
 
-static void check_chunking(int64_t tiles, int64_t chunks, int64_t per_chunk) {
-  EXPECT(chunks >= 1 && per_chunk >= 1);
-  EXPECT(chunks * per_chunk >= tiles);        // every tile in a chunk
-  EXPECT((chunks - 1) * per_chunk < tiles);   // no empty chunk
-}
 
-int main() {
-  const int64_t sizes[] = {1, 2, 63, 64, 65, 127, 1000, 4096, 100003};
-  for (int64_t batch : {1, 3, 17})
-    for (int64_t n : sizes)
-      for (int64_t d : {0, 1, 255, 256, 257, 512})
-        for (int64_t k : {1, 64, 65, 1024})
-          for (int64_t knots : {2, 17, 18, 33, 100}) {
-            const Problem p{batch, n, d, k, knots, 0.1f};
-            EXPECT(unsupported_reason(p) == nullptr);
-            const int64_t n_tiles = ceil_div(n, kTile);
-            const ForwardPlan f = plan_forward(p);
-            check_chunking(n_tiles, f.chunks, f.tiles_per_chunk);
-            EXPECT(f.k_tiles * kTile >= k && (f.k_tiles - 1) * kTile < k);
-            EXPECT(f.passes * kKnotsPerPass >= knots - 1 && (f.passes - 1) * kKnotsPerPass < knots - 1);
-            EXPECT(f.chunks <= kMaxGridYZ && f.batch_per_launch * f.passes <= kMaxGridYZ);
-            const int64_t capped = plan_forward(p, 4).batch_per_launch;  // a grid cap of 4 blocks
-            EXPECT(f.batch_per_launch >= 1 && capped == (f.passes <= 2 ? 4 / f.passes : 1));
-            EXPECT(f.workspace_floats == f.chunks * batch * 2 * k * knots);
-            // the workspace does not grow with N: at most about kTargetBlocks column tiles of partials
-            EXPECT(f.chunks == 1 || f.chunks * f.k_tiles * batch * f.passes < 2 * kTargetBlocks);
-            for (bool dirs : {false, true}) {
-              const BackwardPlan b = plan_backward(p, dirs);
-              EXPECT(b.coef_floats == 2 * batch * knots * k);
-              EXPECT(b.n_tiles == n_tiles && b.d_chunks * kOutColumns >= d && b.d_chunks <= kMaxGridYZ);
-              EXPECT(b.batch_per_launch == kMaxGridYZ);
-              if (!dirs) { EXPECT(b.directions_floats == 0); continue; }
-              check_chunking(batch * n_tiles, b.chunks, b.tiles_per_chunk);
-              EXPECT(b.chunks <= kMaxGradDirChunks && b.directions_floats == b.chunks * d * k);
-            }
-          }
-  const int64_t big = int64_t{1} << 31;
-  EXPECT(unsupported_reason(Problem{1, big, 8, 8, 17, 0.1f}) != nullptr);
-  EXPECT(unsupported_reason(Problem{1, 8, 8, big, 17, 0.1f}) != nullptr);
-  // Batches past the grid's cap of 65535 take several launches.
-  EXPECT(unsupported_reason(Problem{70000, 8, 8, 8, 17, 0.1f}) == nullptr);
-  EXPECT(plan_forward(Problem{40000, 8, 8, 8, 33, 0.1f}).batch_per_launch == 32767);  // 2 passes per index
-  std::printf("ok\n");
-  return 0;
-}
-"""
+@pytest.fixture(scope="module")
+def ptxas_reports(tmp_path_factory):
+    """Each .cu compiled for sm_80 and sm_90a, warnings fatal (spills too): {source name: ptxas report}."""
+    tmp = tmp_path_factory.mktemp("nvcc")
+    reports = {}
+    for source in (p for p in torch_free_sources() if p.suffix == ".cu"):
+        result = run([NVCC, "-c", str(source), "-o", str(tmp / f"{source.stem}.o"), "--threads", "2", *NVCC_FLAGS,
+                      *ARCHS, *PTXAS_FLAGS], cwd=tmp, timeout=900)
+        reports[source.name] = result.stdout + result.stderr
+    return reports
 
 
 @needs_nvcc
-def test_launch_plans_cover_every_tile(tmp_path):
-    source = tmp_path / "plan_test.cpp"
-    source.write_text(PLAN_TEST)
-    run([NVCC, str(source), "-o", str(tmp_path / "plan_test"), "-std=c++17", f"-I{CSRC}",
-         "-Xcompiler", "-Wall,-Wextra,-Werror"], cwd=tmp_path)
-    assert run([str(tmp_path / "plan_test")], cwd=tmp_path).stdout.strip() == "ok"
+def test_nvcc_compiles_for_sm80_and_sm90a_without_spills(ptxas_reports):
+    assert "sigreg_cuda_kernels.cu" in ptxas_reports
+    for name, report in ptxas_reports.items():
+        spills = [line for line in report.splitlines() if re.search(r"[1-9]\d* bytes spill", line)]
+        assert not spills, f"{name}: {spills}"
+
+
+@needs_nvcc
+def test_plans_know_the_compiled_resources(ptxas_reports):
+    """cuda_plan.RESOURCES and the blocks-per-SM tables (Python and C++) are the compiler's (sm_90a)."""
+    found = ptxas_resources(ptxas_reports["sigreg_cuda_kernels.cu"], "sm_90a")
+    assert set(found) == set(cuda_plan.RESOURCES), "an instance is missing from cuda_plan.RESOURCES, or left over"
+    changed = {k: (v, cuda_plan.RESOURCES[k]) for k, v in found.items() if v != cuda_plan.RESOURCES[k]}
+    assert not changed, f"update cuda_plan.RESOURCES, (compiled, listed): {changed}"
+    header = (CUDA_DIR / "sigreg_cuda_kernels.cuh").read_text()
+    for kernel, table, name in (("ecf_partials_kernel", cuda_plan.PARTIALS_BLOCKS_PER_SM, "kPartialsBlocksPerSm"),
+                                ("slice_gradient_kernel", cuda_plan.GRADIENT_BLOCKS_PER_SM, "kGradientBlocksPerSm")):
+        for projected in (False, True):
+            modes = ("projected",) if projected else ("tensor_cores", "fma")
+            for tile in cuda_plan.TILES:
+                per_sm = {cuda_plan.blocks_per_sm(*found[kernel, ctype, tile, mode])
+                          for ctype in cuda_plan.CTYPES.values() for mode in modes}
+                assert per_sm == {table[projected][tile]}, (kernel, projected, tile, per_sm)
+        rows = ["{" + ", ".join(str(table[projected][tile]) for tile in cuda_plan.TILES) + "}"
+                for projected in (False, True)]
+        assert f"{name}[2][2] = {{{', '.join(rows)}}};" in header, f"{name}: the C++ header differs from cuda_plan"
 
 
 TORCH_INCLUDE = Path(torch.__file__).parent / "include"

@@ -1,20 +1,26 @@
-"""The CUDA kernels' device code, run on the CPU by the host emulation, against the float64 oracle.
+"""The CUDA kernels' device code, run on the CPU by the host emulation, against the contract.
 
 No GPU is needed: the source of ``csrc/cuda/sigreg_cuda_kernels.cu`` is built
 with g++ against ``tests/cuda_host_emulation`` (see ``emulated_cuda.py`` for
-what this covers and what it does not). ``test_cuda.py`` runs the same kinds of
-checks through the real extension on a GPU.
+what this covers and what it does not). Each kernel is checked against its
+function in ``sigreg_kernels/primitives.py`` evaluated in float64 on the same
+(rounded) inputs; the whole op (``fused.py`` around the kernels) against the
+float64 oracle. ``test_cuda.py`` runs the same kinds of checks on a GPU.
 """
 
+import itertools
+import math
 import shutil
 from functools import partial
 
 import pytest
 import torch
 from emulated_cuda import EmulatedKernels, build
-from helpers import CUDA_KERNEL_SHAPES, assert_matches_oracle, assert_relative_close, weighted_case
+from helpers import (CUDA_KERNEL_SHAPES, LOW_PRECISION_GRAD_TOL, LOW_PRECISION_VALUE_TOL, assert_matches_oracle,
+                     assert_relative_close, random_case, relative_error, weighted_case)
 
-from sigreg_kernels.backends import reference_ecf_sums
+from sigreg_kernels import cuda_plan, primitives, sigreg_reference
+from sigreg_kernels.quadrature import quadrature
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is needed to build the emulated kernels")
 
@@ -24,117 +30,306 @@ def kernels(tmp_path_factory):
     return EmulatedKernels(build(tmp_path_factory.mktemp("cuda_host_emulation")))
 
 
-SHAPES = CUDA_KERNEL_SHAPES
+def f64(t):
+    return None if t is None else t.double()
 
 
-def case(batch_shape, samples, dim, slices, scale=1.0, dtype=torch.float32, seed=0):
-    return weighted_case(batch_shape, samples, dim, slices, scale=scale, dtype=dtype, seed=seed)
+def flat_case(batch_shape, samples, dim, slices, dtype=torch.float32, scale=1.0, seed=0):
+    x, directions = random_case(batch_shape, samples, dim, slices, scale=scale, dtype=dtype, seed=seed)
+    return x.reshape(math.prod(batch_shape), samples, dim).contiguous(), directions
 
 
-@pytest.mark.parametrize("scale", [1e-3, 1.0, 100.0])
+# (name, dtype, tensor_cores, with directions): the kernels' modes as the launcher picks them.
+CONFIGS = {
+    "fp32-fma": (torch.float32, False, True),        # exact products ("highest", called directly)
+    "fp32-projected": (torch.float32, False, False),  # the SGEMM route: the kernels read P
+    "tf32": (torch.float32, True, True),
+    "bf16-wmma": (torch.bfloat16, True, True),
+    "fp16-wmma": (torch.float16, True, True),
+    "bf16-fma": (torch.bfloat16, False, True),        # SIGREG_CUDA_DISABLE_TENSOR_CORES=1
+    "bf16-projected": (torch.bfloat16, False, False),  # directions=None on 16-bit x
+}
+# Not a multiple of any tile (32/64 rows and slices, 64-byte stages), the 1s, rows of
+# whole 16-byte vectors (cp.async) and not, and enough blocks for the 64x64 tile.
+SHAPES = [(math.prod(b), n, d, k) for b, n, d, k in CUDA_KERNEL_SHAPES] + [(2, 100, 64, 72), (2, 300, 48, 136)]
+
+
+def tolerances(x, directions, tensor_cores, knots, t_max, fp32_error):
+    """(statistic, gradient) bounds: 1e-5 for float32 inputs, tests/helpers.py's for 16-bit ones,
+    or where larger twice the error of the contract itself run in float32, or one float32 ulp of
+    the largest angle t * p (|x| ~ 100); TF32 products: 2e-2."""
+    if tensor_cores and directions is not None and x.dtype == torch.float32:
+        return 2e-2, 2e-2
+    floors = (1e-5, 1e-5) if x.dtype == torch.float32 else (LOW_PRECISION_VALUE_TOL, LOW_PRECISION_GRAD_TOL)
+    p = primitives.projection(f64(x), f64(directions))
+    angle_ulp = torch.finfo(torch.float32).eps * t_max * p.abs().max().item()
+    return tuple(max(floor, 2 * e, angle_ulp) for floor, e in zip(floors, fp32_error()))
+
+
+def contract_statistic(partials, samples, knots, t_max, reduction, clip_value, grad_factor):
+    """primitives.statistic, but a NaN statistic is not clipped (NaN < clip is false), as in the
+    reference (sigreg_reference: torch.where(stat < clip_value, 0, stat)) and the SPEC."""
+    stat, coef = primitives.statistic(partials, samples, knots, t_max, reduction, None, grad_factor)
+    if clip_value is None:
+        return stat, coef
+    clipped = stat < clip_value
+    return torch.where(clipped, 0.0, stat), coef * (~clipped)[:, None, :, None]
+
+
+def check_kernels(kernels, x, directions, *, tensor_cores, knots=17, t_max=3.0, reduction="mean", clip_value=None,
+                  grad_factor=2.0, scale=None):
+    """ecf_partials, statistic and slice_gradient against primitives.py in float64."""
+    batch, samples, _ = x.shape
+    slices = x.shape[2] if directions is None else directions.shape[1]
+    partials = kernels.ecf_partials(x, directions, knots, t_max, tensor_cores=tensor_cores)
+    plan = kernels.plan_ecf_partials(batch, samples, slices, knots, directions is None)
+    assert partials.shape == (batch, plan["splits"], 2, slices, knots) and partials.dtype == torch.float32
+    truth = primitives.ecf_partials(f64(x), f64(directions), knots, t_max)
+    stat, coef = kernels.statistic(partials, samples, knots, t_max, reduction, clip_value, grad_factor)
+    true_stat, true_coef = contract_statistic(truth, samples, knots, t_max, reduction, clip_value, grad_factor)
+    if scale is None:
+        scale = torch.randn(batch, slices, generator=torch.Generator().manual_seed(5))
+    g = kernels.slice_gradient(true_coef.float(), scale, x, directions, knots, t_max, tensor_cores=tensor_cores)
+    true_g = primitives.slice_gradient(true_coef, f64(scale), f64(x), f64(directions), knots, t_max)
+    assert g.dtype == x.dtype and g.shape == true_g.shape
+
+    def fp32_error():  # the contract itself run in float32: what float32 can do here
+        p32 = primitives.ecf_partials(x, directions, knots, t_max)
+        s32, c32 = primitives.statistic(p32, samples, knots, t_max, reduction, clip_value, grad_factor)
+        g32 = primitives.slice_gradient(true_coef.float(), scale, x, directions, knots, t_max)
+        return max(relative_error(s32, true_stat), relative_error(c32, true_coef)), relative_error(g32, true_g)
+
+    stat_tol, grad_tol = tolerances(x, directions, tensor_cores, knots, t_max, fp32_error)
+    assert_relative_close("stat", stat, true_stat, stat_tol)
+    assert_relative_close("coef", coef, true_coef, stat_tol)
+    assert_relative_close("G", g, true_g, grad_tol)
+    return partials, stat, coef, g
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_fp32_exact_path_matches_oracle(kernels, shape, scale):
-    x, directions, weight = case(*shape, scale=scale)
-    assert_matches_oracle(kernels.sigreg, x, directions, weight)
+def test_kernels_match_the_contract(kernels, shape, config):
+    dtype, tensor_cores, with_directions = CONFIGS[config]
+    x, directions = flat_case((shape[0],), *shape[1:], dtype=dtype, seed=shape[1])
+    if not with_directions:  # the univariate test of x's columns: K = D
+        directions = None
+    check_kernels(kernels, x, directions, tensor_cores=tensor_cores)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_tensor_core_path_matches_oracle(kernels, shape, dtype):
-    x, directions, weight = case(*shape, dtype=dtype, seed=1)
-    assert_matches_oracle(partial(kernels.sigreg, tensor_cores=True), x, directions, weight, tolerance=2e-2)
+@pytest.mark.parametrize("knots", [2, 5, 17, 18, 40])
+@pytest.mark.parametrize("config", ["fp32-fma", "bf16-wmma", "fp32-projected"])
+def test_knot_counts(kernels, config, knots):
+    """16 knots per pass: one pass (2, 5, 17), a second of one knot (18), three (40)."""
+    dtype, tensor_cores, with_directions = CONFIGS[config]
+    x, directions = flat_case((2,), 70, 40, 40, dtype=dtype, seed=3)
+    check_kernels(kernels, x, directions if with_directions else None, tensor_cores=tensor_cores, knots=knots,
+                  t_max=4.0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_16bit_fma_path_matches_oracle(kernels, dtype):
-    x, directions, weight = case((2,), 70, 40, 70, dtype=dtype, seed=2)
-    assert_matches_oracle(partial(kernels.sigreg, tensor_cores=False), x, directions, weight)
+@pytest.mark.parametrize("config", ["fp32-fma", "bf16-wmma", "fp32-projected"])
+def test_large_magnitudes(kernels, config):
+    """|x| up to 100, and |t p| beyond 8192, where sin/cos take the library's slow path."""
+    dtype, tensor_cores, with_directions = CONFIGS[config]
+    for scale, seed in ((30.0, 4), (3e4, 5)):
+        x, directions = flat_case((2,), 65, 24, 33, dtype=dtype, scale=scale, seed=seed)
+        assert x.abs().max() > 90
+        check_kernels(kernels, x, directions if with_directions else None, tensor_cores=tensor_cores)
 
 
-@pytest.mark.parametrize("knots", [2, 3, 16, 17, 18, 33, 40])
-def test_knot_counts_across_passes(kernels, knots):
-    """The forward keeps 16 knots per pass in registers: 1, 2 and 3 passes, partial last pass."""
-    x, directions, weight = case((2,), 70, 40, 70, seed=3)
-    assert_matches_oracle(kernels.sigreg, x, directions, weight, knots=knots, t_max=4.0)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("clip_value", [None, 0.5])
+def test_statistic_reductions_and_clipping(kernels, reduction, clip_value):
+    """Partials of several splits, slices on both sides of the clip, a NaN slice."""
+    generator = torch.Generator().manual_seed(6)
+    samples, knots, slices = 50, 17, 70
+    partials = torch.rand(3, 4, 2, slices, knots, generator=generator, dtype=torch.float64) * (samples / 4)
+    _, phi, _ = quadrature(knots, 3.0, dtype=torch.float64)
+    partials[:, :, 0, ::2] = phi * samples / 4 + partials[:, :, 0, ::2] / 1000  # nearly normal: below the clip
+    partials[:, :, 1, ::2] /= 1000
+    partials[1, 2, 0, 5, 3] = float("nan")
+    stat, coef = kernels.statistic(partials.float(), samples, knots, 3.0, reduction, clip_value, 0.5)
+    true_stat, true_coef = contract_statistic(f64(partials.float()), samples, knots, 3.0, reduction, clip_value, 0.5)
+    assert torch.equal(stat.isnan(), true_stat.isnan()) and torch.equal(coef.isnan(), true_coef.isnan())
+    if clip_value is not None:
+        assert 0 < (true_stat == 0).sum() < true_stat.numel() - 1, "some slices clipped, some kept"
+        assert stat[1, 5].isnan() and coef[1, :, 5].isnan().any(), "a NaN statistic is not clipped"
+    finite = true_stat.isfinite()
+    assert_relative_close("stat", stat[finite], true_stat[finite], 1e-6)
+    assert_relative_close("coef", coef.nan_to_num(), true_coef.nan_to_num(), 1e-6)
 
 
-def test_sine_cosine_fallback_for_large_arguments(kernels):
-    """|t p| above 8192 takes the accurate library path instead of the polynomial."""
-    x, directions, weight = case((), 65, 9, 33, scale=1e5, seed=4)
-    assert (x @ directions).abs().max() * 3.0 > 8192 * 4
-    assert_matches_oracle(kernels.sigreg, x, directions, weight)
+def test_statistic_without_the_shared_memory_cache(kernels):
+    """More knots than a block's cache holds: the sums are read again instead."""
+    knots = 1100
+    assert not kernels.plan_statistic(2, 3, knots)["cached"]
+    partials = torch.rand(2, 3, 2, 3, knots, generator=torch.Generator().manual_seed(7)) * 10
+    stat, coef = kernels.statistic(partials, 20, knots, 3.0, "sum", None, 1.0)
+    true_stat, true_coef = primitives.statistic(f64(partials), 20, knots, 3.0, "sum", None, 1.0)
+    assert_relative_close("stat", stat, true_stat, 1e-6)
+    assert_relative_close("coef", coef, true_coef, 1e-6)
 
 
-def test_forward_chunks_of_several_row_tiles(kernels):
-    """Enough slices and rows that each forward block sums several 64-row tiles."""
-    x, directions, weight = case((3,), 1500, 20, 1025, seed=5)
-    sums = kernels.ecf_sums(x, directions, 17, 3.0, tensor_cores=False)
-    assert_relative_close("sums", sums, reference_ecf_sums(x.double(), directions.double(), 17, 3.0), 1e-6)
-
-
-def test_backward_feature_chunks_and_chunks_across_batch(kernels):
-    """D > 256 (two grad_x feature chunks) and grad_directions chunks that span two batch indices."""
-    x, directions, weight = case((3,), 400, 300, 65, seed=6)
-    assert_matches_oracle(kernels.sigreg, x, directions, weight)
-
-
-def test_many_samples_split_into_chunks(kernels):
-    """N = 70,000: forward blocks sum two 64-row tiles each; grad_directions sums 69 per chunk, 16 chunks."""
-    assert_matches_oracle(kernels.sigreg, *case((), 70_000, 16, 8, scale=2.0, seed=13))
-
-
-@pytest.mark.parametrize("dtype,tensor_cores", [(torch.float32, False), (torch.bfloat16, True)], ids=str)
-def test_results_do_not_depend_on_thread_order(kernels, dtype, tensor_cores):
-    """A missing barrier or a cross-block race changes results when threads and blocks run in reverse."""
-    x, directions, _ = case((2,), 200, 300, 130, dtype=dtype, seed=7)
-    grad_sums = torch.randn(2, 2, 130, 17, generator=torch.Generator().manual_seed(8))
-
-    def run():
-        sums = kernels.ecf_sums(x, directions, 17, 3.0, tensor_cores)
-        return (sums, *kernels.ecf_sums_backward(grad_sums, x, directions, 17, 3.0, tensor_cores, True))
-
-    ascending = run()
-    with kernels.descending():
-        descending = run()
-    for name, a, d in zip(("sums", "grad_x", "grad_directions"), ascending, descending):
-        assert torch.equal(a, d), f"{name} depends on the order threads run in"
-        assert torch.isfinite(a).all(), f"{name} has NaN: a read of unwritten (poisoned) memory"
-
-
-def test_batch_beyond_the_grid_cap_takes_several_launches(kernels):
-    """Grid z carries batch x knot passes (forward) and the batch (grad_x); past the cap,
-    the launches split the batch. Lowered to 4: 5 batch indices with 3 passes take 5
-    forward launches and 2 grad_x launches, and give the single-launch results."""
-    x, directions, _ = case((5,), 70, 12, 65, seed=11)
-    grad_sums = torch.randn(5, 2, 65, 40, generator=torch.Generator().manual_seed(12))
-
-    def run():
-        sums = kernels.ecf_sums(x, directions, 40, 3.0, tensor_cores=False)
-        return (sums, *kernels.ecf_sums_backward(grad_sums, x, directions, 40, 3.0, False, True))
-
-    single = run()
-    with kernels.max_grid_yz(4):
-        split = run()
-    for name, a, b in zip(("sums", "grad_x", "grad_directions"), single, split):
-        assert torch.equal(a, b), name
-
-
-def test_nan_input_reaches_only_its_batch_index(kernels):
-    x, directions, _ = case((2,), 70, 12, 65, seed=9)
-    x[0, 5, 3] = float("nan")
-    sums = kernels.ecf_sums(x, directions, 17, 3.0, tensor_cores=False)
-    expected = reference_ecf_sums(x.double(), directions.double(), 17, 3.0)
-    assert torch.equal(sums.isnan(), expected.isnan())
-    assert sums[1].isfinite().all()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gradient_scale_strides_and_in_place(kernels, dtype):
+    """A scalar loss's expanded scale (strides 0), a transposed one; slice_gradient_ overwrites P."""
+    x, directions = flat_case((2,), 90, 24, 40, dtype=dtype, seed=8)
+    coef = torch.randn(2, 2, 40, 17, generator=torch.Generator().manual_seed(9)) / 100
+    for scale in (torch.tensor(1.5).expand(2, 40), torch.randn(40, 2).t()):
+        check_kernels(kernels, x, directions, tensor_cores=True, scale=scale)
+        projection = (x.float() @ directions.float()).to(dtype)
+        expected = kernels.slice_gradient(coef, scale, projection, None, 17, 3.0)
+        kernels.slice_gradient_(projection, coef, scale, 17, 3.0)
+        assert torch.equal(projection, expected)
 
 
 def test_empty_feature_dimension(kernels):
-    """D = 0: every projection is 0, so cos sums are N and the gradients are empty."""
-    x, directions, weight = case((2,), 10, 0, 5, seed=10)
-    assert_matches_oracle(kernels.sigreg, x, directions, weight)
+    """D = 0: every projection is 0 (cos sums are the row counts), a product of no stages."""
+    x, directions = flat_case((2,), 10, 0, 5, seed=10)
+    check_kernels(kernels, x, directions, tensor_cores=False)
+    check_kernels(kernels, x.bfloat16(), directions.bfloat16(), tensor_cores=True)
 
 
-# The emulation itself: each bug it is meant to catch, caught.
+def test_nan_input_reaches_only_its_batch_index(kernels):
+    x, directions = flat_case((2,), 70, 12, 65, seed=11)
+    x[0, 5, 3] = float("nan")
+    partials = kernels.ecf_partials(x, directions, 17, 3.0, tensor_cores=False)
+    truth = primitives.ecf_partials(f64(x), f64(directions), 17, 3.0)
+    assert torch.equal(partials.sum(1).isnan(), truth.sum(1).isnan())
+    assert partials[0, :, 0, :, 0].isnan().any() and partials[1].isfinite().all()
+
+
+# ---- The whole op: fused.py around the emulated kernels, against the float64 oracle ----
+
+@pytest.mark.parametrize("dtype,tensor_cores", [(torch.float32, False), (torch.bfloat16, True),
+                                                (torch.float16, False)], ids=str)
+@pytest.mark.parametrize("shape", [((2, 3), 41, 33, 129), ((), 130, 64, 67)], ids=str)
+def test_op_matches_oracle(kernels, shape, dtype, tensor_cores):
+    """Values and both gradients, batch dims, through fused.py (float32: its SGEMM route)."""
+    x, directions, weight = weighted_case(*shape, dtype=dtype, seed=12)
+    assert_matches_oracle(partial(kernels.sigreg, tensor_cores=tensor_cores), x, directions, weight)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_op_without_directions_and_clipped(kernels, reduction):
+    """directions=None (the columns of x), clip_value, a scalar loss times 2."""
+    x = torch.randn(2, 60, 20, generator=torch.Generator().manual_seed(13), dtype=torch.float64) * 1.5
+    x[:, :, :4] += 3.0  # far from normal: slices above the clip
+
+    def loss_and_grad(fn, xx):
+        xx = xx.detach().clone().requires_grad_()
+        loss = 2 * fn(xx, None, reduction=reduction, clip_value=0.3)
+        (grad,) = torch.autograd.grad(loss, xx)
+        return loss.detach(), grad
+
+    ours = loss_and_grad(kernels.sigreg, x.float())
+    truth = loss_and_grad(sigreg_reference, x.float().double())
+    assert_relative_close("loss", ours[0], truth[0], 1e-5)
+    assert_relative_close("grad_x", ours[1], truth[1], 1e-5)
+
+
+# ---- Launches, thread order, the grid cap ----
+
+def run_all(kernels, x, directions, tensor_cores, knots=17):
+    """Each kernel once: its outputs and its launch count."""
+    batch, samples, _ = x.shape
+    slices = x.shape[2] if directions is None else directions.shape[1]
+    outputs, launches = [], []
+    kernels.take_launches()
+    partials = kernels.ecf_partials(x, directions, knots, 3.0, tensor_cores=tensor_cores)
+    launches.append(kernels.take_launches())
+    stat, coef = kernels.statistic(partials, samples, knots, 3.0, "none", None, 1.0)
+    launches.append(kernels.take_launches())
+    scale = torch.linspace(-1, 1, batch * slices).reshape(batch, slices)
+    g = kernels.slice_gradient(coef, scale, x, directions, knots, 3.0, tensor_cores=tensor_cores)
+    launches.append(kernels.take_launches())
+    outputs += [partials, stat, coef, g]
+    if directions is None:
+        projection = x.clone()
+        kernels.slice_gradient_(projection, coef, scale, knots, 3.0)
+        launches.append(kernels.take_launches())
+        outputs.append(projection)
+    return outputs, launches
+
+
+THREAD_ORDER_CASES = [("bf16-wmma", (2, 150, 70, 130)), ("bf16-wmma", (2, 300, 48, 136)),
+                      ("fp32-fma", (2, 100, 40, 70)), ("fp32-projected", (2, 200, 72, 72)),
+                      ("fp16-wmma", (1, 64, 64, 64))]
+
+
+@pytest.mark.parametrize("config,shape", THREAD_ORDER_CASES, ids=str)
+def test_one_launch_each_and_no_thread_order_dependence(kernels, config, shape):
+    """A missing barrier, an unwaited copy or a cross-block race changes results when threads
+    and blocks run in reverse; poisoned shared memory shows as NaN."""
+    dtype, tensor_cores, with_directions = CONFIGS[config]
+    x, directions = flat_case((shape[0],), *shape[1:], dtype=dtype, seed=14)
+    directions = directions if with_directions else None
+    ascending, launches = run_all(kernels, x, directions, tensor_cores)
+    assert launches == [1] * len(launches), "one launch per kernel"
+    with kernels.descending():
+        descending, _ = run_all(kernels, x, directions, tensor_cores)
+    for name, a, d in zip(("partials", "stat", "coef", "G", "G in place"), ascending, descending):
+        assert torch.equal(a, d), f"{name} depends on the order threads run in"
+        assert a.isfinite().all(), f"{name} has NaN: a read of unwritten (poisoned) memory"
+
+
+def test_grids_beyond_the_cap_take_several_launches(kernels):
+    """Past the grid's x cap (lowered to 7 blocks) each kernel launches several times, same results."""
+    x, directions = flat_case((3,), 70, 12, 65, seed=15)
+    single, _ = run_all(kernels, x, directions, False, knots=40)
+    with kernels.max_grid_x(7):
+        split, launches = run_all(kernels, x, directions, False, knots=40)
+        plans = [kernels.plan_ecf_partials(3, 70, 65, 40, False), kernels.plan_statistic(3, 65, 40),
+                 kernels.plan_slice_gradient(3, 70, 65, 40, False)]
+    assert launches == [p["launches"] for p in plans] and min(launches) > 1
+    for name, a, b in zip(("partials", "stat", "coef", "G"), single, split):
+        assert torch.equal(a, b), name
+
+
+# ---- The plans: C++ (the launchers') against cuda_plan.py (the fake kernels' and the cost model's) ----
+
+BENCHMARK_GRID = list(itertools.product([1, 8], [1024, 4096, 16384], [64, 512, 2048], [256, 1024, 4096]))
+AWKWARD = [(1, 1, 1, 1), (3, 37, 19, 65), (6, 41, 33, 129), (1, 70_000, 16, 8), (2, 130, 257, 67), (0, 5, 3, 4)]
+
+
+def test_cpp_and_python_plans_agree(kernels):
+    for (batch, n, d, k), projected, num_sms, knots in itertools.product(
+            BENCHMARK_GRID + AWKWARD, (False, True), (132, 114, 4), (17, 2, 40)):
+        slices = k  # projected: the columns of the given projection (d is ignored)
+        cpp = kernels.plan_ecf_partials(batch, n, slices, knots, projected, num_sms)
+        py = cuda_plan.plan_ecf_partials(batch, n, d, k, knots, torch.bfloat16, True, projected, num_sms)
+        assert (py.tile["BLOCK_N"], py.splits, py.rows_per_split, py.blocks, py.launches) == (
+            cuda_plan.TILE_SHAPES[cuda_plan.TILES[cpp["tile"]]][0], cpp["splits"], cpp["rows_per_split"],
+            cpp["blocks"], cpp["launches"]), (batch, n, d, k, projected, num_sms, knots)
+        cpp = kernels.plan_slice_gradient(batch, n, slices, knots, projected, num_sms)
+        py = cuda_plan.plan_slice_gradient(batch, n, d, k, knots, torch.float32, False, projected, num_sms)
+        assert (py.tile["BLOCK_N"], py.blocks, py.launches) == (
+            cuda_plan.TILE_SHAPES[cuda_plan.TILES[cpp["tile"]]][0], cpp["blocks"], cpp["launches"])
+        cpp = kernels.plan_statistic(batch, slices, knots)
+        py = cuda_plan.plan_statistic(batch, 1, slices, knots, num_sms)
+        assert (py.tile["slices_per_block"], py.blocks, py.tile["cached"]) == (
+            cpp["slices_per_block"], cpp["blocks"], bool(cpp["cached"]))
+
+
+def test_plans_cover_every_row_and_fill_the_machine():
+    """Splits partition the rows; at every benchmark shape with N K >= 2^20 both big kernels
+    launch at least 2 full waves on 132 SMs at the compiled blocks per SM (the design's criterion)."""
+    for (batch, n, d, k), dtype, projected in itertools.product(BENCHMARK_GRID + AWKWARD[:-1],
+                                                                 (torch.bfloat16, torch.float32), (False, True)):
+        slices = k  # projected (float32's SGEMM route): the projection's columns
+        plans = {"ecf_partials": cuda_plan.plan_ecf_partials(batch, n, d, k, 17, dtype, True, projected, 132),
+                 "slice_gradient": cuda_plan.plan_slice_gradient(batch, n, d, k, 17, dtype, True, projected, 132)}
+        p = plans["ecf_partials"]
+        assert (p.splits - 1) * p.rows_per_split < n <= p.splits * p.rows_per_split
+        assert p.rows_per_split <= cuda_plan.MAX_ROWS_PER_SPLIT
+        if n * slices < 2**20:
+            continue
+        for name, plan in plans.items():
+            registers, smem = plan.tile["registers"], plan.tile["static_smem"]
+            waves = plan.blocks / (132 * cuda_plan.blocks_per_sm(registers, smem))
+            assert waves >= 2, (name, batch, n, d, k, dtype, projected, waves)
+
+
+# ---- The emulation itself: each bug it is meant to catch, caught ----
 
 def test_emulation_exposes_a_missing_barrier(kernels):
     def run(name):
@@ -153,10 +348,19 @@ def test_emulation_exposes_a_missing_barrier(kernels):
     assert racy_ascending.isnan().any(), "unwritten shared memory reads as NaN"
 
 
+def test_emulation_lands_asynchronous_copies_at_the_wait(kernels):
+    source = torch.arange(256, dtype=torch.float32)
+    out = torch.zeros(2 * 256)
+    assert kernels.run("selftest_async_copy", source, out) == 0
+    assert out[:256].isnan().all(), "before the wait: the poisoned shared memory"
+    assert torch.equal(out[256:], source), "after the wait and a barrier: the copied data"
+
+
 @pytest.mark.parametrize("name,message", [
     ("selftest_divergent_barrier", "__syncthreads() reached by 128 threads while 128 had exited"),
     ("selftest_partial_shuffle", "shuffle was not reached by every lane"),
     ("selftest_misaligned_wmma", "not 32-byte aligned"),
+    ("selftest_misaligned_async_copy", "misaligned or non-shared address"),
 ])
 def test_emulation_reports_launch_failures(kernels, name, message):
     out = torch.zeros(256 * 2)

@@ -1,18 +1,21 @@
-// CUDA implementations of the sigreg ops (schema in csrc/sigreg.cpp): argument
-// checks, output and workspace allocation, dtype dispatch, launch on the
-// current stream under a device guard. The kernels themselves are torch-free
-// (sigreg_cuda_kernels.cu); nothing here runs on the device.
+// CUDA implementations of the sigreg kernel ops (schema in csrc/sigreg.cpp;
+// semantics: sigreg_kernels/primitives.py): argument checks, output
+// allocation, the plan, dtype dispatch, one launch on the current stream
+// under a device guard. No other device work: no zero-fill, no copy of a
+// contiguous input. The kernels themselves are torch-free (sigreg_cuda_kernels.cu).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <tuple>
 
-#include "../sigreg_checks.h"
 #include "../sigreg_math.h"
 #include "sigreg_cuda_kernels.cuh"
 
@@ -22,116 +25,207 @@ namespace {
 cuda::DType kernel_dtype(at::ScalarType type) {
   TORCH_CHECK(type == at::kFloat || type == at::kHalf || type == at::kBFloat16,
               "sigreg: the CUDA kernels take float32, float16 or bfloat16 inputs, got ", type,
-              " (float64 runs on the 'reference' backend)");
+              " (float64 runs on the 'cpu' and 'reference' backends)");
   return type == at::kFloat  ? cuda::DType::kFloat32
          : type == at::kHalf ? cuda::DType::kFloat16
                              : cuda::DType::kBFloat16;
 }
 
-// Tensor cores as torch.matmul uses them: always for 16-bit inputs (float
-// accumulation); for float32 only where TF32 is allowed
+// The projection as torch.matmul computes it: tensor cores always for 16-bit
+// inputs (float accumulation), for float32 only where TF32 is allowed
 // (torch.set_float32_matmul_precision("high")), exact float FMAs otherwise.
 // SIGREG_CUDA_DISABLE_TENSOR_CORES=1 forces the FMA path for every dtype.
-bool use_tensor_cores(at::ScalarType type) {
+cuda::Mode product_mode(at::ScalarType type, bool projected) {
+  if (projected) return cuda::Mode::kProjected;
   const char* disable = std::getenv("SIGREG_CUDA_DISABLE_TENSOR_CORES");
-  if (disable != nullptr && std::strcmp(disable, "1") == 0) return false;
-  return type != at::kFloat || at::globalContext().allowTF32CuBLAS();
+  if (disable != nullptr && std::strcmp(disable, "1") == 0) return cuda::Mode::kFma;
+  return type != at::kFloat || at::globalContext().allowTF32CuBLAS() ? cuda::Mode::kTensorCores : cuda::Mode::kFma;
 }
 
-void check_compute_capability(const at::Tensor& x) {
-  int major = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.get_device()));
-  TORCH_CHECK(major >= 8, "sigreg: the CUDA kernels need compute capability 8.0 or newer, got ", major,
+struct DeviceInfo {
+  int major = 0, multiprocessors = 0;
+};
+
+// Compute capability (checked: sm_80+) and SM count of x's device, queried once per device.
+DeviceInfo device_info(const at::Tensor& x) {
+  constexpr int kMaxDevices = 64;
+  static DeviceInfo cache[kMaxDevices];
+  const int index = x.get_device();
+  TORCH_CHECK(index >= 0 && index < kMaxDevices, "sigreg: CUDA device index ", index, " out of range");
+  DeviceInfo& info = cache[index];
+  if (info.multiprocessors == 0) {  // benign race: every thread writes the same values
+    DeviceInfo queried;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&queried.major, cudaDevAttrComputeCapabilityMajor, index));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&queried.multiprocessors, cudaDevAttrMultiProcessorCount, index));
+    info = queried;
+  }
+  TORCH_CHECK(info.major >= 8, "sigreg: the CUDA kernels need compute capability 8.0 or newer, got ", info.major,
               ".x on ", x.device(), " (the 'triton' or 'reference' backend runs there)");
+  return info;
 }
 
-// The kernels' view of the problem; x and directions are contiguous [B, N, D] and [D, K].
-cuda::Problem make_problem(const at::Tensor& x, const at::Tensor& directions, int64_t knots, double t_max) {
-  TORCH_INTERNAL_ASSERT(x.is_contiguous() && directions.is_contiguous());
-  cuda::Problem p{x.size(0), x.size(1), x.size(2), directions.size(1), knots, 0.0f};
+bool rows_of_vectors(const void* ptr, int64_t row_elements, const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (row_elements * t.element_size()) % 16 == 0;
+}
+
+void check_knots(int64_t knots, double t_max) {
+  TORCH_CHECK(knots >= 2, "sigreg: knots must be >= 2, got ", knots);
+  TORCH_CHECK(std::isfinite(t_max) && t_max > 0, "sigreg: t_max must be finite and > 0, got ", t_max);
+}
+
+// x [B, N, D] and directions [D, K] (or none: K = D), on one CUDA device, one dtype.
+cuda::Problem check_x(const at::Tensor& x, const std::optional<at::Tensor>& directions, int64_t knots, double t_max) {
+  TORCH_CHECK(x.dim() == 3, "sigreg: x must be 3-D (B, N, D), got ", x.sizes());
+  TORCH_CHECK(x.is_cuda(), "sigreg: x must be a CUDA tensor, got ", x.device());
+  kernel_dtype(x.scalar_type());
+  TORCH_CHECK(x.size(1) > 0, "sigreg: x must hold at least one sample (N > 0), got ", x.sizes());
+  int64_t slices = x.size(2);
+  if (directions.has_value()) {
+    const at::Tensor& a = *directions;
+    TORCH_CHECK(a.dim() == 2 && a.size(0) == x.size(2), "sigreg: directions must be (D, K) with D = x.size(2) = ",
+                x.size(2), ", got ", a.sizes());
+    TORCH_CHECK(a.scalar_type() == x.scalar_type(), "sigreg: directions must have the dtype of x (",
+                x.scalar_type(), "), got ", a.scalar_type());
+    TORCH_CHECK(a.device() == x.device(), "sigreg: x and directions must be on one device, got ", x.device(),
+                " and ", a.device());
+    slices = a.size(1);
+  }
+  TORCH_CHECK(slices > 0, "sigreg: at least one slice is needed (K > 0), got x ", x.sizes());
+  check_knots(knots, t_max);
+  cuda::Problem p{x.size(0), x.size(1), x.size(2), slices, knots,
+                  static_cast<float>(knot_spacing(static_cast<int>(knots), t_max))};
   const char* reason = cuda::unsupported_reason(p);
-  TORCH_CHECK(reason == nullptr, "sigreg: ", reason, "; got x ", x.sizes(), ", directions ", directions.sizes(),
-              ", knots ", knots);
-  p.delta = static_cast<float>(knot_spacing(static_cast<int>(knots), t_max));
+  TORCH_CHECK(reason == nullptr, "sigreg: ", reason, "; got x ", x.sizes(), ", knots ", knots);
   return p;
 }
 
-// An output laid out like the fake kernels' (empty_like keeps the input's
-// strides), and the contiguous buffer the kernels write.
-std::tuple<at::Tensor, at::Tensor> output_like(const at::Tensor& input) {
-  at::Tensor out = at::empty_like(input);
-  return {out, out.is_contiguous() ? out : at::empty(input.sizes(), input.options())};
+void check_coef(const at::Tensor& coef, const at::Tensor& scale, const cuda::Problem& p, const at::Tensor& x) {
+  TORCH_CHECK(coef.dim() == 4 && coef.size(0) == p.batch && coef.size(1) == 2 && coef.size(2) == p.slices &&
+                  coef.size(3) == p.knots,
+              "sigreg: coef must be (B, 2, K, knots) = (", p.batch, ", 2, ", p.slices, ", ", p.knots, "), got ",
+              coef.sizes());
+  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == p.batch && scale.size(1) == p.slices,
+              "sigreg: scale must be (B, K) = (", p.batch, ", ", p.slices, "), got ", scale.sizes());
+  TORCH_CHECK(coef.scalar_type() == at::kFloat && scale.scalar_type() == at::kFloat,
+              "sigreg: coef and scale must be float32, got ", coef.scalar_type(), " and ", scale.scalar_type());
+  TORCH_CHECK(coef.device() == x.device() && scale.device() == x.device(), "sigreg: coef and scale must be on ",
+              x.device());
 }
 
-std::tuple<at::Tensor, at::Tensor> ecf_sums_cuda(const at::Tensor& x_in, const at::Tensor& directions_in,
-                                                 int64_t knots, double t_max) {
-  check_ecf_inputs(x_in, directions_in, knots, t_max, at::kCUDA);
-  const cuda::DType dtype = kernel_dtype(x_in.scalar_type());
+at::Tensor ecf_partials_cuda(const at::Tensor& x_in, const std::optional<at::Tensor>& directions_in, int64_t knots,
+                             double t_max) {
+  const cuda::Problem p = check_x(x_in, directions_in, knots, t_max);
+  const bool projected = !directions_in.has_value();
   const c10::cuda::CUDAGuard guard(x_in.device());
-  check_compute_capability(x_in);
-  const at::Tensor x = x_in.contiguous(), directions = directions_in.contiguous();
-  const cuda::Problem p = make_problem(x, directions, knots, t_max);
-
-  const at::TensorOptions float_options = x.options().dtype(at::kFloat);
-  at::Tensor sums = at::empty({p.batch, 2, p.slices, knots}, float_options);
-  at::Tensor projection = at::empty({0}, float_options);  // recomputed by the backward, never stored
-  if (p.batch == 0) return {sums, projection};
-
-  const cuda::ForwardPlan plan = cuda::plan_forward(p);
-  at::Tensor workspace = at::empty({plan.workspace_floats}, float_options);
-  C10_CUDA_CHECK(cuda::launch_ecf_sums(p, plan, dtype, use_tensor_cores(x.scalar_type()), x.const_data_ptr(),
-                                       directions.const_data_ptr(), workspace.data_ptr<float>(),
-                                       sums.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()));
-  return {sums, projection};
+  const DeviceInfo device = device_info(x_in);
+  const cuda::PartialsPlan plan =
+      cuda::plan_ecf_partials(p.batch, p.samples, p.slices, knots, projected, device.multiprocessors);
+  at::Tensor partials = at::empty({p.batch, plan.splits, 2, p.slices, knots}, x_in.options().dtype(at::kFloat));
+  if (p.batch == 0) return partials;
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor directions = projected ? at::Tensor() : directions_in->contiguous();
+  const void* directions_ptr = projected ? nullptr : directions.const_data_ptr();
+  const cuda::PartialsArgs args{x.const_data_ptr(), directions_ptr, partials.data_ptr<float>(),
+                                p.batch, p.samples, p.dim, p.slices, p.knots, p.delta,
+                                plan.k_tiles, plan.passes, plan.splits, plan.rows_per_split,
+                                rows_of_vectors(x.const_data_ptr(), x.size(2), x),
+                                !projected && rows_of_vectors(directions_ptr, p.slices, directions), 0};
+  C10_CUDA_CHECK(cuda::launch_ecf_partials(plan, args, kernel_dtype(x.scalar_type()),
+                                           product_mode(x.scalar_type(), projected),
+                                           c10::cuda::getCurrentCUDAStream()));
+  return partials;
 }
 
-std::tuple<at::Tensor, at::Tensor> ecf_sums_backward_cuda(const at::Tensor& grad_sums_in, const at::Tensor& x_in,
-                                                          const at::Tensor& directions_in,
-                                                          const at::Tensor& projection, int64_t knots, double t_max,
-                                                          bool need_grad_directions) {
-  check_ecf_inputs(x_in, directions_in, knots, t_max, at::kCUDA);
-  check_grad_sums(grad_sums_in, x_in, directions_in, knots);
-  TORCH_CHECK(grad_sums_in.scalar_type() == at::kFloat, "sigreg: grad_sums must be float32, got ",
-              grad_sums_in.scalar_type());
-  TORCH_CHECK(projection.numel() == 0, "sigreg: the CUDA backward recomputes the projection; expected the empty "
-              "projection of the CUDA forward, got ", projection.sizes());
-  const cuda::DType dtype = kernel_dtype(x_in.scalar_type());
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  check_compute_capability(x_in);
-  const at::Tensor x = x_in.contiguous(), directions = directions_in.contiguous();
-  const at::Tensor grad_sums = grad_sums_in.contiguous();
-  const cuda::Problem p = make_problem(x, directions, knots, t_max);
-
-  auto [grad_x, grad_x_buffer] = output_like(x_in);
-  at::Tensor grad_directions, grad_directions_buffer;
-  if (need_grad_directions) {
-    std::tie(grad_directions, grad_directions_buffer) = output_like(directions_in);
-    if (p.batch == 0) grad_directions_buffer.zero_();  // a sum over no samples
+std::tuple<at::Tensor, at::Tensor> statistic_cuda(const at::Tensor& partials_in, int64_t samples, int64_t knots,
+                                                  double t_max, c10::string_view reduction,
+                                                  std::optional<double> clip_value, double grad_factor) {
+  TORCH_CHECK(partials_in.dim() == 5 && partials_in.size(2) == 2 && partials_in.size(4) == knots &&
+                  partials_in.size(1) > 0,
+              "sigreg: partials must be (B, S, 2, K, knots) with S >= 1 and knots = ", knots, ", got ",
+              partials_in.sizes());
+  TORCH_CHECK(partials_in.is_cuda() && partials_in.scalar_type() == at::kFloat,
+              "sigreg: partials must be a float32 CUDA tensor, got ", partials_in.scalar_type(), " on ",
+              partials_in.device());
+  TORCH_CHECK(samples > 0, "sigreg: samples must be > 0, got ", samples);
+  check_knots(knots, t_max);
+  cuda::Reduction kind;
+  if (reduction == "mean") {
+    kind = cuda::Reduction::kMean;
+  } else if (reduction == "sum") {
+    kind = cuda::Reduction::kSum;
   } else {
-    grad_directions = at::empty({0}, directions.options());
+    TORCH_CHECK(reduction == "none", "sigreg: reduction must be 'mean', 'sum' or 'none', got '", reduction, "'");
+    kind = cuda::Reduction::kNone;
   }
-  if (p.batch > 0) {
-    const bool directions_wanted = need_grad_directions && p.dim > 0;
-    const cuda::BackwardPlan plan = cuda::plan_backward(p, directions_wanted);
-    const at::TensorOptions float_options = x.options().dtype(at::kFloat);
-    at::Tensor coef = at::empty({plan.coef_floats}, float_options);
-    at::Tensor directions_workspace = at::empty({plan.directions_floats}, float_options);
-    C10_CUDA_CHECK(cuda::launch_ecf_sums_backward(
-        p, plan, dtype, use_tensor_cores(x.scalar_type()), grad_sums.const_data_ptr<float>(), x.const_data_ptr(),
-        directions.const_data_ptr(), coef.data_ptr<float>(), grad_x_buffer.data_ptr(),
-        directions_wanted ? directions_workspace.data_ptr<float>() : nullptr,
-        directions_wanted ? grad_directions_buffer.data_ptr() : nullptr, c10::cuda::getCurrentCUDAStream()));
-  }
-  if (!grad_x.is_same(grad_x_buffer)) grad_x.copy_(grad_x_buffer);
-  if (need_grad_directions && !grad_directions.is_same(grad_directions_buffer))
-    grad_directions.copy_(grad_directions_buffer);
-  return {grad_x, grad_directions};
+  const int64_t batch = partials_in.size(0), slices = partials_in.size(3);
+  const c10::cuda::CUDAGuard guard(partials_in.device());
+  const at::TensorOptions options = partials_in.options();
+  at::Tensor stat = at::empty({batch, slices}, options);
+  at::Tensor coef = at::empty({batch, 2, slices, knots}, options);
+  if (batch == 0 || slices == 0) return {stat, coef};
+  const at::Tensor partials = partials_in.contiguous();
+  const cuda::StatisticPlan plan = cuda::plan_statistic(batch, slices, knots);
+  const double factor = kind == cuda::Reduction::kMean ? grad_factor / static_cast<double>(batch * slices)
+                                                       : grad_factor;
+  const cuda::StatisticArgs args{partials.const_data_ptr<float>(), stat.data_ptr<float>(), coef.data_ptr<float>(),
+                                 batch, partials.size(1), slices, knots, samples,
+                                 knot_spacing(static_cast<int>(knots), t_max), factor,
+                                 clip_value.has_value(), static_cast<float>(clip_value.value_or(0.0)),
+                                 plan.slices_per_block, plan.cached, 0};
+  C10_CUDA_CHECK(cuda::launch_statistic(plan, args, c10::cuda::getCurrentCUDAStream()));
+  return {stat, coef};
+}
+
+// G of coef and scale at x (with directions) or at the projection x (without), into g.
+void slice_gradient_into(const at::Tensor& g, const at::Tensor& coef_in, const at::Tensor& scale,
+                         const at::Tensor& x, const at::Tensor& directions, const cuda::Problem& p) {
+  const bool projected = !directions.defined();
+  const DeviceInfo device = device_info(x);
+  const cuda::GradientPlan plan =
+      cuda::plan_slice_gradient(p.batch, p.samples, p.slices, p.knots, projected, device.multiprocessors);
+  if (plan.blocks == 0) return;
+  const at::Tensor coef = coef_in.contiguous();
+  const void* directions_ptr = projected ? nullptr : directions.const_data_ptr();
+  const cuda::GradientArgs args{coef.const_data_ptr<float>(), scale.const_data_ptr<float>(), scale.stride(0),
+                                scale.stride(1), x.const_data_ptr(), directions_ptr, g.data_ptr(),
+                                p.batch, p.samples, p.dim, p.slices, p.knots, p.delta,
+                                plan.n_tiles, plan.k_tiles, plan.passes,
+                                rows_of_vectors(x.const_data_ptr(), x.size(2), x),
+                                !projected && rows_of_vectors(directions_ptr, p.slices, directions),
+                                rows_of_vectors(g.data_ptr(), p.slices, g), 0};
+  C10_CUDA_CHECK(cuda::launch_slice_gradient(plan, args, kernel_dtype(x.scalar_type()),
+                                             product_mode(x.scalar_type(), projected),
+                                             c10::cuda::getCurrentCUDAStream()));
+}
+
+at::Tensor slice_gradient_cuda(const at::Tensor& coef, const at::Tensor& scale, const at::Tensor& x_in,
+                               const std::optional<at::Tensor>& directions_in, int64_t knots, double t_max) {
+  const cuda::Problem p = check_x(x_in, directions_in, knots, t_max);
+  check_coef(coef, scale, p, x_in);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  at::Tensor g = at::empty({p.batch, p.samples, p.slices}, x_in.options());
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor directions = directions_in.has_value() ? directions_in->contiguous() : at::Tensor();
+  slice_gradient_into(g, coef, scale, x, directions, p);
+  return g;
+}
+
+void slice_gradient_inplace_cuda(const at::Tensor& projection, const at::Tensor& coef, const at::Tensor& scale,
+                                 int64_t knots, double t_max) {
+  const cuda::Problem p = check_x(projection, std::nullopt, knots, t_max);
+  check_coef(coef, scale, p, projection);
+  TORCH_CHECK(projection.is_contiguous(), "sigreg: slice_gradient_ overwrites a contiguous projection, got strides ",
+              projection.strides());
+  const c10::cuda::CUDAGuard guard(projection.device());
+  slice_gradient_into(projection, coef, scale, projection, at::Tensor(), p);
 }
 
 }  // namespace
 }  // namespace sigreg
 
 TORCH_LIBRARY_IMPL(sigreg, CUDA, m) {
-  m.impl("ecf_sums", &sigreg::ecf_sums_cuda);
-  m.impl("ecf_sums_backward", &sigreg::ecf_sums_backward_cuda);
+  m.impl("ecf_partials", &sigreg::ecf_partials_cuda);
+  m.impl("statistic", &sigreg::statistic_cuda);
+  m.impl("slice_gradient", &sigreg::slice_gradient_cuda);
+  m.impl("slice_gradient_", &sigreg::slice_gradient_inplace_cuda);
 }

@@ -1,361 +1,456 @@
-// Fused SIGReg kernels (SPEC §3): ECF sums over the samples, and their backward
-// into grad_x and grad_directions. The projection P = x_b @ directions is
-// recomputed tile by tile in shared memory and never reaches global memory;
-// neither does anything of size N x K x knots. Reductions over samples write
-// per-chunk partials that a second kernel adds in a fixed order: no atomics.
+// SIGReg CUDA kernels: the three kernels of sigreg_kernels/primitives.py, each
+// one launch (a 1-D grid; several launches only past 2^31 - 1 blocks).
+//
+// Why this design (H100/H200, 132 SMs; numbers for bf16 N=4096, D=512, K=1024):
+// - The work is a product (P = x A, 4.3 GFLOP) and, per element of P, one
+//   sin/cos pair and T-1 = 16 rotations: about 130 FP32 issue slots, so at
+//   the FP32 issue rate the element work bounds each kernel (~20 us), not the
+//   product (~5 us at the tensor-core peak). The kernels compute a tile of P
+//   on tensor cores and keep the element loop lean: per element and knot one
+//   rotation (2 FMUL + 2 FFMA) and two FADDs (forward) or two FFMAs (backward),
+//   nothing loaded from memory (SASS: 6 FP32 instructions per knot).
+// - Backward = slice_gradient (G in x's type, the one transient N x K tensor,
+//   recomputing P) then G A^T and x^T G as cuBLAS GEMMs (fused.py). The old
+//   fused backward looped over every slice tile inside 128 blocks and could not
+//   fill the machine; here every grid fills it at least kMinWaves = 2 times
+//   (waves = blocks / (132 SMs x blocks per SM)) wherever N K >= 2^20: 64x64
+//   tiles where that grid is big enough, 32x32 below (N K = 2^20: 1024
+//   blocks). slice_gradient: 3 blocks per SM, 1024 blocks = 2.6 waves at the
+//   headline and at N K = 2^20. ecf_partials: 2 blocks per SM; its row splits S
+//   are free and chosen for whole waves: headline S = 33, 528 blocks = 2.0
+//   waves; N=1024, K=1024: 32x32 tiles, S = 32, 3.9 waves. Bigger tiles would
+//   reload x and A from L2 less (N K D bytes (1/block_n + 1/block_k) = 134 MB
+//   at 64x64, from L2), but 128-row tiles fall below 2 waves at the headline.
+// - ecf_partials: each thread keeps 2 x 16 float sums of one column over all the
+//   row tiles of its split (R <= 256 rows: plain float sums stay accurate) and
+//   the lanes of a column are reduced by shuffles once per block; partials are
+//   [B, S, 2, K, T] (4.6 MB at the headline), summed in double, in split order,
+//   by the statistic kernel (B K T work; blocks over (b, 7 slices) for T = 17).
+// - slice_gradient keeps its column's 2 x 16 coefficients in registers (loaded
+//   once per block) and writes G through shared memory with 16-byte stores.
+// - The product: 16-byte cp.async copies in a two-stage pipeline with one
+//   barrier per 64-byte-deep stage, WMMA (mma.sync) 16x16 fragments, P stored
+//   to shared memory as float. Hopper's wgmma would be faster (and the cost
+//   model credits it), but it cannot be tested without a GPU here (the host
+//   emulation models WMMA), and the product is not the bound. fp32 at "highest"
+//   precision never uses the in-kernel (exact FMA) product on the fused path:
+//   fused.py runs an SGEMM and the kernels read P (Mode::kProjected).
+// - Resources (CUDA 13.0, sm_90a, ptxas -v; listed per instance in
+//   sigreg_kernels/cuda_plan.py, checked by tests/test_cuda_compile.py; no
+//   spills, ptxas warnings fatal): ecf_partials 92-128 registers (capped at 128
+//   by __launch_bounds__(256, 2)), 5-38 KB shared memory: 2 blocks per SM;
+//   slice_gradient 72-80 registers (cap 80: __launch_bounds__(256, 3)), 7-46 KB:
+//   3 blocks per SM; statistic 62 registers, 16 KB. The 32-byte stack frame is
+//   the library sincosf's (|t p| > 8192 only).
+//
+// Deterministic: no atomics; every sum has an order fixed by the shapes.
 // Building blocks (tiles, shared memory, products) are in sigreg_cuda_tiles.cuh.
-#include <algorithm>
-
 #include "sigreg_cuda_tiles.cuh"
 
 namespace sigreg {
 namespace cuda {
 namespace {
 
-// sum += v with Kahan compensation (sum - err is the better total): a block adds
-// one partial per 64 samples, and (C - phi) in the statistic cancels, so
-// summation error matters.
-__device__ __forceinline__ void kahan_add(float& sum, float& err, float v) {
-  const float y = v - err;
-  const float t = sum + y;
-  err = (t - sum) - y;
-  sum = t;
-}
+// Shared memory of ecf_partials: two pipeline stages and the float tile(s) of
+// P, or (projected) two tiles of the given projection in T, double-buffered.
+template <typename T, Tile TILE, Mode MODE>
+struct PartialsSmem {
+  using G = Geometry<TILE>;
+  using S = Smem<T, TILE>;
+  static constexpr int kPOffset = 2 * S::kStageBytes;
+  static constexpr int kBytes = MODE == Mode::kProjected ? 2 * S::kQBytes : kPOffset + G::kSplit * G::kPBytes;
+};
 
-// Sum over the 4 adjacent lanes that share a column, same order on every run.
-__device__ __forceinline__ float quad_sum(float v) {
-  v += __shfl_xor_sync(0xffffffffu, v, 1);
-  v += __shfl_xor_sync(0xffffffffu, v, 2);
-  return v;
-}
+// Shared memory of slice_gradient. Product: [stages, later the float G
+// accumulator (and G itself for float)] [P] [G in T for 16-bit types].
+// Projected: [the projection tile in T, overwritten by G] [the float G accumulator].
+template <typename T, Tile TILE, Mode MODE>
+struct GradientSmem {
+  using G = Geometry<TILE>;
+  using S = Smem<T, TILE>;
+  static constexpr bool kProjected = MODE == Mode::kProjected;
+  static constexpr int kRegion = max_int(2 * S::kStageBytes, G::kPBytes);
+  static constexpr int kPOffset = kRegion;
+  static constexpr int kGOffset = kProjected ? 0 : (sizeof(T) == 4 ? 0 : kPOffset + G::kSplit * G::kPBytes);
+  static constexpr int kAccOffset = kProjected ? S::kQBytes : 0;
+  static constexpr int kLdG = !kProjected && sizeof(T) == 4 ? G::kLdP : S::kLdQ;
+  static constexpr int kBytes = kProjected ? S::kQBytes + G::kPBytes
+                                           : (sizeof(T) == 4 ? kPOffset + G::kSplit * G::kPBytes
+                                                             : kPOffset + G::kSplit * G::kPBytes + S::kQBytes);
+  static_assert(kBytes <= 48 * 1024, "static shared memory limit");
+};
 
-// Partial ECF sums of one chunk of sample tiles, slices [k0, k0 + 64), knots
-// j_first .. j_first + 15 (pass 0 also writes knot 0) into
-// workspace[chunk, b, 2, K, knots]. Per thread: a column and 16 rows of each
-// tile (level 1 of the sum); after each tile the 4 threads of a column combine
-// their sums and thread rg keeps knots rg, rg + 4, ... (level 2, compensated).
-template <typename T, bool TC>
-__global__ void __launch_bounds__(kThreads, 2)
-    ecf_sums_kernel(const T* __restrict__ x, const T* __restrict__ directions, float* __restrict__ workspace,
-                    int batch, int samples, int dim, int slices, int knots, float delta, int tiles_per_chunk,
-                    int passes, int batch_first) {
-  static_assert(kKnotsPerPass % 4 == 0, "each of the 4 threads of a column keeps a quarter of the knots");
-  constexpr int kKept = kKnotsPerPass / 4;
-  __shared__ __align__(128) unsigned char smem[Smem<T>::kBytes];
-  const int k0 = blockIdx.x * kTile, chunk = blockIdx.y;
-  const int b = batch_first + static_cast<int>(blockIdx.z) / passes, pass = blockIdx.z % passes;
-  const int j_first = 1 + pass * kKnotsPerPass;
+// Adds the elements of one tile (rows < valid) to this thread's column sums of
+// knots j_first .. j_first + 15; zero_terms += 0 * p keeps NaN/Inf for knot 0.
+template <Tile TILE, typename Read>
+__device__ __forceinline__ void accumulate_tile(const Read& read, int valid, float delta, int j_first,
+                                                float (&sum_cos)[kKnotsPerPass], float (&sum_sin)[kKnotsPerPass],
+                                                float& zero_terms) {
+  using G = Geometry<TILE>;
   const float t_first = static_cast<float>(j_first) * delta;
-  const int tile_end = static_cast<int>(
-      min(static_cast<int64_t>((samples + kTile - 1) / kTile), static_cast<int64_t>(chunk + 1) * tiles_per_chunk));
-  const T* x_b = x + static_cast<int64_t>(b) * samples * dim;
-  float* ps = SmemPtrs::p<T>(smem);
-  const int col = threadIdx.x / 4, rg = threadIdx.x % 4;
-
-  // Knot j_first + rg + 4 m of this column: sum and Kahan error, cos and sin.
-  float sum_cos[kKept], sum_sin[kKept], err_cos[kKept], err_sin[kKept];
+  const int rg = G::row_group();
+#pragma unroll 1
+  for (int i = 0; i < G::kRowsPerThread; ++i) {
+    const int row = rg + G::kRowGroups * i;
+    if (row >= valid) break;
+    const float p = read(row);
+    zero_terms += 0.0f * p;
+    float s1, c1, s, c;
+    sincos_accurate(delta * p, &s1, &c1);
+    if (j_first == 1) {
+      s = s1;
+      c = c1;
+    } else {
+      sincos_accurate(t_first * p, &s, &c);
+    }
 #pragma unroll
-  for (int m = 0; m < kKept; ++m) sum_cos[m] = sum_sin[m] = err_cos[m] = err_sin[m] = 0.0f;
-  // Knot 0: cos(0 p) = 1 + 0 p and sin(0 p) = 0 p, exactly; summing 0 p keeps NaN/Inf as the reference does.
+    for (int q = 0; q < kKnotsPerPass; ++q) {  // knots past the last are summed but never written
+      sum_cos[q] += c;
+      sum_sin[q] += s;
+      if (q + 1 < kKnotsPerPass) rotate(c, s, c1, s1);
+    }
+  }
+}
+
+// partials[b, s, :, k0 : k0 + block_k, j_first : j_first + 16] (and knot 0 in
+// pass 0) for block (b, pass, split s, slice tile).
+template <typename T, Tile TILE, Mode MODE>
+__global__ void __launch_bounds__(kThreads, kPartialsMinBlocks) ecf_partials_kernel(PartialsArgs a) {
+  using G = Geometry<TILE>;
+  using S = Smem<T, TILE>;
+  using L = PartialsSmem<T, TILE, MODE>;
+  __shared__ __align__(128) unsigned char smem[L::kBytes];
+  const int64_t linear = a.block_offset + blockIdx.x;
+  const int64_t kt = linear % a.k_tiles, split = linear / a.k_tiles % a.splits;
+  const int64_t pass = linear / a.k_tiles / a.splits % a.passes, b = linear / a.k_tiles / a.splits / a.passes;
+  const int64_t k0 = kt * G::kK, row_begin = split * a.rows_per_split;
+  const int64_t row_end = min(row_begin + a.rows_per_split, a.samples);
+  const int j_first = 1 + static_cast<int>(pass) * kKnotsPerPass;
+  const int col = G::col();
+  constexpr bool kProjected = MODE == Mode::kProjected;
+  const int64_t row_length = kProjected ? a.slices : a.dim;
+  const T* x_b = static_cast<const T*>(a.x) + b * a.samples * row_length;
+
+  float sum_cos[kKnotsPerPass], sum_sin[kKnotsPerPass];
+#pragma unroll
+  for (int q = 0; q < kKnotsPerPass; ++q) sum_cos[q] = sum_sin[q] = 0.0f;
   float zero_terms = 0.0f;
 
-  for (int tile = chunk * tiles_per_chunk; tile < tile_end; ++tile) {
-    const int n0 = tile * kTile;
-    project_tile<T, TC>(smem, x_b, directions, samples, dim, slices, n0, k0);
-
-    float tile_cos[kKnotsPerPass], tile_sin[kKnotsPerPass];
-#pragma unroll
-    for (int q = 0; q < kKnotsPerPass; ++q) tile_cos[q] = tile_sin[q] = 0.0f;
-    const int valid_rows = min(kTile, samples - n0);
-    for (int i = 0; i < kTile / 4; ++i) {
-      const int row = rg + 4 * i;
-      if (row >= valid_rows) break;
-      const float p = ps[row * Smem<T>::kLdP + col];
-      zero_terms += 0.0f * p;
-      float s1, c1, s, c;
-      sincos_accurate(delta * p, &s1, &c1);
-      if (j_first == 1) {
-        s = s1, c = c1;
-      } else {
-        sincos_accurate(t_first * p, &s, &c);
-      }
-#pragma unroll
-      for (int q = 0; q < kKnotsPerPass; ++q) {  // knots past the last are summed but never written
-        tile_cos[q] += c;
-        tile_sin[q] += s;
-        rotate(c, s, c1, s1);
-      }
+  if constexpr (kProjected) {
+    // Tile t + 1 is copied while tile t is summed; one barrier per tile.
+    T* tiles = reinterpret_cast<T*>(smem);
+    constexpr int kTileElems = S::kQBytes / static_cast<int>(sizeof(T));
+    stage_tile<G::kN, G::kK>(tiles, S::kLdQ, x_b, row_begin, a.samples, k0, a.slices, a.x_vec);
+    __pipeline_commit();
+    int buffer = 0;
+    for (int64_t n0 = row_begin; n0 < row_end; n0 += G::kN) {
+      __pipeline_wait_prior(0);
+      __syncthreads();  // tile n0 landed for every thread; the previous tile's readers are done
+      if (n0 + G::kN < row_end)
+        stage_tile<G::kN, G::kK>(tiles + (buffer ^ 1) * kTileElems, S::kLdQ, x_b, n0 + G::kN, a.samples, k0,
+                                 a.slices, a.x_vec);
+      __pipeline_commit();
+      const T* q = tiles + buffer * kTileElems;
+      accumulate_tile<TILE>([&](int row) { return to_float(q[row * S::kLdQ + col]); },
+                            static_cast<int>(min(static_cast<int64_t>(G::kN), row_end - n0)), a.delta, j_first,
+                            sum_cos, sum_sin, zero_terms);
+      buffer ^= 1;
     }
-#pragma unroll
-    for (int q = 0; q < kKnotsPerPass; ++q) {
-      const float tc = quad_sum(tile_cos[q]), ts = quad_sum(tile_sin[q]);  // every lane takes part
-      if (q % 4 == rg) {
-        kahan_add(sum_cos[q / 4], err_cos[q / 4], tc);
-        kahan_add(sum_sin[q / 4], err_sin[q / 4], ts);
-      }
+  } else {
+    float* p = reinterpret_cast<float*>(smem + L::kPOffset);
+    Projection<T, TILE, MODE> projection{smem, p, x_b, static_cast<const T*>(a.directions), a.samples, a.dim,
+                                         a.slices, k0, a.x_vec, a.directions_vec};
+    projection.first_stage(row_begin);
+    for (int64_t n0 = row_begin; n0 < row_end; n0 += G::kN) {
+      projection.run(n0, n0 + G::kN < row_end ? n0 + G::kN : -1);
+      accumulate_tile<TILE>([&](int row) { return product_value<TILE>(p, row, col); },
+                            static_cast<int>(min(static_cast<int64_t>(G::kN), row_end - n0)), a.delta, j_first,
+                            sum_cos, sum_sin, zero_terms);
     }
   }
 
-  zero_terms = quad_sum(zero_terms);
-  const int k = k0 + col;
-  if (k >= slices) return;
-  const int64_t per_chunk = static_cast<int64_t>(batch) * 2 * slices * knots;
-  float* out = workspace + chunk * per_chunk + static_cast<int64_t>(b) * 2 * slices * knots;
-  float* out_cos = out + static_cast<int64_t>(k) * knots;
-  float* out_sin = out + (static_cast<int64_t>(slices) + k) * knots;
+  // The lanes of a column add their sums (every lane takes part in the shuffles).
+  zero_terms = column_sum<G::kRowGroups>(zero_terms);
 #pragma unroll
-  for (int m = 0; m < kKept; ++m) {
-    const int j = j_first + rg + 4 * m;
-    if (j < knots) {
-      out_cos[j] = sum_cos[m] - err_cos[m];
-      out_sin[j] = sum_sin[m] - err_sin[m];
+  for (int q = 0; q < kKnotsPerPass; ++q) {
+    sum_cos[q] = column_sum<G::kRowGroups>(sum_cos[q]);
+    sum_sin[q] = column_sum<G::kRowGroups>(sum_sin[q]);
+  }
+  const int64_t k = k0 + col;
+  if (k >= a.slices) return;
+  const int rg = G::row_group();
+  float* out_cos = a.partials + ((b * a.splits + split) * 2 * a.slices + k) * a.knots;
+  float* out_sin = out_cos + a.slices * a.knots;
+#pragma unroll
+  for (int q = 0; q < kKnotsPerPass; ++q) {
+    const int j = j_first + q;
+    if (q % G::kRowGroups == rg && j < a.knots) {
+      out_cos[j] = sum_cos[q];
+      out_sin[j] = sum_sin[q];
     }
   }
-  if (pass == 0 && rg == 0) {
-    out_cos[0] = zero_terms;
+  if (pass == 0 && rg == 0) {  // knot 0: cos(0 p) = 1 + 0 p, sin(0 p) = 0 p
+    out_cos[0] = static_cast<float>(row_end - row_begin) + zero_terms;
     out_sin[0] = zero_terms;
   }
 }
 
-// sums[i] = sum over chunks of workspace[chunk, i] (in double, fixed order), plus
-// N at the cosine of knot 0. i runs over [B, 2, K, knots].
-__global__ void sum_ecf_chunks_kernel(const float* __restrict__ workspace, float* __restrict__ sums, int chunks,
-                                      int64_t count, int64_t slices_knots, int knots, double samples) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < count;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    double total = 0.0;
-    for (int c = 0; c < chunks; ++c) total += workspace[c * count + i];
-    if ((i / slices_knots) % 2 == 0 && i % knots == 0) total += samples;
-    sums[i] = static_cast<float>(total);
-  }
-}
-
-// coef[b, j, k] = (t_j gS_bkj, -t_j gC_bkj): the factors of cos(t_j p) and
-// sin(t_j p) in dstat/dp, laid out so a warp's columns read contiguous memory.
-__global__ void knot_coefficients_kernel(const float* __restrict__ grad_sums, float2* __restrict__ coef,
-                                         int64_t count, int slices, int knots, float delta) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < count;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t k = i % slices, j = (i / slices) % knots, b = i / (static_cast<int64_t>(slices) * knots);
-    const float grad_cos = grad_sums[((2 * b) * slices + k) * knots + j];
-    const float grad_sin = grad_sums[((2 * b + 1) * slices + k) * knots + j];
-    float coef_cos, coef_sin;
-    knot_gradient_coefficients(static_cast<float>(j) * delta, grad_cos, grad_sin, &coef_cos, &coef_sin);
-    coef[i] = make_float2(coef_cos, coef_sin);
-  }
-}
-
-// Hands each element (r, dd + c) of a backward block's 64 x 256 accumulator,
-// sub-tile by sub-tile through shared memory, to store(r, dd, c, value).
-template <typename T, typename TileT, typename Store>
-__device__ void store_accumulator(const TileT (&out)[kOutSubTiles], unsigned char* smem, int d0, int dim,
-                                  Store store) {
-  float* ps = SmemPtrs::p<T>(smem);
-#pragma unroll
-  for (int sub = 0; sub < kOutSubTiles; ++sub) {
-    const int dd = d0 + sub * kTile;
-    if (dd >= dim) break;
+// stat[b, k] and coef[b, :, k, :] for block (b, group of slices_per_block slices):
+// sums over the splits in double, in split order; then, per slice, the statistic
+// (clipped) and d loss / d sums, all in double, rounded once.
+__global__ void __launch_bounds__(kStatisticThreads) statistic_kernel(StatisticArgs a) {
+  __shared__ __align__(16) unsigned char smem[kStatisticCache * sizeof(double) + kStatisticSlices * sizeof(float)];
+  double* cache = reinterpret_cast<double*>(smem);
+  float* kept = reinterpret_cast<float*>(smem + kStatisticCache * sizeof(double));
+  const int64_t groups = (a.slices + a.slices_per_block - 1) / a.slices_per_block;
+  const int64_t linear = a.block_offset + blockIdx.x;
+  const int64_t b = linear / groups, k0 = linear % groups * a.slices_per_block;
+  const int64_t count = min(a.slices_per_block, a.slices - k0), per_part = count * a.knots;
+  const int64_t split_stride = 2 * a.slices * a.knots;
+  const double samples = static_cast<double>(a.samples);
+  // Element e of the group: part (cos 0, sin 1) e / per_part, slice k0 + r / knots, knot r % knots.
+  auto total = [&](int64_t e) {
+    const int64_t part = e / per_part, r = e % per_part;
+    const float* from = a.partials + b * a.splits * split_stride + part * a.slices * a.knots + k0 * a.knots + r;
+    double sum = 0.0;
+#pragma unroll 8
+    for (int64_t s = 0; s < a.splits; ++s) sum += static_cast<double>(from[s * split_stride]);
+    return sum;
+  };
+  auto weight = [&](int64_t j, double* phi) {  // trapezoid weight times the window, SPEC §1
+    const double t = static_cast<double>(j) * a.delta;
+    *phi = exp(-0.5 * t * t);
+    return (j == 0 || j == a.knots - 1 ? a.delta : 2.0 * a.delta) * *phi;
+  };
+  if (a.cached) {
+    for (int64_t e = threadIdx.x; e < 2 * per_part; e += kStatisticThreads) cache[e] = total(e);
     __syncthreads();
-    out[sub].store(ps, Smem<T>::kLdP);
+  }
+  if (threadIdx.x < count) {
+    const int64_t kk = threadIdx.x;
+    double sum = 0.0;
+    for (int64_t j = 0; j < a.knots; ++j) {
+      const int64_t e = kk * a.knots + j;
+      const double c = (a.cached ? cache[e] : total(e)) / samples;
+      const double s = (a.cached ? cache[per_part + e] : total(per_part + e)) / samples;
+      double phi;
+      const double w = weight(j, &phi);
+      sum += w * ((c - phi) * (c - phi) + s * s);
+    }
+    const float stat = static_cast<float>(samples * sum);
+    const bool keep = !(a.clip && stat < a.clip_value);  // a NaN statistic stays NaN, as in the reference
+    a.stat[b * a.slices + k0 + kk] = keep ? stat : 0.0f;
+    kept[kk] = keep ? 1.0f : 0.0f;
+  }
+  __syncthreads();
+  for (int64_t e = threadIdx.x; e < 2 * per_part; e += kStatisticThreads) {
+    const int64_t part = e / per_part, r = e % per_part, kk = r / a.knots, j = r % a.knots;
+    const double mean = (a.cached ? cache[e] : total(e)) / samples;
+    double phi;
+    const double w = weight(j, &phi);
+    const double d_sum = 2.0 * w * (part == 0 ? mean - phi : mean);  // d stat / d sum, times N
+    a.coef[(b * 2 + part) * a.slices * a.knots + k0 * a.knots + r] =
+        static_cast<float>(a.factor * d_sum * static_cast<double>(kept[kk]));  // NaN stays NaN when clipped
+  }
+}
+
+// G[b, n0 : n0 + block_n, k0 : k0 + block_k] for block (b, row tile, slice tile).
+template <typename T, Tile TILE, Mode MODE>
+__global__ void __launch_bounds__(kThreads, kGradientMinBlocks) slice_gradient_kernel(GradientArgs a) {
+  using G = Geometry<TILE>;
+  using S = Smem<T, TILE>;
+  using L = GradientSmem<T, TILE, MODE>;
+  using Out = typename std::conditional<L::kProjected || sizeof(T) != 4, T, float>::type;
+  __shared__ __align__(128) unsigned char smem[L::kBytes];
+  const int64_t linear = a.block_offset + blockIdx.x;
+  const int64_t kt = linear % a.k_tiles, nt = linear / a.k_tiles % a.n_tiles, b = linear / a.k_tiles / a.n_tiles;
+  const int64_t n0 = nt * G::kN, k0 = kt * G::kK;
+  const int valid = static_cast<int>(min(static_cast<int64_t>(G::kN), a.samples - n0));
+  const int64_t row_length = L::kProjected ? a.slices : a.dim;
+  const T* x_b = static_cast<const T*>(a.x) + b * a.samples * row_length;
+  const int col = G::col(), rg = G::row_group();
+  float* acc = reinterpret_cast<float*>(smem + L::kAccOffset);
+  Out* g_tile = reinterpret_cast<Out*>(smem + L::kGOffset);
+
+  if constexpr (L::kProjected) {
+    stage_tile<G::kN, G::kK>(reinterpret_cast<T*>(smem), S::kLdQ, x_b, n0, a.samples, k0, a.slices, a.x_vec);
+    __pipeline_commit();
+    __pipeline_wait_prior(0);
     __syncthreads();
-    for (int e = threadIdx.x; e < kTile * kTile; e += kThreads) {
-      const int r = e / kTile, c = e % kTile;
-      store(r, dd, c, ps[r * Smem<T>::kLdP + c]);
+  } else {
+    Projection<T, TILE, MODE> projection{smem, reinterpret_cast<float*>(smem + L::kPOffset), x_b,
+                                         static_cast<const T*>(a.directions), a.samples, a.dim, a.slices, k0,
+                                         a.x_vec, a.directions_vec};
+    projection.first_stage(n0);
+    projection.run(n0, -1);
+  }
+  auto read = [&](int row) {
+    if constexpr (L::kProjected) {
+      return to_float(reinterpret_cast<const T*>(smem)[row * S::kLdQ + col]);
+    } else {
+      return product_value<TILE>(reinterpret_cast<const float*>(smem + L::kPOffset), row, col);
+    }
+  };
+
+  const int64_t k = k0 + col;
+  if (k < a.slices) {
+    const float scale = a.scale[b * a.scale_stride_b + k * a.scale_stride_k];
+    const float* coef_cos = a.coef + ((b * 2 + 1) * a.slices + k) * a.knots;  // d loss / d sum of sin: times cos
+    const float* coef_sin = a.coef + ((b * 2) * a.slices + k) * a.knots;      // d loss / d sum of cos: times -sin
+    for (int64_t pass = 0; pass < a.passes; ++pass) {
+      const int j_first = 1 + static_cast<int>(pass) * kKnotsPerPass;
+      const float t_first = static_cast<float>(j_first) * a.delta;
+      const bool last = pass + 1 == a.passes;
+      float w_cos[kKnotsPerPass], w_sin[kKnotsPerPass];  // this column's coefficients, once per block and pass
+#pragma unroll
+      for (int q = 0; q < kKnotsPerPass; ++q) {
+        const int j = j_first + q;
+        const float t = static_cast<float>(j) * a.delta;
+        w_cos[q] = j < a.knots ? scale * (t * coef_cos[j]) : 0.0f;
+        w_sin[q] = j < a.knots ? -(scale * (t * coef_sin[j])) : 0.0f;
+      }
+#pragma unroll 2
+      for (int i = 0; i < G::kRowsPerThread; ++i) {
+        const int row = rg + G::kRowGroups * i;
+        if (row >= valid) break;
+        const float p = read(row);
+        float s1, c1, s, c;
+        sincos_accurate(a.delta * p, &s1, &c1);
+        if (j_first == 1) {
+          s = s1;
+          c = c1;
+        } else {
+          sincos_accurate(t_first * p, &s, &c);
+        }
+        float g_cos = 0.0f, g_sin = 0.0f;
+#pragma unroll
+        for (int q = 0; q < kKnotsPerPass; ++q) {
+          g_cos = fmaf(w_cos[q], c, g_cos);
+          g_sin = fmaf(w_sin[q], s, g_sin);
+          if (q + 1 < kKnotsPerPass) rotate(c, s, c1, s1);
+        }
+        float g = g_cos + g_sin;
+        if (pass > 0) g += acc[row * G::kLdP + col];
+        if (last) {
+          g_tile[row * L::kLdG + col] = from_float<Out>(g);
+        } else {
+          acc[row * G::kLdP + col] = g;
+        }
+      }
+    }
+  }
+  __syncthreads();
+
+  // The tile to G, 16 bytes per store where the rows allow it.
+  T* g_out = static_cast<T*>(a.g) + (b * a.samples + n0) * a.slices + k0;
+  if (a.g_vec) {
+    constexpr int kVec = 16 / static_cast<int>(sizeof(T)), kPerRow = G::kK / kVec;
+    for (int e = threadIdx.x; e < G::kN * kPerRow; e += kThreads) {
+      const int r = e / kPerRow, c = e % kPerRow * kVec;
+      if (r < valid && k0 + c < a.slices)
+        __stcg(reinterpret_cast<uint4*>(g_out + r * a.slices + c),
+               *reinterpret_cast<const uint4*>(g_tile + r * L::kLdG + c));
+    }
+  } else {
+    for (int e = threadIdx.x; e < G::kN * G::kK; e += kThreads) {
+      const int r = e / G::kK, c = e % G::kK;
+      if (r < valid && k0 + c < a.slices) g_out[r * a.slices + c] = g_tile[r * L::kLdG + c];
     }
   }
 }
 
-// grad_x[b, n0:n0+64, d0:d0+256] = G @ directions^T over all slices, with G
-// recomputed per 64-slice tile; the 64 x 256 accumulator stays in registers.
-template <typename T, bool TC>
-__global__ void __launch_bounds__(kThreads, 2)
-    ecf_grad_x_kernel(const float2* __restrict__ coef, const T* __restrict__ x, const T* __restrict__ directions,
-                      T* __restrict__ grad_x, int samples, int dim, int slices, int knots, float delta,
-                      int batch_first) {
-  __shared__ __align__(128) unsigned char smem[Smem<T>::kBytes];
-  const int n0 = blockIdx.x * kTile, d0 = blockIdx.y * static_cast<int>(kOutColumns);
-  const int b = batch_first + static_cast<int>(blockIdx.z);
-  const T* x_b = x + static_cast<int64_t>(b) * samples * dim;
-  const float2* coef_b = coef + static_cast<int64_t>(b) * knots * slices;
-  const int valid_rows = min(kTile, samples - n0);
-  T* gs = SmemPtrs::g<T>(smem);
-  T* ws = SmemPtrs::w<T>(smem);
-
-  Tile<T, TC> out[kOutSubTiles];
-#pragma unroll
-  for (int sub = 0; sub < kOutSubTiles; ++sub) out[sub].zero();
-
-  for (int k0 = 0; k0 < slices; k0 += kTile) {
-    project_tile<T, TC>(smem, x_b, directions, samples, dim, slices, n0, k0);
-    gradient_tile<T>(smem, coef_b, valid_rows, slices, k0, knots, delta);
-#pragma unroll
-    for (int sub = 0; sub < kOutSubTiles; ++sub) {
-      const int dd = d0 + sub * kTile;
-      if (dd >= dim) break;  // uniform over the block
-      __syncthreads();       // G is complete; earlier readers of the shared region are done
-      // ws[d][k] = directions[dd + d, k0 + k]: the right operand directions^T, column-major.
-      load_tile<kTile, kTile>(ws, Smem<T>::kLdW, directions, dd, dim, k0, slices);
-      __syncthreads();
-      out[sub].template mma<kTile, RowMajor, ColMajor>(gs, Smem<T>::kLdG, ws, Smem<T>::kLdW);
-    }
-  }
-
-  store_accumulator<T>(out, smem, d0, dim, [&](int r, int dd, int c, float value) {
-    if (r < valid_rows && dd + c < dim)
-      grad_x[(static_cast<int64_t>(b) * samples + n0 + r) * dim + dd + c] = from_float<T>(value);
-  });
-}
-
-// Partial grad_directions[d0:d0+256, k0:k0+64] = sum over a chunk of (b, sample
-// tile) pairs of x_b^T @ G, into workspace[chunk, D, K].
-template <typename T, bool TC>
-__global__ void __launch_bounds__(kThreads, 2)
-    ecf_grad_directions_kernel(const float2* __restrict__ coef, const T* __restrict__ x,
-                               const T* __restrict__ directions, float* __restrict__ workspace, int samples, int dim,
-                               int slices, int knots, float delta, int row_tiles, int tiles_per_chunk) {
-  __shared__ __align__(128) unsigned char smem[Smem<T>::kBytes];
-  const int k0 = blockIdx.x * kTile, d0 = blockIdx.y * static_cast<int>(kOutColumns), chunk = blockIdx.z;
-  const int n_tiles = (samples + kTile - 1) / kTile;
-  const int tile_end =
-      static_cast<int>(min(static_cast<int64_t>(row_tiles), static_cast<int64_t>(chunk + 1) * tiles_per_chunk));
-  T* gs = SmemPtrs::g<T>(smem);
-  T* ws = SmemPtrs::w<T>(smem);
-
-  Tile<T, TC> out[kOutSubTiles];
-#pragma unroll
-  for (int sub = 0; sub < kOutSubTiles; ++sub) out[sub].zero();
-
-  for (int tile = chunk * tiles_per_chunk; tile < tile_end; ++tile) {
-    const int b = tile / n_tiles, n0 = (tile % n_tiles) * kTile;
-    const T* x_b = x + static_cast<int64_t>(b) * samples * dim;
-    project_tile<T, TC>(smem, x_b, directions, samples, dim, slices, n0, k0);
-    gradient_tile<T>(smem, coef + static_cast<int64_t>(b) * knots * slices, min(kTile, samples - n0), slices, k0,
-                     knots, delta);
-#pragma unroll
-    for (int sub = 0; sub < kOutSubTiles; ++sub) {
-      const int dd = d0 + sub * kTile;
-      if (dd >= dim) break;  // uniform over the block
-      __syncthreads();       // G is complete; earlier readers of the shared region are done
-      // ws[n][d] = x_b[n0 + n, dd + d]: the left operand x_b^T, column-major.
-      load_tile<kTile, kTile>(ws, Smem<T>::kLdW, x_b, n0, samples, dd, dim);
-      __syncthreads();
-      out[sub].template mma<kTile, ColMajor, RowMajor>(ws, Smem<T>::kLdW, gs, Smem<T>::kLdG);
-    }
-  }
-
-  float* out_chunk = workspace + static_cast<int64_t>(chunk) * dim * slices;
-  store_accumulator<T>(out, smem, d0, dim, [&](int r, int dd, int c, float value) {
-    if (dd + r < dim && k0 + c < slices) out_chunk[static_cast<int64_t>(dd + r) * slices + k0 + c] = value;
-  });
-}
-
-// out[i] = sum over chunks of workspace[chunk, i], in double and in a fixed order.
-template <typename T>
-__global__ void sum_chunks_kernel(const float* __restrict__ workspace, T* __restrict__ out, int chunks,
-                                  int64_t count) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < count;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    double total = 0.0;
-    for (int c = 0; c < chunks; ++c) total += workspace[c * count + i];
-    out[i] = from_float<T>(static_cast<float>(total));
-  }
-}
-
-// Sizes were checked against unsupported_reason(): they fit the kernels' int and grid types.
-int i32(int64_t v) { return static_cast<int>(v); }
 unsigned int u32(int64_t v) { return static_cast<unsigned int>(v); }
 
-unsigned int elementwise_blocks(int64_t count) {
-  const int64_t blocks = ceil_div(count, kThreads);
-  return static_cast<unsigned int>(blocks < 4096 ? blocks : 4096);
+// Launches `blocks` blocks of a 1-D grid, at most max_grid_x per launch.
+template <typename Args, typename Launch>
+cudaError_t launch_blocks(int64_t blocks, Args& args, int64_t max_grid_x, Launch launch) {
+  for (int64_t first = 0; first < blocks; first += max_grid_x) {
+    args.block_offset = first;
+    launch(u32(blocks - first < max_grid_x ? blocks - first : max_grid_x));
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
 }
 
-struct LaunchSums {
-  template <typename T, bool TC>
-  static cudaError_t run(const Problem& p, const ForwardPlan& plan, const void* x, const void* directions,
-                         float* workspace, float* sums, cudaStream_t stream) {
-    for (int64_t first = 0; first < p.batch; first += plan.batch_per_launch) {
-      const int64_t count = std::min(plan.batch_per_launch, p.batch - first);
-      const dim3 grid(u32(plan.k_tiles), u32(plan.chunks), u32(count * plan.passes));
-      ecf_sums_kernel<T, TC><<<grid, kThreads, 0, stream>>>(
-          static_cast<const T*>(x), static_cast<const T*>(directions), workspace, i32(p.batch), i32(p.samples),
-          i32(p.dim), i32(p.slices), i32(p.knots), p.delta, i32(plan.tiles_per_chunk), i32(plan.passes), i32(first));
-      const cudaError_t err = cudaGetLastError();
-      if (err != cudaSuccess) return err;
-    }
-    const int64_t count = p.batch * 2 * p.slices * p.knots;
-    sum_ecf_chunks_kernel<<<elementwise_blocks(count), kThreads, 0, stream>>>(
-        workspace, sums, i32(plan.chunks), count, p.slices * p.knots, i32(p.knots), static_cast<double>(p.samples));
-    return cudaGetLastError();
-  }
-};
+template <typename T, Tile TILE, Mode MODE>
+cudaError_t partials_instance(const PartialsPlan& plan, PartialsArgs& a, cudaStream_t stream, int64_t max_grid) {
+  return launch_blocks(plan.blocks, a, max_grid, [&](unsigned int blocks) {
+    ecf_partials_kernel<T, TILE, MODE><<<dim3(blocks), dim3(kThreads), 0, stream>>>(a);
+  });
+}
 
-struct LaunchBackward {
-  template <typename T, bool TC>
-  static cudaError_t run(const Problem& p, const BackwardPlan& plan, const float* grad_sums, const void* x,
-                         const void* directions, float* coef_workspace, void* grad_x, float* directions_workspace,
-                         void* grad_directions, cudaStream_t stream) {
-    const int64_t coef_count = p.batch * p.knots * p.slices;
-    float2* coef = reinterpret_cast<float2*>(coef_workspace);
-    knot_coefficients_kernel<<<elementwise_blocks(coef_count), kThreads, 0, stream>>>(
-        grad_sums, coef, coef_count, i32(p.slices), i32(p.knots), p.delta);
-    cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess || p.dim == 0) return err;  // no features: empty gradients
+template <typename T, Tile TILE, Mode MODE>
+cudaError_t gradient_instance(const GradientPlan& plan, GradientArgs& a, cudaStream_t stream, int64_t max_grid) {
+  return launch_blocks(plan.blocks, a, max_grid, [&](unsigned int blocks) {
+    slice_gradient_kernel<T, TILE, MODE><<<dim3(blocks), dim3(kThreads), 0, stream>>>(a);
+  });
+}
 
-    for (int64_t first = 0; first < p.batch; first += plan.batch_per_launch) {
-      const dim3 grid_x(u32(plan.n_tiles), u32(plan.d_chunks), u32(std::min(plan.batch_per_launch, p.batch - first)));
-      ecf_grad_x_kernel<T, TC><<<grid_x, kThreads, 0, stream>>>(
-          coef, static_cast<const T*>(x), static_cast<const T*>(directions), static_cast<T*>(grad_x), i32(p.samples),
-          i32(p.dim), i32(p.slices), i32(p.knots), p.delta, i32(first));
-      err = cudaGetLastError();
-      if (err != cudaSuccess) return err;
-    }
-    if (grad_directions == nullptr) return cudaSuccess;
-
-    const dim3 grid_a(u32(plan.k_tiles), u32(plan.d_chunks), u32(plan.chunks));
-    ecf_grad_directions_kernel<T, TC><<<grid_a, kThreads, 0, stream>>>(
-        coef, static_cast<const T*>(x), static_cast<const T*>(directions), directions_workspace, i32(p.samples),
-        i32(p.dim), i32(p.slices), i32(p.knots), p.delta, i32(p.batch * plan.n_tiles), i32(plan.tiles_per_chunk));
-    err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-    const int64_t count = p.dim * p.slices;
-    sum_chunks_kernel<T><<<elementwise_blocks(count), kThreads, 0, stream>>>(
-        directions_workspace, static_cast<T*>(grad_directions), i32(plan.chunks), count);
-    return cudaGetLastError();
-  }
-};
-
-template <typename Launch, bool TC, typename... Args>
-cudaError_t dispatch_type(DType dtype, Args... args) {
-  switch (dtype) {
-    case DType::kFloat32:
-      return Launch::template run<float, TC>(args...);
-    case DType::kFloat16:
-      return Launch::template run<__half, TC>(args...);
-    case DType::kBFloat16:
-      return Launch::template run<__nv_bfloat16, TC>(args...);
+// Calls Instance::run<T, TILE, MODE>(args...) for the run-time dtype, tile and mode.
+template <typename Instance, typename T, Tile TILE, typename... Args>
+cudaError_t dispatch_mode(Mode mode, Args&... args) {
+  switch (mode) {
+    case Mode::kTensorCores:
+      return Instance::template run<T, TILE, Mode::kTensorCores>(args...);
+    case Mode::kFma:
+      return Instance::template run<T, TILE, Mode::kFma>(args...);
+    case Mode::kProjected:
+      return Instance::template run<T, TILE, Mode::kProjected>(args...);
   }
   return cudaErrorInvalidValue;
 }
 
-template <typename Launch, typename... Args>
-cudaError_t dispatch(DType dtype, bool tensor_cores, Args... args) {
-  return tensor_cores ? dispatch_type<Launch, true>(dtype, args...) : dispatch_type<Launch, false>(dtype, args...);
+template <typename Instance, typename T, typename... Args>
+cudaError_t dispatch_tile(Tile tile, Mode mode, Args&... args) {
+  return tile == Tile::kBig ? dispatch_mode<Instance, T, Tile::kBig>(mode, args...)
+                            : dispatch_mode<Instance, T, Tile::kSmall>(mode, args...);
 }
+
+template <typename Instance, typename... Args>
+cudaError_t dispatch(DType dtype, Tile tile, Mode mode, Args&... args) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return dispatch_tile<Instance, float>(tile, mode, args...);
+    case DType::kFloat16:
+      return dispatch_tile<Instance, __half>(tile, mode, args...);
+    case DType::kBFloat16:
+      return dispatch_tile<Instance, __nv_bfloat16>(tile, mode, args...);
+  }
+  return cudaErrorInvalidValue;
+}
+
+struct PartialsInstance {
+  template <typename T, Tile TILE, Mode MODE>
+  static cudaError_t run(const PartialsPlan& plan, PartialsArgs& a, cudaStream_t& stream, int64_t& max_grid) {
+    return partials_instance<T, TILE, MODE>(plan, a, stream, max_grid);
+  }
+};
+
+struct GradientInstance {
+  template <typename T, Tile TILE, Mode MODE>
+  static cudaError_t run(const GradientPlan& plan, GradientArgs& a, cudaStream_t& stream, int64_t& max_grid) {
+    return gradient_instance<T, TILE, MODE>(plan, a, stream, max_grid);
+  }
+};
 
 }  // namespace
 
-cudaError_t launch_ecf_sums(const Problem& p, const ForwardPlan& plan, DType dtype, bool tensor_cores, const void* x,
-                            const void* directions, float* workspace, float* sums, cudaStream_t stream) {
-  return dispatch<LaunchSums>(dtype, tensor_cores, p, plan, x, directions, workspace, sums, stream);
+cudaError_t launch_ecf_partials(const PartialsPlan& plan, PartialsArgs args, DType dtype, Mode mode,
+                                cudaStream_t stream, int64_t max_grid_x) {
+  return dispatch<PartialsInstance>(dtype, plan.tile, mode, plan, args, stream, max_grid_x);
 }
 
-cudaError_t launch_ecf_sums_backward(const Problem& p, const BackwardPlan& plan, DType dtype, bool tensor_cores,
-                                     const float* grad_sums, const void* x, const void* directions,
-                                     float* coef_workspace, void* grad_x, float* directions_workspace,
-                                     void* grad_directions, cudaStream_t stream) {
-  return dispatch<LaunchBackward>(dtype, tensor_cores, p, plan, grad_sums, x, directions, coef_workspace, grad_x,
-                                  directions_workspace, grad_directions, stream);
+cudaError_t launch_statistic(const StatisticPlan& plan, StatisticArgs args, cudaStream_t stream,
+                             int64_t max_grid_x) {
+  return launch_blocks(plan.blocks, args, max_grid_x, [&](unsigned int blocks) {
+    statistic_kernel<<<dim3(blocks), dim3(kStatisticThreads), 0, stream>>>(args);
+  });
+}
+
+cudaError_t launch_slice_gradient(const GradientPlan& plan, GradientArgs args, DType dtype, Mode mode,
+                                  cudaStream_t stream, int64_t max_grid_x) {
+  return dispatch<GradientInstance>(dtype, plan.tile, mode, plan, args, stream, max_grid_x);
 }
 
 }  // namespace cuda

@@ -1,17 +1,21 @@
-// Device building blocks of the SIGReg CUDA kernels: tile sizes, the shared
-// memory layout, the 64x64 block matrix product (WMMA tensor cores or plain
-// FMA), the projection tile and the per-element gradient tile. No torch here.
+// Device building blocks of the SIGReg CUDA kernels: tile geometry, shared
+// memory layouts, the staged copies (cp.async), the block's projection product
+// (WMMA or exact FMAs), the accurate sin/cos. No torch here.
 //
-// Every kernel runs 256 threads (8 warps) on 64x64 output tiles:
-//  - a 64x64 product is split over warps as WMMA 16x16 fragments: warp w owns
-//    fragment row w % 4 and fragment columns 2 * (w / 4) + {0, 1}; the FMA path
-//    gives thread t the elements (t / 16 + 16 i, t % 16 + 16 j), i, j < 4;
-//  - element-wise work (sin/cos at the knots) gives thread t column t / 4 and
-//    rows t % 4 + 4 i, i < 16, so the 4 threads of a column sit in one warp.
+// A block of 256 threads (8 warps) owns a tile of block_n rows x block_k slices:
+//  - the product: 16x16 WMMA fragments spread over the warps; the small tile has
+//    fewer fragments than warps, so two warp groups each take half of every
+//    depth step and leave their own partial tile (added when read: P0 + P1);
+//  - the element phase: warp w holds cols_per_warp adjacent slices, lane l the
+//    column w * cols_per_warp + l / row_groups and the rows l % row_groups +
+//    row_groups * i, so the row_groups lanes of a column are adjacent (the
+//    forward reduces them by shuffles) and a warp's reads of a row of P hit 32
+//    distinct banks (the row pitch is block_k + cols_per_warp words).
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_pipeline.h>
 #include <mma.h>
 
 #include <cstdint>
@@ -21,53 +25,11 @@
 #include "sigreg_cuda_kernels.cuh"
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-#error "sigreg CUDA kernels need sm_80 or newer (bf16/tf32 tensor cores); set TORCH_CUDA_ARCH_LIST accordingly"
+#error "sigreg CUDA kernels need sm_80 or newer (bf16/tf32 tensor cores, cp.async): set TORCH_CUDA_ARCH_LIST"
 #endif
 
 namespace sigreg {
 namespace cuda {
-
-// Shared memory of one block, in bytes. The region at offset 0 is reused by
-// phases that never overlap (separated by __syncthreads):
-//   projection operands x [64 x 32] and directions [32 x 64]  |  the other
-//   operand of the output product [64 x 64].
-// Then the projection tile P (float [64 x 72]) and the gradient tile G, which
-// overwrites P in place for float (same element size) and has its own buffer
-// for 16-bit types. Row pads keep WMMA pointers 32-byte aligned, leading
-// dimensions multiples of 16 bytes, and the element phase free of bank conflicts.
-template <typename T>
-struct Smem {
-  static constexpr int kPad = 16 / static_cast<int>(sizeof(T));
-  static constexpr int kLdX = kDepth + kPad;
-  static constexpr int kLdA = kTile + kPad;
-  static constexpr int kLdW = kTile + kPad;
-  static constexpr int kLdP = kTile + 8;
-  static constexpr int kLdG = kTile + 8;
-  static constexpr int kXBytes = kTile * kLdX * sizeof(T);
-  static constexpr int kABytes = kDepth * kLdA * sizeof(T);
-  static constexpr int kWBytes = kTile * kLdW * sizeof(T);
-  static constexpr int kRegionBytes = kXBytes + kABytes > kWBytes ? kXBytes + kABytes : kWBytes;
-  static constexpr int kPOffset = kRegionBytes;
-  static constexpr int kPBytes = kTile * kLdP * 4;
-  static constexpr bool kGInP = sizeof(T) == 4;
-  static constexpr int kGOffset = kGInP ? kPOffset : kPOffset + kPBytes;
-  static constexpr int kBytes = kGInP ? kPOffset + kPBytes : kGOffset + kTile * kLdG * sizeof(T);
-  static_assert(kXBytes % 128 == 0 && kRegionBytes % 128 == 0 && kPBytes % 128 == 0, "32-byte aligned buffers");
-  static_assert(kBytes <= 48 * 1024, "static shared memory limit");
-};
-
-struct SmemPtrs {
-  template <typename T>
-  __device__ static T* x(unsigned char* s) { return reinterpret_cast<T*>(s); }
-  template <typename T>
-  __device__ static T* a(unsigned char* s) { return reinterpret_cast<T*>(s + Smem<T>::kXBytes); }
-  template <typename T>
-  __device__ static T* w(unsigned char* s) { return reinterpret_cast<T*>(s); }
-  template <typename T>
-  __device__ static float* p(unsigned char* s) { return reinterpret_cast<float*>(s + Smem<T>::kPOffset); }
-  template <typename T>
-  __device__ static T* g(unsigned char* s) { return reinterpret_cast<T*>(s + Smem<T>::kGOffset); }
-};
 
 // Explicit conversions: torch builds with __CUDA_NO_HALF_CONVERSIONS__.
 __device__ __forceinline__ float to_float(float v) { return v; }
@@ -82,16 +44,75 @@ __device__ __forceinline__ __half from_float<__half>(float v) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
-// Operand layouts of a product: element (r, c) of a row-major operand is at
-// ptr[r * ld + c], of a column-major one at ptr[c * ld + r].
-struct RowMajor {
-  using Wmma = nvcuda::wmma::row_major;
-  __device__ static int at(int r, int c, int ld) { return r * ld + c; }
+constexpr int round_up_128(int bytes) { return (bytes + 127) / 128 * 128; }
+constexpr int max_int(int a, int b) { return a > b ? a : b; }
+
+template <Tile TILE>
+struct Geometry {
+  static constexpr int kN = tile_shape(TILE).block_n, kK = tile_shape(TILE).block_k;
+  static constexpr int kWarps = kThreads / 32;
+  static constexpr int kSplit = (kN / 16) * (kK / 16) >= kWarps ? 1 : kWarps / ((kN / 16) * (kK / 16));
+  static constexpr int kColsPerWarp = kK / kWarps;         // big 8, small 4
+  static constexpr int kRowGroups = 32 / kColsPerWarp;     // lanes per column: big 4, small 8
+  static constexpr int kRowsPerThread = kN / kRowGroups;   // big 16, small 4
+  static constexpr int kLdP = kK + kColsPerWarp;           // float pitch of P: conflict-free element reads
+  static constexpr int kPBytes = round_up_128(kN * kLdP * 4);
+  static_assert(kColsPerWarp * kWarps == kK && kRowGroups * kColsPerWarp == 32 && kRowsPerThread * kRowGroups == kN,
+                "the element phase covers the tile exactly");
+  __device__ static int col() { return static_cast<int>(threadIdx.x) / 32 * kColsPerWarp + lane() / kRowGroups; }
+  __device__ static int row_group() { return lane() % kRowGroups; }
+  __device__ static int lane() { return static_cast<int>(threadIdx.x) % 32; }
 };
-struct ColMajor {
-  using Wmma = nvcuda::wmma::col_major;
-  __device__ static int at(int r, int c, int ld) { return c * ld + r; }
+
+// Shared memory of one input type and tile. A pipeline stage holds the x
+// tile [block_n x kDepth] and the directions tile [kDepth x block_k], 64 bytes
+// of features per row; rows padded by 16 bytes (WMMA pointers stay 32-byte
+// aligned, leading dimensions whole 16 bytes, fragment loads conflict-free).
+// kLdQ: pitch of a tile in T (a given projection, or G), conflict-free reads.
+template <typename T, Tile TILE>
+struct Smem {
+  using G = Geometry<TILE>;
+  static constexpr int kSize = static_cast<int>(sizeof(T));
+  static constexpr int kVec = 16 / kSize;  // elements per 16-byte vector
+  static constexpr int kDepth = 64 / kSize;
+  static constexpr int kLdX = kDepth + kVec, kLdA = G::kK + kVec;
+  static constexpr int kLdQ = G::kK + max_int(G::kColsPerWarp, kVec);
+  static constexpr int kXBytes = round_up_128(G::kN * kLdX * kSize);
+  static constexpr int kABytes = round_up_128(kDepth * kLdA * kSize);
+  static constexpr int kStageBytes = kXBytes + kABytes;
+  static constexpr int kQBytes = round_up_128(G::kN * kLdQ * kSize);
+  static_assert((kLdQ * kSize) % 16 == 0 && (G::kLdP * 4) % 16 == 0, "rows of whole 16-byte vectors");
 };
+
+// Copies rows [r0, r0 + ROWS) x columns [c0, c0 + COLS) of the row-major matrix
+// src [rows x cols] into shared memory dst (pitch ld), zero outside the matrix.
+// vec: 16-byte asynchronous copies (cp.async, completed by the caller's
+// __pipeline_wait_prior); else element by element, synchronously.
+template <int ROWS, int COLS, typename T>
+__device__ __forceinline__ void stage_tile(T* dst, int ld, const T* src, int64_t r0, int64_t rows, int64_t c0,
+                                           int64_t cols, bool vec) {
+  if (vec) {
+    constexpr int kVec = 16 / static_cast<int>(sizeof(T)), kPerRow = COLS / kVec;
+    static_assert(COLS % kVec == 0, "whole vectors per row");
+    constexpr int kChunks = ROWS * kPerRow;
+#pragma unroll
+    for (int i = 0; i < (kChunks + kThreads - 1) / kThreads; ++i) {
+      const int e = static_cast<int>(threadIdx.x) + i * kThreads;
+      if (kChunks % kThreads != 0 && e >= kChunks) break;
+      const int r = e / kPerRow, c = e % kPerRow * kVec;
+      const bool inside = r0 + r < rows && c0 + c < cols;  // cols is a multiple of kVec: whole vectors in or out
+      const T* from = inside ? src + (r0 + r) * cols + c0 + c : src;
+      __pipeline_memcpy_async(dst + r * ld + c, from, 16, inside ? 0 : 16);
+    }
+  } else {
+#pragma unroll 1
+    for (int e = threadIdx.x; e < ROWS * COLS; e += kThreads) {
+      const int r = e / COLS, c = e % COLS;
+      const bool inside = r0 + r < rows && c0 + c < cols;
+      dst[r * ld + c] = inside ? src[(r0 + r) * cols + c0 + c] : from_float<T>(0.0f);
+    }
+  }
+}
 
 // WMMA shape per input type: 16x16x16 for 16-bit types, 16x16x8 TF32 for float.
 template <typename T>
@@ -105,45 +126,56 @@ struct WmmaType<float> {
   using Elem = nvcuda::wmma::precision::tf32;
 };
 
-// A block's 64x64 float accumulator on tensor cores (see the file comment).
-template <typename T>
-struct WmmaTile {
-  static constexpr int kK = WmmaType<T>::kK;
+// The block's projection tile on tensor cores: warp group h (of Geometry::kSplit)
+// accumulates its share of each stage's depth into its fragments, then stores
+// them to its own float tile p + h * (block_n x kLdP).
+template <typename T, Tile TILE>
+struct WmmaProduct {
+  using G = Geometry<TILE>;
+  using S = Smem<T, TILE>;
+  static constexpr int kFragK = WmmaType<T>::kK;
   using Elem = typename WmmaType<T>::Elem;
-  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, kK, float> frag[2];
+  static constexpr int kWarpsPerGroup = G::kWarps / G::kSplit;
+  static constexpr int kFragRows = G::kN / 16;
+  static constexpr int kFrags = kFragRows * (G::kK / 16) / kWarpsPerGroup;  // per warp: big 2, small 1
+  static constexpr int kSteps = S::kDepth / kFragK / G::kSplit;             // fragment steps per stage and group
+  static_assert(kFrags >= 1 && kSteps >= 1, "fragments and depth split evenly over the warps");
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, kFragK, float> acc[kFrags];
 
-  __device__ void zero() {
-    nvcuda::wmma::fill_fragment(frag[0], 0.0f);
-    nvcuda::wmma::fill_fragment(frag[1], 0.0f);
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int q = 0; q < kFrags; ++q) nvcuda::wmma::fill_fragment(acc[q], 0.0f);
   }
 
-  // this += A [64 x DEPTH] * B [DEPTH x 64], both in shared memory.
-  template <int DEPTH, typename LA, typename LB>
-  __device__ void mma(const T* a, int lda, const T* b, int ldb) {
+  __device__ static int group() { return static_cast<int>(threadIdx.x) / 32 / kWarpsPerGroup; }
+  __device__ static int frag_row() { return static_cast<int>(threadIdx.x) / 32 % kWarpsPerGroup % kFragRows; }
+  __device__ static int frag_col() { return static_cast<int>(threadIdx.x) / 32 % kWarpsPerGroup / kFragRows * kFrags; }
+
+  // acc += xs [block_n x kDepth] @ as [kDepth x block_k] (this group's depth share).
+  __device__ __forceinline__ void mma(const T* xs, const T* as) {
     using namespace nvcuda;
-    const int warp = threadIdx.x / 32;
-    const int fm = warp % 4, fn = (warp / 4) * 2;
+    const int fm = frag_row(), fn = frag_col();
 #pragma unroll
-    for (int kk = 0; kk < DEPTH; kk += kK) {
-      wmma::fragment<wmma::matrix_a, 16, 16, kK, Elem, typename LA::Wmma> fa;
-      wmma::load_matrix_sync(fa, a + LA::at(fm * 16, kk, lda), lda);
+    for (int s = 0; s < kSteps; ++s) {
+      const int kk = (group() * kSteps + s) * kFragK;
+      wmma::fragment<wmma::matrix_a, 16, 16, kFragK, Elem, wmma::row_major> fa;
+      wmma::load_matrix_sync(fa, xs + fm * 16 * S::kLdX + kk, S::kLdX);
       to_tf32(fa);
 #pragma unroll
-      for (int q = 0; q < 2; ++q) {
-        wmma::fragment<wmma::matrix_b, 16, 16, kK, Elem, typename LB::Wmma> fb;
-        wmma::load_matrix_sync(fb, b + LB::at(kk, (fn + q) * 16, ldb), ldb);
+      for (int q = 0; q < kFrags; ++q) {
+        wmma::fragment<wmma::matrix_b, 16, 16, kFragK, Elem, wmma::row_major> fb;
+        wmma::load_matrix_sync(fb, as + kk * S::kLdA + (fn + q) * 16, S::kLdA);
         to_tf32(fb);
-        wmma::mma_sync(frag[q], fa, fb, frag[q]);
+        wmma::mma_sync(acc[q], fa, fb, acc[q]);
       }
     }
   }
 
-  __device__ void store(float* out, int ldo) const {
-    const int warp = threadIdx.x / 32;
-    const int fm = warp % 4, fn = (warp / 4) * 2;
+  __device__ __forceinline__ void store(float* p) const {
+    float* out = p + group() * (G::kPBytes / 4) + frag_row() * 16 * G::kLdP + frag_col() * 16;
 #pragma unroll
-    for (int q = 0; q < 2; ++q)
-      nvcuda::wmma::store_matrix_sync(out + fm * 16 * ldo + (fn + q) * 16, frag[q], ldo, nvcuda::wmma::mem_row_major);
+    for (int q = 0; q < kFrags; ++q)
+      nvcuda::wmma::store_matrix_sync(out + q * 16, acc[q], G::kLdP, nvcuda::wmma::mem_row_major);
   }
 
  private:
@@ -157,47 +189,118 @@ struct WmmaTile {
   }
 };
 
-// The same accumulator computed with exact float FMAs (fp32 "highest", and a
-// fallback without tensor cores for every type).
-template <typename T>
-struct FmaTile {
-  float v[4][4];
+// The same tile by exact float FMAs (float32 at "highest" precision when the
+// kernel is asked for the product; 16-bit inputs with tensor cores disabled).
+// Thread l of group h: rows ty + kTy * i, columns tx + 16 * j.
+template <typename T, Tile TILE>
+struct FmaProduct {
+  using G = Geometry<TILE>;
+  using S = Smem<T, TILE>;
+  static constexpr int kGroupThreads = kThreads / G::kSplit;
+  static constexpr int kTy = kGroupThreads / 16, kRows = G::kN / kTy, kCols = G::kK / 16;
+  static constexpr int kDepthShare = S::kDepth / G::kSplit;
+  float v[kRows][kCols];
 
-  __device__ void zero() {
+  __device__ __forceinline__ void zero() {
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
+    for (int i = 0; i < kRows; ++i)
 #pragma unroll
-      for (int j = 0; j < 4; ++j) v[i][j] = 0.0f;
+      for (int j = 0; j < kCols; ++j) v[i][j] = 0.0f;
   }
 
-  template <int DEPTH, typename LA, typename LB>
-  __device__ void mma(const T* a, int lda, const T* b, int ldb) {
-    const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+  __device__ __forceinline__ void mma(const T* xs, const T* as) {
+    const int h = threadIdx.x / kGroupThreads, l = threadIdx.x % kGroupThreads, ty = l / 16, tx = l % 16;
 #pragma unroll 4
-    for (int kk = 0; kk < DEPTH; ++kk) {
-      float av[4], bv[4];
+    for (int kk = h * kDepthShare; kk < (h + 1) * kDepthShare; ++kk) {
+      float av[kRows], bv[kCols];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) av[i] = to_float(a[LA::at(ty + 16 * i, kk, lda)]);
+      for (int i = 0; i < kRows; ++i) av[i] = to_float(xs[(ty + kTy * i) * S::kLdX + kk]);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) bv[j] = to_float(b[LB::at(kk, tx + 16 * j, ldb)]);
+      for (int j = 0; j < kCols; ++j) bv[j] = to_float(as[kk * S::kLdA + tx + 16 * j]);
 #pragma unroll
-      for (int i = 0; i < 4; ++i)
+      for (int i = 0; i < kRows; ++i)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) v[i][j] = fmaf(av[i], bv[j], v[i][j]);
+        for (int j = 0; j < kCols; ++j) v[i][j] = fmaf(av[i], bv[j], v[i][j]);
     }
   }
 
-  __device__ void store(float* out, int ldo) const {
-    const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+  __device__ __forceinline__ void store(float* p) const {
+    const int h = threadIdx.x / kGroupThreads, l = threadIdx.x % kGroupThreads, ty = l / 16, tx = l % 16;
+    float* out = p + h * (G::kPBytes / 4);
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
+    for (int i = 0; i < kRows; ++i)
 #pragma unroll
-      for (int j = 0; j < 4; ++j) out[(ty + 16 * i) * ldo + tx + 16 * j] = v[i][j];
+      for (int j = 0; j < kCols; ++j) out[(ty + kTy * i) * G::kLdP + tx + 16 * j] = v[i][j];
   }
 };
 
-template <typename T, bool TENSOR_CORES>
-using Tile = typename std::conditional<TENSOR_CORES, WmmaTile<T>, FmaTile<T>>::type;
+template <typename T, Tile TILE, Mode MODE>
+using Product = typename std::conditional<MODE == Mode::kTensorCores, WmmaProduct<T, TILE>, FmaProduct<T, TILE>>::type;
+
+// The projection tile P = x_b[n0 : n0 + block_n, :] @ directions[:, k0 : k0 + block_k]
+// through a two-stage cp.async pipeline with one barrier per stage: at stage i
+// the copies of stage i + 1 are issued after the barrier (so the buffer they
+// overwrite, read at stage i - 1, is free) and run during the product of stage
+// i. The last stage issues the first stage of the next tile (next_n0 >= 0).
+// The caller issued this tile's first stage (issue_stage(0, n0, 0)); on return
+// P is in shared memory and every thread may read it.
+template <typename T, Tile TILE, Mode MODE>
+struct Projection {
+  using G = Geometry<TILE>;
+  using S = Smem<T, TILE>;
+  unsigned char* stages;  // two stages
+  float* p;               // G::kSplit float tiles
+  const T* x_b;
+  const T* directions;
+  int64_t samples, dim, slices, k0;
+  bool x_vec, directions_vec;
+  int stage = 0;
+
+  __device__ __forceinline__ int64_t steps() const { return (dim + S::kDepth - 1) / S::kDepth; }
+
+  __device__ __forceinline__ void issue_stage(int buffer, int64_t n0, int64_t d0) {
+    T* xs = reinterpret_cast<T*>(stages + buffer * S::kStageBytes);
+    T* as = reinterpret_cast<T*>(stages + buffer * S::kStageBytes + S::kXBytes);
+    stage_tile<G::kN, S::kDepth>(xs, S::kLdX, x_b, n0, samples, d0, dim, x_vec);
+    stage_tile<S::kDepth, G::kK>(as, S::kLdA, directions, d0, dim, k0, slices, directions_vec);
+    __pipeline_commit();
+  }
+
+  __device__ __forceinline__ void first_stage(int64_t n0) {
+    if (steps() > 0) issue_stage(stage, n0, 0);
+  }
+
+  __device__ __forceinline__ void run(int64_t n0, int64_t next_n0) {
+    Product<T, TILE, MODE> acc;
+    acc.zero();
+    const int64_t n_steps = steps();
+    for (int64_t i = 0; i < n_steps; ++i) {
+      __pipeline_wait_prior(0);
+      __syncthreads();  // stage i landed for every thread; stage i - 1's readers are done
+      if (i + 1 < n_steps) {
+        issue_stage(stage ^ 1, n0, (i + 1) * S::kDepth);
+      } else if (next_n0 >= 0) {
+        issue_stage(stage ^ 1, next_n0, 0);
+      }
+      const unsigned char* current = stages + stage * S::kStageBytes;
+      acc.mma(reinterpret_cast<const T*>(current), reinterpret_cast<const T*>(current + S::kXBytes));
+      stage ^= 1;
+    }
+    if (n_steps == 0) __syncthreads();  // (with stages, their first barrier) earlier readers of P are done
+    acc.store(p);
+    __syncthreads();
+  }
+};
+
+// The projection value of element (row, col) of the tile in shared memory.
+template <Tile TILE>
+__device__ __forceinline__ float product_value(const float* p, int row, int col) {
+  using G = Geometry<TILE>;
+  float v = p[row * G::kLdP + col];
+  if constexpr (G::kSplit == 2) v += p[G::kPBytes / 4 + row * G::kLdP + col];
+  static_assert(G::kSplit <= 2, "one or two warp groups");
+  return v;
+}
 
 // Accurate sin and cos for any float: the shared branch-free polynomial where
 // its range reduction is exact enough, the CUDA library (with its Payne-Hanek
@@ -220,72 +323,13 @@ __device__ __forceinline__ void sincos_accurate(float a, float* s, float* c) {
   }
 }
 
-// Copies rows [r0, r0 + ROWS) x columns [c0, c0 + COLS) of a row-major
-// [rows x cols] matrix into shared memory (leading dimension ld), zero outside.
-template <int ROWS, int COLS, typename T>
-__device__ __forceinline__ void load_tile(T* dst, int ld, const T* __restrict__ src, int64_t r0, int rows,
-                                          int64_t c0, int cols) {
-  static_assert((ROWS * COLS) % kThreads == 0, "whole tile per pass");
-#pragma unroll 4
-  for (int e = threadIdx.x; e < ROWS * COLS; e += kThreads) {
-    const int r = e / COLS, c = e % COLS;
-    const bool inside = r0 + r < rows && c0 + c < cols;
-    dst[r * ld + c] = inside ? src[(r0 + r) * cols + c0 + c] : from_float<T>(0.0f);
-  }
-}
-
-// The projection tile P = x_b[n0 : n0 + 64, :] @ directions[:, k0 : k0 + 64]
-// (float) into shared memory, looping over the features; on return every thread
-// may read P (and earlier readers of P and G are done).
-template <typename T, bool TC>
-__device__ void project_tile(unsigned char* smem, const T* __restrict__ x_b, const T* __restrict__ directions,
-                             int samples, int dim, int slices, int n0, int k0) {
-  T* xs = SmemPtrs::x<T>(smem);
-  T* as = SmemPtrs::a<T>(smem);
-  Tile<T, TC> acc;
-  acc.zero();
-  for (int d0 = 0; d0 < dim; d0 += kDepth) {
-    __syncthreads();  // earlier readers of the shared region are done
-    load_tile<kTile, kDepth>(xs, Smem<T>::kLdX, x_b, n0, samples, d0, dim);
-    load_tile<kDepth, kTile>(as, Smem<T>::kLdA, directions, d0, dim, k0, slices);
-    __syncthreads();
-    acc.template mma<kDepth, RowMajor, RowMajor>(xs, Smem<T>::kLdX, as, Smem<T>::kLdA);
-  }
-  __syncthreads();  // the previous tile's readers of P and G are done (also when dim == 0)
-  acc.store(SmemPtrs::p<T>(smem), Smem<T>::kLdP);
-  __syncthreads();
-}
-
-// G[n, k] = sum_j t_j (gS_kj cos(t_j p_nk) - gC_kj sin(t_j p_nk)) for the
-// projection tile P in shared memory (from project_tile).
-// G goes to shared memory in the input type (it feeds the next product), zero
-// on rows >= valid_rows and slices >= K. coef_b ([knots, K] of float2, see
-// knot_coefficients_kernel) is read through L1: the 4 threads of a column
-// share each load, and the 8 columns of a warp read 64 contiguous bytes.
-template <typename T>
-__device__ void gradient_tile(unsigned char* smem, const float2* __restrict__ coef_b, int valid_rows, int slices,
-                              int k0, int knots, float delta) {
-  const float* ps = SmemPtrs::p<T>(smem);
-  T* gs = SmemPtrs::g<T>(smem);  // P itself for float: each thread overwrites only what it has read
-  const int col = threadIdx.x / 4, rg = threadIdx.x % 4, k = k0 + col;
-  for (int i = 0; i < kTile / 4; ++i) {
-    const int row = rg + 4 * i;
-    float g = 0.0f;
-    if (row < valid_rows && k < slices) {
-      const float p = ps[row * Smem<T>::kLdP + col];
-      float s1, c1;
-      sincos_accurate(delta * p, &s1, &c1);
-      float c = c1, s = s1;
-      const float2* coef_k = coef_b + k;
-#pragma unroll 4
-      for (int j = 1; j < knots; ++j) {
-        const float2 cf = __ldg(coef_k + static_cast<int64_t>(j) * slices);
-        g = fmaf(cf.x, c, fmaf(cf.y, s, g));
-        rotate(c, s, c1, s1);
-      }
-    }
-    gs[row * Smem<T>::kLdG + col] = from_float<T>(g);
-  }
+// Sum over the lanes of a column (adjacent lanes), the same order on every run;
+// every lane gets the total.
+template <int ROW_GROUPS>
+__device__ __forceinline__ float column_sum(float v) {
+#pragma unroll
+  for (int m = 1; m < ROW_GROUPS; m *= 2) v += __shfl_xor_sync(0xffffffffu, v, m);
+  return v;
 }
 
 }  // namespace cuda

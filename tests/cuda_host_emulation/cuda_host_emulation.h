@@ -15,6 +15,12 @@
 // WMMA fragments hold the whole 16x16 matrix; lane 0 of each warp loads,
 // multiplies (float FMAs, in k order) and stores for the warp, and the other
 // lanes do nothing. The alignment rules of the real load/store are checked.
+// Asynchronous copies (__pipeline_memcpy_async, cuda_pipeline.h) read their
+// source when issued but write shared memory only when the issuing thread
+// waits for their group (__pipeline_wait_prior): a read before the wait, or by
+// another thread without a barrier after it, sees the old (poisoned) bytes.
+// Launches are counted (the tests check one launch per kernel call) and the
+// grid's x cap can be lowered (to test the multi-launch path).
 //
 // The test rewrites the two constructs g++ cannot parse: `kernel<<<grid,
 // block, shared, stream>>>(args)` becomes `::emu::launch(grid, block, shared,
@@ -63,6 +69,9 @@ struct alignas(8) float2 {
   float x, y;
 };
 inline float2 make_float2(float x, float y) { return {x, y}; }
+struct alignas(16) uint4 {
+  unsigned int x, y, z, w;
+};
 
 template <typename T>
 inline T __ldg(const T* p) { return *p; }
@@ -172,11 +181,20 @@ inline void prepare_context(Context& c, void* stack, size_t bytes, void (*entry)
 }
 #endif
 
+// An asynchronous copy in flight: its source bytes, read at issue.
+struct AsyncCopy {
+  void* dst;
+  unsigned char bytes[16];
+  size_t size;
+};
+
 struct Fiber {
   Context context;
   void* stack = nullptr;
   Wait wait = Wait::kRunnable;
-  int shuffles = 0;  // warp shuffles done: selects the shuffle buffer
+  int shuffles = 0;                               // warp shuffles done: selects the shuffle buffer
+  std::vector<AsyncCopy> pending;                 // issued since the last commit
+  std::vector<std::vector<AsyncCopy>> committed;  // committed groups not yet waited for, oldest first
 };
 
 struct State {
@@ -189,6 +207,8 @@ struct State {
   uint64_t shuffled[2][kMaxThreads];   // values in flight in warp shuffles, double-buffered
   std::string failure;                 // first error of the running launch
   cudaError_t last_error = cudaSuccess;
+  uint64_t launches = 0;               // kernel launches so far (tests reset it)
+  uint64_t max_grid_x = 2147483647;    // the hardware's gridDim.x cap (tests lower it)
 };
 inline State state;
 
@@ -235,6 +255,8 @@ inline bool run_block(int threads) {
     prepare_context(f.context, f.stack, kStackBytes, fiber_main);
     f.wait = Wait::kRunnable;
     f.shuffles = 0;
+    f.pending.clear();
+    f.committed.clear();
   }
   std::memset(state.shared, 0xFF, kSharedBytes);
   for (;;) {
@@ -278,8 +300,10 @@ inline bool run_block(int threads) {
 template <typename... Params, typename... Args>
 void launch(dim3 grid, dim3 block, size_t dynamic_shared, cudaStream_t, void (*kernel)(Params...), Args&&... args) {
   static_assert(sizeof...(Params) == sizeof...(Args), "kernel called with the wrong number of arguments");
+  ++state.launches;
   if (block.y != 1 || block.z != 1 || block.x == 0 || block.x > kMaxThreads || block.x % kWarpSize != 0 ||
-      dynamic_shared != 0 || grid.x == 0 || grid.y == 0 || grid.z == 0) {
+      dynamic_shared != 0 || grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > state.max_grid_x ||
+      grid.y > 65535 || grid.z > 65535) {
     state.last_error = cudaErrorInvalidValue;  // (the kernels use 1-D blocks of whole warps, static shared memory)
     return;
   }
@@ -309,7 +333,52 @@ inline unsigned char* block_shared_memory(size_t bytes, size_t alignment) {
 
 inline bool warp_leader() { return threadIdx.x % kWarpSize == 0; }
 
+inline bool in_shared(const void* p, size_t bytes) {
+  const auto* c = static_cast<const unsigned char*>(p);
+  return state.shared != nullptr && c >= state.shared && c + bytes <= state.shared + kSharedBytes;
+}
+
 }  // namespace emu
+
+// ---- Asynchronous copies (cuda_pipeline.h) ----
+inline void __pipeline_memcpy_async(void* dst_shared, const void* src_global, size_t size_and_align,
+                                    size_t zfill = 0) {
+  if (size_and_align != 4 && size_and_align != 8 && size_and_align != 16) {
+    emu::report("__pipeline_memcpy_async of " + std::to_string(size_and_align) + " bytes (4, 8 or 16 only)");
+    return;
+  }
+  if (zfill > size_and_align || !emu::in_shared(dst_shared, size_and_align) ||
+      reinterpret_cast<uintptr_t>(dst_shared) % size_and_align != 0 ||
+      reinterpret_cast<uintptr_t>(src_global) % size_and_align != 0) {
+    emu::report(emu::block_name() + ": __pipeline_memcpy_async with a misaligned or non-shared address");
+    return;
+  }
+  emu::AsyncCopy copy{dst_shared, {}, size_and_align};
+  std::memcpy(copy.bytes, src_global, size_and_align - zfill);  // the rest is zero
+  emu::state.fibers[emu::state.current].pending.push_back(copy);
+}
+
+inline void __pipeline_commit() {
+  emu::Fiber& f = emu::state.fibers[emu::state.current];
+  f.committed.push_back(std::move(f.pending));
+  f.pending.clear();
+}
+
+// Completes (writes) every committed group but the newest `prior`.
+inline void __pipeline_wait_prior(size_t prior) {
+  emu::Fiber& f = emu::state.fibers[emu::state.current];
+  while (f.committed.size() > prior) {
+    for (const emu::AsyncCopy& c : f.committed.front()) std::memcpy(c.dst, c.bytes, c.size);
+    f.committed.erase(f.committed.begin());
+  }
+}
+
+// ---- Cache-hinted 16-byte global stores: the real one needs 16-byte alignment ----
+inline void __stcg(uint4* address, uint4 value) {
+  if (reinterpret_cast<uintptr_t>(address) % 16 != 0)
+    emu::report(emu::block_name() + ": a 16-byte store to an address that is not 16-byte aligned");
+  std::memcpy(address, &value, sizeof(value));
+}
 
 inline cudaError_t cudaGetLastError() {
   const cudaError_t error = emu::state.last_error;

@@ -1,12 +1,10 @@
 // A C interface to the sigreg CUDA kernels running in the host emulation, for
 // ctypes. It does what the ATen launcher (csrc/cuda/sigreg_cuda.cpp) does
-// around the torch-free launch functions: checks the sizes, plans, allocates
-// the workspaces (filled with NaN, so that reading an entry no block wrote
-// shows, and guarded, so that writing past either end shows) and launches.
-// Host memory stands in for device memory.
-#include <algorithm>
-#include <limits>
-#include <vector>
+// around the torch-free launch functions: plans (the same C++ plan functions,
+// also exposed here so the tests compare them with sigreg_kernels/cuda_plan.py),
+// fills the argument structs and launches. The caller allocates the outputs
+// (guarded, NaN-filled) from the plan. Host memory stands in for device memory.
+#include <cstdint>
 
 #include "sigreg_cuda_kernels.host.cpp"  // csrc/cuda/sigreg_cuda_kernels.cu, rewritten by the test
 
@@ -15,33 +13,16 @@ using namespace sigreg::cuda;
 namespace {
 
 constexpr int kUnsupported = -1;
-int64_t max_grid_yz = kMaxGridYZ;  // lowered by tests to make a small batch take several launches
-constexpr int kWroteOutsideWorkspace = -2;
 
-// A workspace filled with NaN between guard regions that must keep their value.
-class Workspace {
- public:
-  explicit Workspace(int64_t floats)
-      : floats_(static_cast<size_t>(floats)), buffer_(floats_ + 2 * kGuard, kGuardValue) {
-    std::fill(data(), data() + floats_, std::numeric_limits<float>::quiet_NaN());
-  }
-  float* data() { return buffer_.data() + kGuard; }
-  bool guards_intact() const {
-    for (size_t i = 0; i < kGuard; ++i)
-      if (buffer_[i] != kGuardValue || buffer_[kGuard + floats_ + i] != kGuardValue) return false;
-    return true;
-  }
-
- private:
-  static constexpr size_t kGuard = 4096;
-  static constexpr float kGuardValue = -1234.5f;
-  size_t floats_;
-  std::vector<float> buffer_;
-};
-
-Problem make_problem(int64_t batch, int64_t samples, int64_t dim, int64_t slices, int64_t knots, double t_max) {
-  return {batch, samples, dim, slices, knots, static_cast<float>(sigreg::knot_spacing(static_cast<int>(knots), t_max))};
+float knot_spacing_f(int64_t knots, double t_max) {
+  return static_cast<float>(sigreg::knot_spacing(static_cast<int>(knots), t_max));
 }
+
+bool rows_of_vectors(const void* ptr, int64_t row_elements, int64_t element_size) {
+  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (row_elements * element_size) % 16 == 0;
+}
+
+int64_t element_size(int dtype) { return static_cast<DType>(dtype) == DType::kFloat32 ? 4 : 2; }
 
 }  // namespace
 
@@ -50,43 +31,102 @@ extern "C" {
 void sigreg_emu_set_descending(int descending) { emu::state.descending = descending != 0; }
 
 // Returns the cap it replaces.
-int64_t sigreg_emu_set_max_grid_yz(int64_t limit) {
-  const int64_t previous = max_grid_yz;
-  max_grid_yz = limit;
+int64_t sigreg_emu_set_max_grid_x(int64_t limit) {
+  const int64_t previous = static_cast<int64_t>(emu::state.max_grid_x);
+  emu::state.max_grid_x = static_cast<uint64_t>(limit);
   return previous;
 }
 
-// The first failure of the last launch ("" if none): divergence, misaligned WMMA operands.
-const char* sigreg_emu_failure() { return emu::state.failure.c_str(); }
-
-int sigreg_emu_ecf_sums(int dtype, int tensor_cores, const void* x, const void* directions, float* sums,
-                        int64_t batch, int64_t samples, int64_t dim, int64_t slices, int64_t knots, double t_max) {
-  const Problem p = make_problem(batch, samples, dim, slices, knots, t_max);
-  if (unsupported_reason(p) != nullptr) return kUnsupported;
-  if (p.batch == 0) return cudaSuccess;
-  const ForwardPlan plan = plan_forward(p, max_grid_yz);
-  Workspace workspace(plan.workspace_floats);
-  const int error = launch_ecf_sums(p, plan, static_cast<DType>(dtype), tensor_cores != 0, x, directions,
-                                    workspace.data(), sums, nullptr);
-  return error != cudaSuccess || workspace.guards_intact() ? error : kWroteOutsideWorkspace;
+// Kernel launches since the last call.
+int64_t sigreg_emu_take_launches() {
+  const int64_t launches = static_cast<int64_t>(emu::state.launches);
+  emu::state.launches = 0;
+  return launches;
 }
 
-// grad_directions null: not wanted.
-int sigreg_emu_ecf_sums_backward(int dtype, int tensor_cores, const float* grad_sums, const void* x,
-                                 const void* directions, void* grad_x, void* grad_directions, int64_t batch,
-                                 int64_t samples, int64_t dim, int64_t slices, int64_t knots, double t_max) {
-  const Problem p = make_problem(batch, samples, dim, slices, knots, t_max);
-  if (unsupported_reason(p) != nullptr) return kUnsupported;
-  if (p.batch == 0) return cudaSuccess;  // the caller zeroes grad_directions: a sum over no samples
-  const bool directions_wanted = grad_directions != nullptr && p.dim > 0;
-  const BackwardPlan plan = plan_backward(p, directions_wanted, max_grid_yz);
-  Workspace coef(plan.coef_floats), directions_workspace(plan.directions_floats);
-  const int error = launch_ecf_sums_backward(
-      p, plan, static_cast<DType>(dtype), tensor_cores != 0, grad_sums, x, directions, coef.data(), grad_x,
-      directions_wanted ? directions_workspace.data() : nullptr, directions_wanted ? grad_directions : nullptr,
-      nullptr);
-  const bool intact = coef.guards_intact() && directions_workspace.guards_intact();
-  return error != cudaSuccess || intact ? error : kWroteOutsideWorkspace;
+// The first failure of the last launch ("" if none): divergence, misaligned WMMA operands or copies.
+const char* sigreg_emu_failure() { return emu::state.failure.c_str(); }
+
+// The plans: out = [tile, k_tiles, passes, splits, rows_per_split, blocks, launches].
+void sigreg_emu_plan_ecf_partials(int64_t batch, int64_t samples, int64_t slices, int64_t knots, int projected,
+                                  int64_t num_sms, int64_t* out) {
+  const PartialsPlan p = plan_ecf_partials(batch, samples, slices, knots, projected != 0, num_sms,
+                                           static_cast<int64_t>(emu::state.max_grid_x));
+  const int64_t values[] = {static_cast<int64_t>(p.tile), p.k_tiles, p.passes, p.splits, p.rows_per_split,
+                            p.blocks, p.launches};
+  for (int i = 0; i < 7; ++i) out[i] = values[i];
+}
+
+// out = [tile, n_tiles, k_tiles, passes, blocks, launches].
+void sigreg_emu_plan_slice_gradient(int64_t batch, int64_t samples, int64_t slices, int64_t knots, int projected,
+                                    int64_t num_sms, int64_t* out) {
+  const GradientPlan p = plan_slice_gradient(batch, samples, slices, knots, projected != 0, num_sms,
+                                             static_cast<int64_t>(emu::state.max_grid_x));
+  const int64_t values[] = {static_cast<int64_t>(p.tile), p.n_tiles, p.k_tiles, p.passes, p.blocks, p.launches};
+  for (int i = 0; i < 6; ++i) out[i] = values[i];
+}
+
+// out = [slices_per_block, blocks, launches, cached].
+void sigreg_emu_plan_statistic(int64_t batch, int64_t slices, int64_t knots, int64_t* out) {
+  const StatisticPlan p = plan_statistic(batch, slices, knots, static_cast<int64_t>(emu::state.max_grid_x));
+  out[0] = p.slices_per_block;
+  out[1] = p.blocks;
+  out[2] = p.launches;
+  out[3] = p.cached ? 1 : 0;
+}
+
+// mode: sigreg::cuda::Mode (kProjected: directions is null, x holds the projection).
+int sigreg_emu_ecf_partials(int dtype, int mode, const void* x, const void* directions, float* partials,
+                            int64_t batch, int64_t samples, int64_t dim, int64_t slices, int64_t knots, double t_max,
+                            int64_t num_sms) {
+  const Problem problem{batch, samples, dim, slices, knots, knot_spacing_f(knots, t_max)};
+  if (unsupported_reason(problem) != nullptr) return kUnsupported;
+  const bool projected = static_cast<Mode>(mode) == Mode::kProjected;
+  const PartialsPlan plan = plan_ecf_partials(batch, samples, slices, knots, projected, num_sms,
+                                              static_cast<int64_t>(emu::state.max_grid_x));
+  if (batch == 0) return cudaSuccess;
+  const PartialsArgs args{x, directions, partials, batch, samples, dim, slices, knots, problem.delta,
+                          plan.k_tiles, plan.passes, plan.splits, plan.rows_per_split,
+                          rows_of_vectors(x, dim, element_size(dtype)),
+                          !projected && rows_of_vectors(directions, slices, element_size(dtype)), 0};
+  return launch_ecf_partials(plan, args, static_cast<DType>(dtype), static_cast<Mode>(mode), nullptr,
+                             static_cast<int64_t>(emu::state.max_grid_x));
+}
+
+// reduction: sigreg::cuda::Reduction; clip: whether clip_value applies.
+int sigreg_emu_statistic(const float* partials, float* stat, float* coef, int64_t batch, int64_t splits,
+                         int64_t slices, int64_t knots, int64_t samples, double t_max, int reduction, int clip,
+                         double clip_value, double grad_factor) {
+  const StatisticPlan plan = plan_statistic(batch, slices, knots, static_cast<int64_t>(emu::state.max_grid_x));
+  if (plan.blocks == 0) return cudaSuccess;
+  const double factor = static_cast<Reduction>(reduction) == Reduction::kMean
+                            ? grad_factor / static_cast<double>(batch * slices)
+                            : grad_factor;
+  const StatisticArgs args{partials, stat, coef, batch, splits, slices, knots, samples,
+                           sigreg::knot_spacing(static_cast<int>(knots), t_max), factor, clip != 0,
+                           static_cast<float>(clip_value), plan.slices_per_block, plan.cached, 0};
+  return launch_statistic(plan, args, nullptr, static_cast<int64_t>(emu::state.max_grid_x));
+}
+
+// g may be x itself (projected: slice_gradient_).
+int sigreg_emu_slice_gradient(int dtype, int mode, const float* coef, const float* scale, int64_t scale_stride_b,
+                              int64_t scale_stride_k, const void* x, const void* directions, void* g, int64_t batch,
+                              int64_t samples, int64_t dim, int64_t slices, int64_t knots, double t_max,
+                              int64_t num_sms) {
+  const Problem problem{batch, samples, dim, slices, knots, knot_spacing_f(knots, t_max)};
+  if (unsupported_reason(problem) != nullptr) return kUnsupported;
+  const bool projected = static_cast<Mode>(mode) == Mode::kProjected;
+  const GradientPlan plan = plan_slice_gradient(batch, samples, slices, knots, projected, num_sms,
+                                                static_cast<int64_t>(emu::state.max_grid_x));
+  if (plan.blocks == 0) return cudaSuccess;
+  const GradientArgs args{coef, scale, scale_stride_b, scale_stride_k, x, directions, g,
+                          batch, samples, dim, slices, knots, problem.delta,
+                          plan.n_tiles, plan.k_tiles, plan.passes,
+                          rows_of_vectors(x, dim, element_size(dtype)),
+                          !projected && rows_of_vectors(directions, slices, element_size(dtype)),
+                          rows_of_vectors(g, slices, element_size(dtype)), 0};
+  return launch_slice_gradient(plan, args, static_cast<DType>(dtype), static_cast<Mode>(mode), nullptr,
+                               static_cast<int64_t>(emu::state.max_grid_x));
 }
 
 }  // extern "C"

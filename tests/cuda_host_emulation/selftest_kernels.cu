@@ -1,6 +1,7 @@
 // Kernels with the bugs the host emulation exists to catch, one each, so the
 // tests can check that it does (tests/test_cuda_emulated.py). Host-only: built
 // by the emulation, never by nvcc.
+#include <cuda_pipeline.h>
 #include <cuda_runtime_api.h>
 #include <mma.h>
 
@@ -45,6 +46,27 @@ __global__ void misaligned_wmma_kernel(float* out) {
   nvcuda::wmma::store_matrix_sync(out + 2, acc, 16, nvcuda::wmma::mem_row_major);
 }
 
+// Reads an asynchronous copy's destination before and after waiting for it.
+__global__ void async_copy_kernel(const float* src, float* out) {
+  __shared__ __align__(16) unsigned char smem[kThreads * sizeof(float)];
+  float* s = reinterpret_cast<float*>(smem);
+  __pipeline_memcpy_async(s + threadIdx.x, src + threadIdx.x, sizeof(float));
+  __pipeline_commit();
+  out[threadIdx.x] = s[threadIdx.x];
+  __pipeline_wait_prior(0);
+  __syncthreads();
+  out[kThreads + threadIdx.x] = s[threadIdx.x];
+}
+
+// A 16-byte asynchronous copy to an address that is not 16-byte aligned.
+__global__ void misaligned_async_copy_kernel(float* out) {
+  __shared__ __align__(16) unsigned char smem[kThreads * sizeof(float)];
+  float* s = reinterpret_cast<float*>(smem);
+  __pipeline_memcpy_async(s + 1, out, 16);
+  __pipeline_commit();
+  __pipeline_wait_prior(0);
+}
+
 }  // namespace
 
 extern "C" {
@@ -66,6 +88,14 @@ int selftest_partial_shuffle(float* out) {
 }
 int selftest_misaligned_wmma(float* out) {
   misaligned_wmma_kernel<<<1, 32, 0, nullptr>>>(out);
+  return cudaGetLastError();
+}
+int selftest_async_copy(const float* src, float* out) {
+  async_copy_kernel<<<1, kThreads, 0, nullptr>>>(src, out);
+  return cudaGetLastError();
+}
+int selftest_misaligned_async_copy(float* out) {
+  misaligned_async_copy_kernel<<<1, kThreads, 0, nullptr>>>(out);
   return cudaGetLastError();
 }
 }  // extern "C"

@@ -1,0 +1,32 @@
+"""The ``cuda`` backend's kernels, as ``fused.py`` calls them: the four functions of
+``primitives.py`` (same arguments, same results), each one launch of the CUDA
+kernels in ``csrc/cuda`` through the registered ops ``torch.ops.sigreg.*``.
+
+Inputs: ``x [B, N, D]`` float32/bfloat16/float16 on a CUDA device (sm_80+),
+``directions [D, K]`` of x's dtype or None. Contiguous inputs are used in place;
+others are copied once.
+"""
+
+import torch
+
+from . import ops  # noqa: F401  (loads the extension and registers the fake kernels)
+
+
+def ecf_partials(x, directions, knots: int, t_max: float):
+    """``partials [B, S, 2, K, T]`` float32; ``S`` row splits from ``cuda_plan.plan_ecf_partials``."""
+    return torch.ops.sigreg.ecf_partials(x, directions, knots, t_max)
+
+
+def statistic(partials, samples: int, knots: int, t_max: float, reduction: str, clip_value, grad_factor: float):
+    """``(stat [B, K], coef [B, 2, K, T])`` float32."""
+    return torch.ops.sigreg.statistic(partials, samples, knots, t_max, reduction, clip_value, grad_factor)
+
+
+def slice_gradient(coef, scale, x, directions, knots: int, t_max: float):
+    """``G [B, N, K]`` in x's dtype; ``scale [B, K]`` float32 with any strides."""
+    return torch.ops.sigreg.slice_gradient(coef, scale, x, directions, knots, t_max)
+
+
+def slice_gradient_(projection, coef, scale, knots: int, t_max: float):
+    """Overwrites the contiguous ``projection [B, N, K]`` with ``G``."""
+    torch.ops.sigreg.slice_gradient_(projection, coef, scale, knots, t_max)
