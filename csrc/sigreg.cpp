@@ -1,13 +1,22 @@
 // The op schema, defined once; each device registers its kernels in its own file
 // (csrc/cpu/, csrc/cuda/). The Python side adds fake kernels and autograd
-// (sigreg_kernels/ops.py); the contract of both ops is written there.
+// (sigreg_kernels/ops.py); the contract of the ops is written there.
 #include <torch/extension.h>
 
 TORCH_LIBRARY(sigreg, m) {
-  m.def("ecf_sums(Tensor x, Tensor directions, int knots, float t_max) -> (Tensor, Tensor)");
+  m.def("ecf_sums(Tensor x, Tensor? directions, int knots, float t_max) -> (Tensor, Tensor)");
   m.def(
-      "ecf_sums_backward(Tensor grad_sums, Tensor x, Tensor directions, Tensor projection, "
+      "ecf_sums_backward(Tensor grad_sums, Tensor x, Tensor? directions, Tensor projection, "
       "int knots, float t_max, bool need_grad_directions) -> (Tensor, Tensor)");
+  // The GPU kernels of sigreg_kernels/primitives.py (the contract), strung
+  // together with library GEMMs by sigreg_kernels/fused.py.
+  m.def("ecf_partials(Tensor x, Tensor? directions, int knots, float t_max) -> Tensor");
+  m.def(
+      "statistic(Tensor partials, int samples, int knots, float t_max, str reduction, float? clip_value, "
+      "float grad_factor) -> (Tensor, Tensor)");
+  m.def(
+      "slice_gradient(Tensor coef, Tensor scale, Tensor x, Tensor? directions, int knots, float t_max) -> Tensor");
+  m.def("slice_gradient_(Tensor(a!) projection, Tensor coef, Tensor scale, int knots, float t_max) -> ()");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -1,16 +1,19 @@
 """Fake (shape) kernels and autograd shared by every ``ecf_sums``-style op.
 
 Contract of every ``ecf_sums``-style op (the C++ one and the Triton one):
-    ecf_sums(x: [B, N, D], directions: [D, K], knots, t_max) -> (sums, projection)
+    ecf_sums(x: [B, N, D], directions: [D, K] or None, knots, t_max) -> (sums, projection)
+        directions=None: the columns of x are the projections (P = x, K = D), no
+              product; where the op supports it (the C++ CPU op).
         sums: [B, 2, K, knots] in the accumulation dtype (float64 for float64
               inputs, else float32): sums[:, 0] = sum_n cos(t_j p_nk),
               sums[:, 1] = sum_n sin(t_j p_nk), t_j = j * t_max / (knots - 1).
         projection: [B, N, K] (accumulation dtype) where the backend keeps the
-              projection for its backward (CPU), else an empty [0] tensor (the GPU
-              kernels recompute it tile by tile).
+              projection for its backward (CPU, with directions), else an empty
+              [0] tensor (the GPU kernels recompute it; without directions it is x).
     ecf_sums_backward(grad_sums, x, directions, projection, knots, t_max,
                       need_grad_directions) -> (grad_x [B, N, D] in x.dtype,
-                      grad_directions [D, K] in directions.dtype, or empty [0])
+                      grad_directions [D, K] in directions.dtype, or empty [0]
+                      when not needed or directions is None)
 """
 
 import torch
@@ -21,8 +24,9 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def fake_ecf_sums(x, directions, knots, t_max, keeps_projection):
-    batch, samples, _ = x.shape
-    slices = directions.shape[1]
+    batch, samples, dim = x.shape
+    slices = dim if directions is None else directions.shape[1]
+    keeps_projection = keeps_projection and directions is not None  # without directions P = x
     acc = accumulation_dtype(x.dtype)
     sums = x.new_empty((batch, 2, slices, knots), dtype=acc)
     projection = x.new_empty((batch, samples, slices) if keeps_projection else (0,), dtype=acc)
@@ -30,12 +34,14 @@ def fake_ecf_sums(x, directions, knots, t_max, keeps_projection):
 
 
 def fake_ecf_sums_backward(grad_sums, x, directions, projection, knots, t_max, need_grad_directions):
+    if directions is None:
+        return torch.empty_like(x), x.new_empty((0,))
     grad_directions = torch.empty_like(directions) if need_grad_directions else directions.new_empty((0,))
     return torch.empty_like(x), grad_directions
 
 
 def register_ecf_autograd(forward_op, backward_op):
-    """Make ``forward_op`` differentiable in ``x`` and ``directions`` through ``backward_op``."""
+    """Make ``forward_op`` differentiable in ``x`` and ``directions`` (which may be None) through ``backward_op``."""
 
     def setup_context(ctx, inputs, output):
         x, directions, knots, t_max = inputs
@@ -46,7 +52,7 @@ def register_ecf_autograd(forward_op, backward_op):
     def backward(ctx, grad_sums, _grad_projection):
         # The projection is internal state for the backward, never differentiated.
         x, directions, projection = ctx.saved_tensors
-        need_grad_directions = ctx.needs_input_grad[1]
+        need_grad_directions = directions is not None and ctx.needs_input_grad[1]
         grad_x, grad_directions = backward_op(
             grad_sums.contiguous(), x, directions, projection, ctx.knots, ctx.t_max, need_grad_directions
         )

@@ -1,5 +1,7 @@
 """The public function and module: argument errors, backends, directions, autocast."""
 
+import copy
+import io
 import math
 
 import pytest
@@ -128,3 +130,29 @@ def test_mixed_half_and_float_inputs_follow_x():
     x, directions = random_case((), 64, 16, 24, dtype=torch.bfloat16)
     mixed = sigreg(x, directions.float(), backend="cpu")
     torch.testing.assert_close(mixed, sigreg(x, directions, backend="cpu"), rtol=0, atol=0)
+
+
+def test_module_takes_float64_inputs():
+    """The published draw (float32) cast exactly to float64."""
+    module = SIGReg(num_slices=6, backend="cpu")
+    x, _ = random_case((2,), 12, 4, 1, dtype=torch.float64)
+    loss = module(x)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, sigreg_reference(x, published_directions(0, 4, 6).double()))
+
+
+def test_module_copies_and_pickles_with_its_step():
+    x, _ = random_case((), 20, 5, 1)
+    for make_twin in (copy.deepcopy, lambda m: torch.load(io.BytesIO(_saved(m)), weights_only=False)):
+        module = SIGReg(num_slices=8, backend="cpu")
+        module(x)
+        twin = make_twin(module)
+        assert twin.step.item() == 1
+        for _ in range(2):
+            torch.testing.assert_close(twin(x), module(x), rtol=0, atol=0)
+
+
+def _saved(module) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    return buffer.getvalue()

@@ -29,6 +29,18 @@ def test_opcheck_backward(batch_shape, samples, dim, slices, need_grad_direction
     torch.library.opcheck(torch.ops.sigreg.ecf_sums_backward.default, args)
 
 
+@pytest.mark.parametrize("batch_shape, samples, dim, slices", SAMPLES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_without_directions(batch_shape, samples, dim, slices, dtype):
+    x, _ = random_case(batch_shape, samples, dim, slices, dtype=dtype)
+    for requires_grad in (False, True):
+        args = (x.clone().requires_grad_(requires_grad), None, 9, 2.0)
+        torch.library.opcheck(torch.ops.sigreg.ecf_sums.default, args)
+    grad_sums = torch.randn(x.shape[0], 2, dim, 9, dtype=dtype)
+    args = (grad_sums, x, None, x.new_empty((0,)), 9, 2.0, False)
+    torch.library.opcheck(torch.ops.sigreg.ecf_sums_backward.default, args)
+
+
 def test_backward_op_recomputes_a_missing_projection():
     x, directions = random_case((2,), 20, 6, 9)
     _, projection = torch.ops.sigreg.ecf_sums(x, directions, 17, 3.0)
@@ -63,6 +75,14 @@ def test_compile_fullgraph_forward_and_backward():
         (lambda x, a: torch.ops.sigreg.ecf_sums(x, a, 17, float("nan")), "t_max must be finite"),
         (lambda x, a: torch.ops.sigreg.ecf_sums(x.int(), a.int(), 17, 3.0), "x must be float16"),
         (lambda x, a: torch.ops.sigreg.ecf_sums(x[:, :0], a, 17, 3.0), "at least one sample"),
+        (lambda x, a: torch.ops.sigreg.ecf_sums(x[0], None, 17, 3.0), "x must be 3-D"),
+        (lambda x, a: torch.ops.sigreg.ecf_sums(x[:, :0], None, 17, 3.0), "at least one sample"),
+        (lambda x, a: torch.ops.sigreg.ecf_sums(x[..., :0], None, 17, 3.0), "at least one column"),
+        (lambda x, a: torch.ops.sigreg.ecf_sums(x.int(), None, 17, 3.0), "x must be float16"),
+        (lambda x, a: torch.ops.sigreg.ecf_sums(x, None, 1, 3.0), "knots must be >= 2"),
+        (lambda x, a: torch.ops.sigreg.ecf_sums(x, None, 17, -1.0), "t_max must be finite"),
+        (lambda x, a: torch.ops.sigreg.ecf_sums_backward(torch.zeros(2, 2, 3, 17), x, None, torch.empty(0), 17, 3.0,
+                                                         False), "grad_sums must have shape"),
     ],
 )
 def test_op_checks_its_arguments(call, message):

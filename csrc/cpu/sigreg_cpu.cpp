@@ -6,6 +6,8 @@
 // N x K floats are far below the N x K x T tensors the reference builds.
 // Backward: G (dstat/dP) row tile by row tile, each tile turned into its rows
 // of dx = G A^T (and dA += x^T G) right away, so only one tile of G exists.
+// Without directions (the univariate test of x's columns) P = x: no product in
+// either pass, nothing kept by the forward, and G is written straight into dx.
 //
 // Determinism: forward work is split by slice (each task owns whole columns
 // of the sums and walks all rows in order), backward by row; no result
@@ -17,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -40,16 +43,26 @@ namespace {
 constexpr int64_t kSliceBlock = 64;  // slices per vector loop: the accumulators stay in L1
 constexpr int64_t kRowBlock = 128;   // rows summed in the working dtype before joining the float64 total
 
-// sin/cos of `angle[0..width)`: a vectorized polynomial, then std::sin/std::cos
-// for the rare elements outside its range (huge, Inf or NaN). Inlined into
-// each clone of its callers, so it is compiled for each instruction set too.
+// sin/cos of `angle[0..width)` (width <= kSliceBlock): a vectorized polynomial,
+// then std::sin/std::cos for the rare elements outside its range (huge, Inf or
+// NaN). Inlined into each clone of its callers, so it is compiled for each
+// instruction set too.
 SIGREG_INLINE void sincos_block(const float* angle, int64_t width, float* sin_out, float* cos_out) {
+  // Out-of-range elements (overwritten below) go through the polynomial as 0:
+  // its float-to-int conversion of a NaN, Inf or huge quadrant is undefined
+  // behaviour (UBSan's float-cast-overflow), not merely a wrong value. A
+  // separate pass: a select inside the polynomial's loop stops GCC from
+  // vectorizing it (5x slower); this pass costs about 10% of the sin/cos.
+  float safe[kSliceBlock];
   int out_of_range = 0;
 #pragma omp simd reduction(| : out_of_range)
   for (int64_t i = 0; i < width; ++i) {
-    sincos_poly(angle[i], &sin_out[i], &cos_out[i]);
-    out_of_range |= !(std::fabs(angle[i]) <= kPolySinCosMaxArg);
+    const bool in_range = std::fabs(angle[i]) <= kPolySinCosMaxArg;
+    safe[i] = in_range ? angle[i] : 0.0f;
+    out_of_range |= !in_range;
   }
+#pragma omp simd
+  for (int64_t i = 0; i < width; ++i) sincos_poly(safe[i], &sin_out[i], &cos_out[i]);
   if (out_of_range) {
     for (int64_t i = 0; i < width; ++i) {
       if (!(std::fabs(angle[i]) <= kPolySinCosMaxArg)) {
@@ -246,33 +259,70 @@ void gradient_tile(const scalar_t* proj, const scalar_t* coef, int64_t samples, 
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> ecf_sums_cpu(const at::Tensor& x, const at::Tensor& directions, int64_t knots,
-                                                double t_max) {
-  check_ecf_inputs(x, directions, knots, t_max, at::kCPU);
+// directions=None (the univariate test of x's own columns, K = D): the op's own
+// checks, since there is no (D, K) matrix to check against x.
+void check_column_inputs(const at::Tensor& x, int64_t knots, double t_max) {
+  TORCH_CHECK(x.dim() == 3, "sigreg: x must be 3-D (B, N, D), got ", x.sizes());
+  TORCH_CHECK(x.size(1) > 0, "sigreg: x must hold at least one sample (N > 0), got ", x.sizes());
+  TORCH_CHECK(x.size(2) > 0, "sigreg: x must have at least one column (D > 0) when directions is None, got ",
+              x.sizes());
+  TORCH_CHECK(is_supported_dtype(x.scalar_type()), "sigreg: x must be float16, bfloat16, float32 or float64, got ",
+              x.scalar_type());
+  TORCH_CHECK(x.device().type() == at::kCPU, "sigreg: x must be a cpu tensor, got ", x.device());
+  TORCH_CHECK(knots >= 2, "sigreg: knots must be >= 2, got ", knots);
+  TORCH_CHECK(std::isfinite(t_max) && t_max > 0, "sigreg: t_max must be finite and > 0, got ", t_max);
+}
+
+// Checks the inputs and returns K: directions.size(1), or D without directions.
+int64_t check_inputs(const at::Tensor& x, const std::optional<at::Tensor>& directions, int64_t knots,
+                     double t_max) {
+  if (!directions.has_value()) {
+    check_column_inputs(x, knots, t_max);
+    return x.size(2);
+  }
+  check_ecf_inputs(x, *directions, knots, t_max, at::kCPU);
+  return directions->size(1);
+}
+
+// Without directions P = x: no product, and nothing to keep for the backward
+// (it reads x, which autograd saves anyway), so the projection output is empty.
+std::tuple<at::Tensor, at::Tensor> ecf_sums_cpu(const at::Tensor& x, const std::optional<at::Tensor>& directions,
+                                                int64_t knots, double t_max) {
+  const int64_t slices = check_inputs(x, directions, knots, t_max);
   NoAutocastGuard no_autocast;
   const auto acc = accumulation_dtype(x.scalar_type());
-  const at::Tensor projection = at::matmul(x.to(acc), directions.to(acc)).contiguous();
-  at::Tensor sums = at::empty({x.size(0), 2, directions.size(1), knots}, x.options().dtype(acc));
+  const at::Tensor projection = directions.has_value()
+                                    ? at::matmul(x.to(acc), directions->to(acc)).contiguous()
+                                    : x.to(acc).contiguous();
+  at::Tensor sums = at::empty({x.size(0), 2, slices, knots}, x.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES(acc, "sigreg_ecf_sums_cpu",
                              [&] { ecf_sums_from_projection<scalar_t>(projection, knots, t_max, sums); });
+  if (!directions.has_value()) return {sums, at::empty({0}, x.options().dtype(acc))};
   return {sums, projection};
 }
 
 std::tuple<at::Tensor, at::Tensor> ecf_sums_backward_cpu(const at::Tensor& grad_sums, const at::Tensor& x,
-                                                         const at::Tensor& directions, const at::Tensor& projection,
-                                                         int64_t knots, double t_max, bool need_grad_directions) {
-  check_ecf_inputs(x, directions, knots, t_max, at::kCPU);
-  check_grad_sums(grad_sums, x, directions, knots);
+                                                         const std::optional<at::Tensor>& directions,
+                                                         const at::Tensor& projection, int64_t knots, double t_max,
+                                                         bool need_grad_directions) {
+  const int64_t slices = check_inputs(x, directions, knots, t_max);
+  TORCH_CHECK(grad_sums.dim() == 4 && grad_sums.size(0) == x.size(0) && grad_sums.size(1) == 2 &&
+                  grad_sums.size(2) == slices && grad_sums.size(3) == knots,
+              "sigreg: grad_sums must have shape (B, 2, K, knots) = (", x.size(0), ", 2, ", slices, ", ", knots,
+              "), got ", grad_sums.sizes());
+  TORCH_CHECK(grad_sums.device() == x.device(), "sigreg: grad_sums must be on ", x.device());
+  TORCH_CHECK(directions.has_value() || !need_grad_directions,
+              "sigreg: need_grad_directions requires directions (got None)");
   NoAutocastGuard no_autocast;
   const auto acc = accumulation_dtype(x.scalar_type());
-  const int64_t batch = x.size(0), samples = x.size(1), dim = x.size(2), slices = directions.size(1);
+  const int64_t batch = x.size(0), samples = x.size(1), dim = x.size(2);
   const int64_t rows = batch * samples;
   const at::Tensor x_acc = x.to(acc).contiguous().view({rows, dim});
-  const at::Tensor a_acc = directions.to(acc).contiguous();
-  // A projection from the forward is reused; without one (a direct call), recompute it.
-  const at::Tensor proj = projection.numel() == rows * slices
-                              ? projection.to(acc).contiguous().view({rows, slices})
-                              : at::matmul(x_acc, a_acc);
+  const at::Tensor a_acc = directions.has_value() ? directions->to(acc).contiguous() : at::Tensor();
+  // Without directions P = x. A projection from the forward is reused; without one (a direct call), recompute it.
+  const at::Tensor proj = !directions.has_value()               ? x_acc
+                          : projection.numel() == rows * slices ? projection.to(acc).contiguous().view({rows, slices})
+                                                                : at::matmul(x_acc, a_acc);
 
   // Coefficients [B, 2, knots, K] of cos(t_j p) and sin(t_j p) in dstat/dp, knot-major
   // so the inner loop over slices reads them contiguously.
@@ -285,6 +335,16 @@ std::tuple<at::Tensor, at::Tensor> ecf_sums_backward_cpu(const at::Tensor& grad_
   coef.narrow(3, 0, slices).copy_(at::stack({coef_cos, coef_sin}, 1).transpose(2, 3));
 
   at::Tensor grad_x = at::empty({rows, dim}, x.options().dtype(acc));
+  if (!directions.has_value()) {
+    // dx = G: written straight into grad_x, all rows at once (no product follows).
+    AT_DISPATCH_FLOATING_TYPES(acc, "sigreg_ecf_sums_backward_cpu", [&] {
+      const scalar_t delta = static_cast<scalar_t>(knot_spacing(static_cast<int>(knots), t_max));
+      gradient_tile<scalar_t>(proj.data_ptr<scalar_t>(), coef.data_ptr<scalar_t>(), samples, slices, coef_stride,
+                              knots, delta, 0, rows, grad_x.data_ptr<scalar_t>());
+    });
+    return {grad_x.view({batch, samples, dim}).to(x.scalar_type()), at::empty({0}, x.options())};
+  }
+
   at::Tensor grad_a = need_grad_directions ? at::zeros({dim, slices}, x.options().dtype(acc)) : at::Tensor();
   const int64_t tile_rows = std::max<int64_t>(64, (int64_t{1} << 18) / slices);  // ~1 MiB of G in float32
   at::Tensor g_tile = at::empty({std::min(tile_rows, rows), slices}, x.options().dtype(acc));
@@ -304,8 +364,8 @@ std::tuple<at::Tensor, at::Tensor> ecf_sums_backward_cpu(const at::Tensor& grad_
   });
 
   at::Tensor grad_x_out = grad_x.view({batch, samples, dim}).to(x.scalar_type());
-  at::Tensor grad_a_out = need_grad_directions ? grad_a.to(directions.scalar_type())
-                                               : at::empty({0}, directions.options());
+  at::Tensor grad_a_out = need_grad_directions ? grad_a.to(directions->scalar_type())
+                                               : at::empty({0}, directions->options());
   return {grad_x_out, grad_a_out};
 }
 
