@@ -42,3 +42,15 @@ def test_bench_dtypes_named_sizes_and_a_failing_provider(tmp_path):
     assert [(r["dtype"], r["sweep"], r["K"]) for r in rows] == [
         ("float32", "mid", "16"), ("float32", "K", "20"), ("bfloat16", "mid", "16"), ("bfloat16", "K", "20")]
     assert all(r["provider"] == "reference" and float(r["ms"]) > 0 and r["peak_extra_mib"] == "" for r in rows)
+
+
+def test_bench_step_overhead_table_runs(tmp_path):
+    """bench_step.py's quick per-call overhead table: every entry point, a time, the ratio column."""
+    csv_path = tmp_path / "step.csv"
+    command = [sys.executable, str(ROOT / "bench" / "bench_step.py"), "--device", "cpu", "--overhead-only",
+               "--csv", str(csv_path)]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True).stdout
+    for entry in ("sigreg_reference(x, A)", "sigreg(x, A, backend='cpu')", "SIGReg(", "SlicingUnivariateTest("):
+        assert entry in out, out
+    ratios = [line.split()[-1] for line in out.splitlines() if line.rstrip().endswith("x")]
+    assert ratios and all(float(r[:-1]) > 0 for r in ratios), out
