@@ -1,35 +1,64 @@
-"""Triton kernels of SIGReg's ECF sums and their gradient (launched from ``triton_op.py``).
+"""Triton kernels of the three GPU primitives (contract: ``primitives.py``; launched from ``triton_op.py``).
 
-Math (SPEC §1), per batch index b, slice k, knot t_j = j * delta:
-    forward   sums[b, 0, k, j] = sum_n cos(t_j p_nk),  sums[b, 1, k, j] = sum_n sin(t_j p_nk)
-    backward  G_nk = sum_j t_j (gS_kj cos(t_j p_nk) - gC_kj sin(t_j p_nk)),
-              dx_b = G_b A^T,   dA = sum_b x_b^T G_b
-with p = x_b @ A. Neither the N x K projection nor G ever reaches global memory:
-every kernel recomputes its [BLOCK_N, BLOCK_K] tile of p with tl.dot and uses it
-in registers, as flash attention does with its scores.
+Why this design (H200: 132 SMs; headline bf16 B=1, N=4096, D=512, K=1024, T=17; the
+numbers are bench/cost_model.py's, from these kernels compiled for sm_90):
+- Three kernels instead of two fused ones. The old backward fused dx = G A^T and
+  dA = x^T G into kernels with one 64-row tile per block (128 blocks, under one wave)
+  looping over every slice. Now the backward writes G [B, N, K] once (bf16: 8 MB) and
+  leaves both products to cuBLAS; the kernels do only what no library does: projection
+  tile by tensor-core dot -> one sin/cos pair per element -> every knot.
+- Tiles are [BLOCK_K slices, BLOCK_N samples], the slices on the MMA's M axis (wgmma,
+  warps [8, 1]): each thread holds 2 slices and BLOCK_N / 4 samples, so sums over
+  samples stay mostly in the thread and per-slice constants cost 2 x knots registers.
+- Forward, per element and knot: one rotation (4 FMA-class ops) and one add each to a
+  cos and a sin sum; no shuffle, no shared memory, no barrier, no select. Each thread
+  accumulates its samples per knot across all row tiles of its split in a [BLOCK_K,
+  lanes, knots] register tensor (64 registers at T=17); the 4 lanes sharing a slice are
+  summed once per split. (The old kernel: a cross-warp tl.sum per knot and tile, two
+  barriers, plus a where() over a [32, BLOCK_K] tensor: ~7 extra ops per element-knot.)
+- The knot loop is unrolled as a binary tree of tl.split / tl.join over a power-of-two
+  knot axis held in the thread: each knot updates its own registers. Knots past 16
+  (T > 17) go to chunks of 16 on the grid (forward) or a loop (backward).
+- Backward: G = Re(sum_j gamma_j z^j), z = e^{i delta p}, by Horner: 4 FMA per element
+  and knot (rotation + accumulation would be 6); gamma_j = t_j scale coef in registers,
+  loaded once per program.
+- Directions A^T [BLOCK_K, D] stay resident in shared memory for the whole program when
+  they fit (bf16: D <= 512); each program then streams only x^T tiles [D, BLOCK_N],
+  pipelined (cp.async, 3 stages) under the element work of the previous tile. L2
+  traffic: x once per slice block (2 D / BLOCK_K bytes per element), A once per program
+  instead of once per row tile (2 D / BLOCK_N). Larger D: A streamed in 64-feature chunks.
+- Grids (triton_plan.py): ecf_partials (K blocks x knot chunks, row splits S, B),
+  slice_gradient (K blocks, row groups, B), S and the groups chosen for 2-4 nearly
+  whole waves of the blocks per SM the compiled resources allow. Headline: forward
+  128 x 16 tiles, 127 registers, 176 KB shared (1 block of 8 warps per SM), 8 x 64 =
+  512 blocks = 3.9 waves; backward 128 x 32, 128 registers, 196 KB, 512 blocks, 3.9
+  waves. Model: 31 us each (element work + in-kernel MMA, 20 us floor each), fwd+bwd
+  79 us against a 45 us floor (1.75x).
+- ``projected`` kernels read a given P (directions=None; the fp32 "highest" route after
+  an SGEMM) in [BLOCK_N, BLOCK_K] tiles built on one flat axis (_rows_tile): lanes and
+  warps along K, each thread owns one slice, every sum over samples is in the thread.
 
-ECF at every knot: one sin/cos pair per element, cos/sin(delta p), then a rotation
-per knot (angle addition). The recurrence's angle error after j steps is about
-j * |delta p| * eps, the same as rounding t_j * p directly, and the modulus drifts
-by at most j * eps (j <= 16 by default), so it is as accurate as direct evaluation.
+Math per batch index b, slice k, knot t_j = j * delta:
+    partials[b, s, 0|1, k, j] = sum_{n in split s} cos|sin(t_j p_nk),  p = x_b @ A
+    G[b, n, k] = scale[b, k] * sum_{j>=1} t_j (coef[b, 1, k, j] cos(t_j p) - coef[b, 0, k, j] sin(t_j p))
+Knot 0 is sum cos(0 * p): the split's row count plus sum(0 * p), NaN where p is.
 
-Offsets into x and dx are int64 on every axis. Each stride fits in int32 (Triton
-passes a larger one as int64), but their products need not: a D-major x (stride_xd
-= N, as from x.mT.contiguous().mT) puts d * stride_xd past 2^31 once N * D does,
-and an int32 product wraps silently on the GPU. Offsets to a batch index are int64
-too; within one, offsets into the directions [D, K], the gradient of the sums and
-the partials stay int32: each such block is far below 2^31 elements.
-
-Grid axis 2 carries the batch index (CUDA caps it at 65535 programs): a larger batch
-is launched in several grids, each told its first index (batch_start / index_start).
-
-Determinism: no float atomics. Each program owns its outputs; sums over N are
-per-tile tree sums, accumulated in order over a fixed slab of rows (a "split"),
-and the launcher sums the per-split partials in a fixed order.
+Offsets into x, P and G are int64 (a D-major x puts d * stride past 2^31 once N * D
+does); batch indices are int64; offsets inside [D, K] directions, partials and
+coefficient blocks stay int32. Grid axis 2 carries the batch (65535 cap: the launcher
+splits larger batches into several launches, each told its first index).
+Determinism: no atomics; every sum has a fixed order set by the plan's tiles.
+The layouts the fast paths rely on (which bits of a tile live in a thread) only decide
+speed: every reshape/split/reduce here is correct for any layout the compiler picks,
+and the interpreter runs the same operations on numpy.
 """
 
 import triton
 import triton.language as tl
+
+# Tile kinds: how a program's tile is laid out, which decides how sums over samples go.
+MMA_TILE: tl.constexpr = tl.constexpr(0)   # [BLOCK_K, BLOCK_N] tl.dot accumulator (slices x samples)
+ROWS_TILE: tl.constexpr = tl.constexpr(1)  # [BLOCK_N, BLOCK_K] loaded projection (samples x slices)
 
 
 @triton.jit
@@ -61,19 +90,186 @@ def _sincos(x):
 
 
 @triton.jit
-def _column_sums(tile):
-    # tl.sum's own reduction, spelled out: tl.sum (like tl.zeros) is a @triton.jit
-    # function, made compiled or interpreted when triton is first imported, so the
-    # interpreter would reject it whenever triton was imported before
-    # TRITON_INTERPRET=1 was set (by torch.compile, say). The interpreter sums with
-    # numpy when it sees this combine function, element by element for any other.
-    return tl.reduce(tile, 0, tl.standard._sum_combine)
+def _sum(t, axis: tl.constexpr):
+    # tl.sum's own reduction, spelled out: tl.sum (like tl.zeros: tl.full here) is a
+    # @triton.jit function made compiled or interpreted when triton is first imported,
+    # so the interpreter would reject it whenever triton was imported before
+    # TRITON_INTERPRET=1 was set. (The interpreter sums with numpy when it sees this
+    # combine function. The knot trees write tl.reduce out: the interpreter pays per
+    # jit-function call.)
+    return tl.reduce(t, axis, tl.standard._sum_combine)
 
 
 @triton.jit
-def _rotate(c, s, c1, s1):
-    """(c, s) rotated by the angle whose cosine and sine are (c1, s1)."""
-    return c * c1 - s * s1, s * c1 + c * s1
+def _cs_sums(c, s, TILE: tl.constexpr, WARPS_N: tl.constexpr):
+    """The sums of a tile's c and s over the samples each thread holds: [BK, WARPS_N, 4] each
+    for an MMA tile (its lane quads and warp columns still to be summed), [BK, 1, 1] for
+    a rows tile (each thread owns whole columns)."""
+    cs = tl.join(c, s)
+    if TILE == MMA_TILE:
+        # Column n = w * (BN / WARPS_N) + 8 i + 2 l + r (warp column w, register group i,
+        # lane quad l, register r): the sums over i and r stay in the thread.
+        BK: tl.constexpr = c.shape[0]
+        BN: tl.constexpr = c.shape[1]
+        cs = tl.reshape(cs, (BK, WARPS_N, BN // (8 * WARPS_N), 4, 2, 2))
+        cs = tl.reduce(tl.reduce(cs, 4, tl.standard._sum_combine), 2, tl.standard._sum_combine)
+        return tl.split(cs)
+    else:
+        sum_c, sum_s = tl.split(tl.reduce(cs, 0, tl.standard._sum_combine))
+        return sum_c[:, None, None], sum_s[:, None, None]
+
+
+# Forward knot trees. A chunk's accumulators are [BK, L1, L2, 2, ..., 2], one axis per
+# bit of the knot index, lowest bit first: splitting the last axis halves the chunk
+# (knots [0, KC/2) and [KC/2, KC)), the leaves are single knots [BK, L1, L2], and every
+# split and join stays inside the thread. (c, s) enters at the chunk's first knot and
+# is rotated by (c1, s1) after each.
+@triton.jit
+def _knots4(acc_c, acc_s, c, s, c1, s1, TILE: tl.constexpr, WARPS_N: tl.constexpr):
+    c01, c23 = tl.split(acc_c)
+    s01, s23 = tl.split(acc_s)
+    c0, c1_ = tl.split(c01)
+    s0, s1_ = tl.split(s01)
+    c2, c3 = tl.split(c23)
+    s2, s3 = tl.split(s23)
+    sum_c, sum_s = _cs_sums(c, s, TILE, WARPS_N)
+    c0, s0 = c0 + sum_c, s0 + sum_s
+    c, s = c * c1 - s * s1, s * c1 + c * s1
+    sum_c, sum_s = _cs_sums(c, s, TILE, WARPS_N)
+    c1_, s1_ = c1_ + sum_c, s1_ + sum_s
+    c, s = c * c1 - s * s1, s * c1 + c * s1
+    sum_c, sum_s = _cs_sums(c, s, TILE, WARPS_N)
+    c2, s2 = c2 + sum_c, s2 + sum_s
+    c, s = c * c1 - s * s1, s * c1 + c * s1
+    sum_c, sum_s = _cs_sums(c, s, TILE, WARPS_N)
+    c3, s3 = c3 + sum_c, s3 + sum_s
+    c, s = c * c1 - s * s1, s * c1 + c * s1
+    acc_c = tl.join(tl.join(c0, c1_), tl.join(c2, c3))
+    acc_s = tl.join(tl.join(s0, s1_), tl.join(s2, s3))
+    return acc_c, acc_s, c, s
+
+
+@triton.jit
+def _knots8(acc_c, acc_s, c, s, c1, s1, TILE: tl.constexpr, WARPS_N: tl.constexpr):
+    lo_c, hi_c = tl.split(acc_c)
+    lo_s, hi_s = tl.split(acc_s)
+    lo_c, lo_s, c, s = _knots4(lo_c, lo_s, c, s, c1, s1, TILE, WARPS_N)
+    hi_c, hi_s, c, s = _knots4(hi_c, hi_s, c, s, c1, s1, TILE, WARPS_N)
+    return tl.join(lo_c, hi_c), tl.join(lo_s, hi_s), c, s
+
+
+@triton.jit
+def _knots16(acc_c, acc_s, c, s, c1, s1, TILE: tl.constexpr, WARPS_N: tl.constexpr):
+    lo_c, hi_c = tl.split(acc_c)
+    lo_s, hi_s = tl.split(acc_s)
+    lo_c, lo_s, c, s = _knots8(lo_c, lo_s, c, s, c1, s1, TILE, WARPS_N)
+    hi_c, hi_s, c, s = _knots8(hi_c, hi_s, c, s, c1, s1, TILE, WARPS_N)
+    return tl.join(lo_c, hi_c), tl.join(lo_s, hi_s), c, s
+
+
+@triton.jit
+def _knot_sums(acc_c, acc_s, c, s, c1, s1, KC: tl.constexpr, TILE: tl.constexpr, WARPS_N: tl.constexpr):
+    """acc [BK, L1, L2, KC] += the chunk's knot sums of one tile, (c, s) at its first knot.
+
+    The knot axis is viewed as one axis per bit (lowest first) for the tree, then back.
+    """
+    shape: tl.constexpr = acc_c.shape
+    if KC == 1:
+        sum_c, sum_s = _cs_sums(c, s, TILE, WARPS_N)
+        acc_c += sum_c[:, :, :, None]
+        acc_s += sum_s[:, :, :, None]
+    elif KC == 2:
+        c0, c1_ = tl.split(acc_c)
+        s0, s1_ = tl.split(acc_s)
+        sum_c, sum_s = _cs_sums(c, s, TILE, WARPS_N)
+        c0, s0 = c0 + sum_c, s0 + sum_s
+        c, s = c * c1 - s * s1, s * c1 + c * s1
+        sum_c, sum_s = _cs_sums(c, s, TILE, WARPS_N)
+        acc_c, acc_s = tl.join(c0, c1_ + sum_c), tl.join(s0, s1_ + sum_s)
+    elif KC == 4:
+        acc_c = tl.permute(tl.reshape(acc_c, (shape[0], shape[1], shape[2], 2, 2)), (0, 1, 2, 4, 3))
+        acc_s = tl.permute(tl.reshape(acc_s, (shape[0], shape[1], shape[2], 2, 2)), (0, 1, 2, 4, 3))
+        acc_c, acc_s, c, s = _knots4(acc_c, acc_s, c, s, c1, s1, TILE, WARPS_N)
+        acc_c = tl.reshape(tl.permute(acc_c, (0, 1, 2, 4, 3)), (shape[0], shape[1], shape[2], KC))
+        acc_s = tl.reshape(tl.permute(acc_s, (0, 1, 2, 4, 3)), (shape[0], shape[1], shape[2], KC))
+    elif KC == 8:
+        acc_c = tl.permute(tl.reshape(acc_c, (shape[0], shape[1], shape[2], 2, 2, 2)), (0, 1, 2, 5, 4, 3))
+        acc_s = tl.permute(tl.reshape(acc_s, (shape[0], shape[1], shape[2], 2, 2, 2)), (0, 1, 2, 5, 4, 3))
+        acc_c, acc_s, c, s = _knots8(acc_c, acc_s, c, s, c1, s1, TILE, WARPS_N)
+        acc_c = tl.reshape(tl.permute(acc_c, (0, 1, 2, 5, 4, 3)), (shape[0], shape[1], shape[2], KC))
+        acc_s = tl.reshape(tl.permute(acc_s, (0, 1, 2, 5, 4, 3)), (shape[0], shape[1], shape[2], KC))
+    else:
+        tl.static_assert(KC == 16, "knot chunks hold 1, 2, 4, 8 or 16 knots")
+        acc_c = tl.permute(tl.reshape(acc_c, (shape[0], shape[1], shape[2], 2, 2, 2, 2)), (0, 1, 2, 6, 5, 4, 3))
+        acc_s = tl.permute(tl.reshape(acc_s, (shape[0], shape[1], shape[2], 2, 2, 2, 2)), (0, 1, 2, 6, 5, 4, 3))
+        acc_c, acc_s, c, s = _knots16(acc_c, acc_s, c, s, c1, s1, TILE, WARPS_N)
+        acc_c = tl.reshape(tl.permute(acc_c, (0, 1, 2, 6, 5, 4, 3)), (shape[0], shape[1], shape[2], KC))
+        acc_s = tl.reshape(tl.permute(acc_s, (0, 1, 2, 6, 5, 4, 3)), (shape[0], shape[1], shape[2], KC))
+    return acc_c, acc_s
+
+
+# Backward Horner trees: h <- h * z + gamma_j from the chunk's highest knot down,
+# z = (c1, s1). gamma is [BK, 1, 2, ..., 2] (MMA tile) or [1, BK, 2, ..., 2] (rows tile),
+# bit axes as in the forward, so that each knot's [BK, 1] / [1, BK] broadcasts against
+# the tile as it is.
+@triton.jit
+def _horner4(h_re, h_im, g_re, g_im, c1, s1):
+    re01, re23 = tl.split(g_re)
+    im01, im23 = tl.split(g_im)
+    re0, re1 = tl.split(re01)
+    im0, im1 = tl.split(im01)
+    re2, re3 = tl.split(re23)
+    im2, im3 = tl.split(im23)
+    h_re, h_im = h_re * c1 - h_im * s1 + re3, h_re * s1 + h_im * c1 + im3
+    h_re, h_im = h_re * c1 - h_im * s1 + re2, h_re * s1 + h_im * c1 + im2
+    h_re, h_im = h_re * c1 - h_im * s1 + re1, h_re * s1 + h_im * c1 + im1
+    h_re, h_im = h_re * c1 - h_im * s1 + re0, h_re * s1 + h_im * c1 + im0
+    return h_re, h_im
+
+
+@triton.jit
+def _horner8(h_re, h_im, g_re, g_im, c1, s1):
+    lo_re, hi_re = tl.split(g_re)
+    lo_im, hi_im = tl.split(g_im)
+    h_re, h_im = _horner4(h_re, h_im, hi_re, hi_im, c1, s1)
+    return _horner4(h_re, h_im, lo_re, lo_im, c1, s1)
+
+
+@triton.jit
+def _horner16(h_re, h_im, g_re, g_im, c1, s1):
+    lo_re, hi_re = tl.split(g_re)
+    lo_im, hi_im = tl.split(g_im)
+    h_re, h_im = _horner8(h_re, h_im, hi_re, hi_im, c1, s1)
+    return _horner8(h_re, h_im, lo_re, lo_im, c1, s1)
+
+
+@triton.jit
+def _horner(h_re, h_im, g_re, g_im, c1, s1, KC: tl.constexpr):
+    """Horner over a chunk's gamma [X, Y, KC] (knot axis plain; bit axes built here)."""
+    shape: tl.constexpr = g_re.shape
+    if KC == 1:
+        re = tl.reshape(g_re, (shape[0], shape[1]))
+        im = tl.reshape(g_im, (shape[0], shape[1]))
+        h_re, h_im = h_re * c1 - h_im * s1 + re, h_re * s1 + h_im * c1 + im
+    elif KC == 2:
+        re0, re1 = tl.split(g_re)
+        im0, im1 = tl.split(g_im)
+        h_re, h_im = h_re * c1 - h_im * s1 + re1, h_re * s1 + h_im * c1 + im1
+        h_re, h_im = h_re * c1 - h_im * s1 + re0, h_re * s1 + h_im * c1 + im0
+    elif KC == 4:
+        g_re = tl.permute(tl.reshape(g_re, (shape[0], shape[1], 2, 2)), (0, 1, 3, 2))
+        g_im = tl.permute(tl.reshape(g_im, (shape[0], shape[1], 2, 2)), (0, 1, 3, 2))
+        h_re, h_im = _horner4(h_re, h_im, g_re, g_im, c1, s1)
+    elif KC == 8:
+        g_re = tl.permute(tl.reshape(g_re, (shape[0], shape[1], 2, 2, 2)), (0, 1, 4, 3, 2))
+        g_im = tl.permute(tl.reshape(g_im, (shape[0], shape[1], 2, 2, 2)), (0, 1, 4, 3, 2))
+        h_re, h_im = _horner8(h_re, h_im, g_re, g_im, c1, s1)
+    else:
+        tl.static_assert(KC == 16, "knot chunks hold 1, 2, 4, 8 or 16 knots")
+        g_re = tl.permute(tl.reshape(g_re, (shape[0], shape[1], 2, 2, 2, 2)), (0, 1, 5, 4, 3, 2))
+        g_im = tl.permute(tl.reshape(g_im, (shape[0], shape[1], 2, 2, 2, 2)), (0, 1, 5, 4, 3, 2))
+        h_re, h_im = _horner16(h_re, h_im, g_re, g_im, c1, s1)
+    return h_re, h_im
 
 
 @triton.jit
@@ -87,200 +283,377 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _projection_tile(x_rows_ptr, a_ptr, rn, n_valid, rk, k_valid, D,
-                     stride_xn, stride_xd, stride_ad, stride_ak,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                     PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
-    """p[rn, rk] = x[rn, :] @ A[:, rk] in fp32; rows/columns out of range are 0."""
-    acc = tl.full([BLOCK_N, BLOCK_K], 0.0, tl.float32)
-    row_offsets = rn.to(tl.int64)[:, None] * stride_xn
-    for d0 in range(0, D, BLOCK_D):
-        rd = d0 + tl.arange(0, BLOCK_D)
-        d_valid = rd < D
-        x_tile = tl.load(x_rows_ptr + row_offsets + rd.to(tl.int64)[None, :] * stride_xd,
-                         mask=n_valid[:, None] & d_valid[None, :], other=0.0)
-        a_tile = tl.load(a_ptr + rd[:, None] * stride_ad + rk[None, :] * stride_ak,
-                         mask=d_valid[:, None] & k_valid[None, :], other=0.0)
-        acc = _dot(x_tile, a_tile, acc, PRECISION, DOT_UPCAST)
+def _load_directions_t(a_ptr, rk, k_valid, d0, D, stride_ad, stride_ak, BLOCK_D: tl.constexpr):
+    """A^T [BLOCK_K, BLOCK_D] from directions [D, K]: rows rk, features d0 + [0, BLOCK_D)."""
+    rd = d0 + tl.arange(0, BLOCK_D)
+    return tl.load(a_ptr + rk[:, None] * stride_ak + rd[None, :] * stride_ad,
+                   mask=k_valid[:, None] & (rd < D)[None, :], other=0.0)
+
+
+@triton.jit
+def _load_x_t(x_b, rn, n_valid, d0, D, stride_xn, stride_xd, BLOCK_D: tl.constexpr):
+    """x^T [BLOCK_D, BLOCK_N]: features d0 + [0, BLOCK_D) of rows rn, int64 offsets."""
+    rd = d0 + tl.arange(0, BLOCK_D)
+    return tl.load(x_b + rn.to(tl.int64)[None, :] * stride_xn + rd.to(tl.int64)[:, None] * stride_xd,
+                   mask=(rd < D)[:, None] & n_valid[None, :], other=0.0)
+
+
+@triton.jit
+def _projection_t(a_res, a_ptr, x_b, rk, k_valid, rn, n_valid, D,
+                  stride_xn, stride_xd, stride_ad, stride_ak,
+                  BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  RESIDENT: tl.constexpr, PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """p^T [BLOCK_K, BLOCK_N] = A[:, rk]^T x[rn, :]^T in fp32; rows/columns out of range are 0.
+
+    RESIDENT: D <= BLOCK_D and a_res holds A^T for the whole program (loaded once).
+    """
+    acc = tl.full([BLOCK_K, BLOCK_N], 0.0, tl.float32)
+    if RESIDENT:
+        x_t = _load_x_t(x_b, rn, n_valid, 0, D, stride_xn, stride_xd, BLOCK_D)
+        acc = _dot(a_res, x_t, acc, PRECISION, DOT_UPCAST)
+    else:
+        for d0 in range(0, D, BLOCK_D):
+            a_t = _load_directions_t(a_ptr, rk, k_valid, d0, D, stride_ad, stride_ak, BLOCK_D)
+            x_t = _load_x_t(x_b, rn, n_valid, d0, D, stride_xn, stride_xd, BLOCK_D)
+            acc = _dot(a_t, x_t, acc, PRECISION, DOT_UPCAST)
     return acc
 
 
 @triton.jit
-def _slice_gradient_tile(p, g_ptr, rk, k_valid, stride_gc, stride_gk, stride_gt, delta,
-                         KNOTS: tl.constexpr):
-    """G = dL/dp on a tile of p, from the gradient of the sums g_ptr[c, k, j] (fp32)."""
-    s1, c1 = _sincos(p * delta)
-    c = c1
-    s = s1
-    grad = tl.full(p.shape, 0.0, tl.float32)
-    # Knot 0 (t = 0) has no gradient. A loop, not unrolled: see the forward kernel.
-    for j in range(1, KNOTS):
-        t_j = delta * j
-        # d sum_cos / dp = -t sin(t p),  d sum_sin / dp = t cos(t p)
-        g_cos = tl.load(g_ptr + rk * stride_gk + j * stride_gt, mask=k_valid, other=0.0)
-        g_sin = tl.load(g_ptr + stride_gc + rk * stride_gk + j * stride_gt, mask=k_valid, other=0.0)
-        grad += c * (t_j * g_sin)[None, :] - s * (t_j * g_cos)[None, :]
-        c, s = _rotate(c, s, c1, s1)
-    return grad
+def _store_partials(out, stride_oc, acc_c, acc_s, knot, k_valid, nan0, rows, KNOTS: tl.constexpr,
+                    KC: tl.constexpr, FIRST_CHUNK):
+    """Sum the lane partials [BK, L1, L2, KC] once, store knots [1 + q KC, ...) (and knot 0)."""
+    sums_c = _sum(_sum(acc_c, 2), 1)  # [BK, KC]
+    sums_s = _sum(_sum(acc_s, 2), 1)
+    mask = k_valid[:, None] & (knot < KNOTS)
+    tl.store(out + knot, sums_c, mask=mask)
+    tl.store(out + stride_oc + knot, sums_s, mask=mask)
+    if FIRST_CHUNK:
+        # Knot 0: cos(0 p) = 1 per row, sin(0 p) = 0, NaN where p is NaN or infinite.
+        tl.store(out, rows + nan0, mask=k_valid[:, None])
+        tl.store(out + stride_oc, nan0, mask=k_valid[:, None])
 
 
 @triton.jit
-def _sigreg_fwd_kernel(
-    x_ptr, a_ptr, partial_ptr,
-    N, D, K, rows_per_split, batch_start,
+def ecf_partials_kernel(
+    x_ptr, a_ptr, out_ptr,
+    N, D, K, rows_per_split, knot_chunks, batch_start,
     stride_xb, stride_xn, stride_xd,
     stride_ad, stride_ak,
-    stride_pb, stride_ps, stride_pc, stride_pk, stride_pt,
+    stride_ob, stride_os, stride_oc, stride_ok,
     delta,
-    KNOTS: tl.constexpr, KNOTS_PAD: tl.constexpr,
+    KNOTS: tl.constexpr, KC: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    WARPS_N: tl.constexpr, RESIDENT: tl.constexpr,
     PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """partial[b, split, 0|1, k, j] = sum of cos|sin(t_j p_nk) over the rows of one split.
+    """partials[b, split, 0|1, k, j] = sum of cos|sin(t_j p_nk) over the rows of one split.
 
-    Grid: (K blocks, splits, batch indices from batch_start). A program owns slices rk
-    for rows [split * rows_per_split, +rows_per_split) of batch b.
+    Grid: (K blocks x knot chunks, splits, batch indices from batch_start). A program
+    owns slices rk and knots [1 + q KC, 1 + (q + 1) KC) (and knot 0 for q = 0) for the
+    rows [split * rows_per_split, +rows_per_split) of batch b. The partials' knot axis
+    is contiguous (stride 1).
     """
-    pid_k = tl.program_id(0)
+    pid_k = tl.program_id(0) // knot_chunks
+    chunk = tl.program_id(0) % knot_chunks
     split = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64) + batch_start
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     k_valid = rk < K
-    knot = tl.arange(0, KNOTS_PAD)[:, None]
-    x_rows_ptr = x_ptr + b * stride_xb
+    x_b = x_ptr + b * stride_xb
     row_start = split * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, N)
+    first_knot = 1 + chunk * KC
+    t_first = first_knot.to(tl.float32) * delta
 
-    # Two-level sum: each tile's rows are tree-summed (tl.reduce), the tile sums are
-    # then accumulated here; summing tiny per-element terms into one running fp32
-    # total would lose the digits that (C - phi) needs when C ~ phi.
-    acc_cos = tl.full([KNOTS_PAD, BLOCK_K], 0.0, tl.float32)
-    acc_sin = tl.full([KNOTS_PAD, BLOCK_K], 0.0, tl.float32)
+    if RESIDENT:
+        a_res = _load_directions_t(a_ptr, rk, k_valid, 0, D, stride_ad, stride_ak, BLOCK_D)
+    else:
+        a_res = tl.full([BLOCK_K, BLOCK_D], 0.0, a_ptr.dtype.element_ty)
+    # Two-level sums: each thread sums its own samples of a tile (a short tree), the
+    # tile sums accumulate across tiles in acc, and the lanes' partials are summed at
+    # the end: no long running sum of tiny terms (C - phi needs those digits).
+    acc_c = tl.full([BLOCK_K, WARPS_N, 4, KC], 0.0, tl.float32)
+    acc_s = tl.full([BLOCK_K, WARPS_N, 4, KC], 0.0, tl.float32)
+    acc_0 = tl.full([BLOCK_K, WARPS_N, 4], 0.0, tl.float32)
     for n0 in range(row_start, row_end, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)
         n_valid = rn < row_end
-        p = _projection_tile(x_rows_ptr, a_ptr, rn, n_valid, rk, k_valid, D,
-                             stride_xn, stride_xd, stride_ad, stride_ak,
-                             BLOCK_N, BLOCK_K, BLOCK_D, PRECISION, DOT_UPCAST)
+        p = _projection_t(a_res, a_ptr, x_b, rk, k_valid, rn, n_valid, D,
+                          stride_xn, stride_xd, stride_ad, stride_ak,
+                          BLOCK_K, BLOCK_N, BLOCK_D, RESIDENT, PRECISION, DOT_UPCAST)
+        nan_p, _ = _cs_sums(p * 0.0, p, MMA_TILE, WARPS_N)
+        acc_0 += nan_p  # 0, or NaN where p is not finite
         s1, c1 = _sincos(p * delta)
-        # Rows past the end start at 0 and stay 0 under rotation: they add nothing.
-        c1 = tl.where(n_valid[:, None], c1, 0.0)
-        s1 = tl.where(n_valid[:, None], s1, 0.0)
-        c = c1
-        s = s1
-        # A loop, not tl.static_range: unrolled, the compiler hoists the rotations of
-        # all knots above their reductions and spills (ptxas: ~5 KB at 17 knots).
-        for j in range(1, KNOTS):
-            acc_cos += tl.where(knot == j, _column_sums(c)[None, :], 0.0)
-            acc_sin += tl.where(knot == j, _column_sums(s)[None, :], 0.0)
-            c, s = _rotate(c, s, c1, s1)
-    # Knot 0: cos(0) = 1 for each row of the split, sin(0) = 0.
-    acc_cos = tl.where(knot == 0, (row_end - row_start).to(tl.float32), acc_cos)
+        if KNOTS - 1 <= KC:  # one chunk: its first knot is t_1 = delta
+            s, c = s1, c1
+        else:
+            s, c = _sincos(p * t_first)
+        # Rows past the end (p = 0) start at 0 and stay 0 under rotation.
+        c = tl.where(n_valid[None, :], c, 0.0)
+        s = tl.where(n_valid[None, :], s, 0.0)
+        acc_c, acc_s = _knot_sums(acc_c, acc_s, c, s, c1, s1, KC, MMA_TILE, WARPS_N)
 
-    out = (partial_ptr + b * stride_pb + split.to(tl.int64) * stride_ps
-           + rk[None, :] * stride_pk + knot * stride_pt)
-    mask = (knot < KNOTS) & k_valid[None, :]
-    tl.store(out, acc_cos, mask=mask)
-    tl.store(out + stride_pc, acc_sin, mask=mask)
+    out = (out_ptr + b * stride_ob + split.to(tl.int64) * stride_os + rk[:, None] * stride_ok)
+    knot = first_knot + tl.arange(0, KC)[None, :]
+    nan0 = _sum(_sum(acc_0, 2), 1)
+    _store_partials(out, stride_oc, acc_c, acc_s, knot, k_valid, nan0[:, None],
+                    (row_end - row_start).to(tl.float32), KNOTS, KC, chunk == 0)
 
 
 @triton.jit
-def _sigreg_bwd_dx_kernel(
-    x_ptr, a_ptr, g_ptr, dx_ptr,
-    N, D, K, batch_start,
-    stride_xb, stride_xn, stride_xd,
-    stride_ad, stride_ak,
-    stride_gb, stride_gc, stride_gk, stride_gt,
-    stride_dxb, stride_dxn, stride_dxd,
-    delta,
-    KNOTS: tl.constexpr,
-    PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
-    BLOCK_DX: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """dx[b, rn, rdx] = sum_k G[rn, k] A[rdx, k], written once.
+def _rows_tile(n0, row_end, rk0, K, stride_n, stride_k, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Flat offsets, mask and row mask of a [BLOCK_N samples, BLOCK_K slices] tile of P.
 
-    Grid: (N blocks, D chunks of BLOCK_DX, batch indices from batch_start). The dx
-    accumulator spans a whole D chunk; with D <= BLOCK_DX there is one chunk and G is
-    computed once per element.
+    Built on one flat axis (sample-major) and reshaped by the caller: a 1-D layout has no
+    dimension order for the compiler to choose, so lanes and warps take consecutive
+    slices and each thread holds whole columns (stride_k is not specialized, so nothing
+    is vectorized along K), with triton 3.6 as with 3.9.
     """
-    pid_n = tl.program_id(0)
-    pid_dx = tl.program_id(1)
+    i = tl.arange(0, BLOCK_N * BLOCK_K)
+    rn = n0 + i // BLOCK_K
+    rk = rk0 + i % BLOCK_K
+    offsets = rn.to(tl.int64) * stride_n + rk.to(tl.int64) * stride_k
+    rows = rn < row_end
+    return offsets, rows & (rk < K), tl.reshape(rows, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit(do_not_specialize=["stride_pk"])
+def ecf_partials_projected_kernel(
+    p_ptr, out_ptr,
+    N, K, rows_per_split, knot_chunks, batch_start,
+    stride_pb, stride_pn, stride_pk,
+    stride_ob, stride_os, stride_oc, stride_ok,
+    delta,
+    KNOTS: tl.constexpr, KC: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """ecf_partials_kernel on a given projection P [B, N, K] (directions=None).
+
+    Tiles are [BLOCK_N, BLOCK_K] with lanes and warps along K (_rows_tile): every thread
+    owns whole columns, and all sums over samples stay in the thread.
+    """
+    pid_k = tl.program_id(0) // knot_chunks
+    chunk = tl.program_id(0) % knot_chunks
+    split = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64) + batch_start
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_valid = rn < N
-    rdx = pid_dx * BLOCK_DX + tl.arange(0, BLOCK_DX)
-    dx_valid = rdx < D
-    x_rows_ptr = x_ptr + b * stride_xb
-    g_b_ptr = g_ptr + b * stride_gb
-
-    acc = tl.full([BLOCK_N, BLOCK_DX], 0.0, tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        k_valid = rk < K
-        p = _projection_tile(x_rows_ptr, a_ptr, rn, n_valid, rk, k_valid, D,
-                             stride_xn, stride_xd, stride_ad, stride_ak,
-                             BLOCK_N, BLOCK_K, BLOCK_D, PRECISION, DOT_UPCAST)
-        grad = _slice_gradient_tile(p, g_b_ptr, rk, k_valid, stride_gc, stride_gk, stride_gt,
-                                    delta, KNOTS)
-        # A tile [BLOCK_DX, BLOCK_K], loaded along its contiguous K axis, then transposed.
-        # G goes to the input dtype: tensor cores for fp16/bf16.
-        a_tile = tl.load(a_ptr + rdx[:, None] * stride_ad + rk[None, :] * stride_ak,
-                         mask=dx_valid[:, None] & k_valid[None, :], other=0.0)
-        acc = _dot(grad.to(a_tile.dtype), tl.trans(a_tile), acc, PRECISION, DOT_UPCAST)
-
-    out = (dx_ptr + b * stride_dxb + rn.to(tl.int64)[:, None] * stride_dxn
-           + rdx.to(tl.int64)[None, :] * stride_dxd)
-    tl.store(out, acc.to(dx_ptr.dtype.element_ty), mask=n_valid[:, None] & dx_valid[None, :])
-
-
-@triton.jit
-def _sigreg_bwd_da_kernel(
-    x_ptr, a_ptr, g_ptr, partial_ptr,
-    N, D, K, rows_per_split, splits, index_start,
-    stride_xb, stride_xn, stride_xd,
-    stride_ad, stride_ak,
-    stride_gb, stride_gc, stride_gk, stride_gt,
-    stride_ps, stride_pd, stride_pk,
-    delta,
-    KNOTS: tl.constexpr,
-    PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
-    BLOCK_DA: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """partial[b * splits + split, rda, rk] = x[b, rows, rda]^T @ G[rows, rk] over one split's rows.
-
-    Grid: (K blocks, D chunks of BLOCK_DA, B * splits indices from index_start); the
-    launcher sums the partials over their first axis in a fixed order.
-    """
-    pid_k = tl.program_id(0)
-    pid_da = tl.program_id(1)
-    pid_s = tl.program_id(2).to(tl.int64) + index_start
-    b = pid_s // splits
-    split = (pid_s % splits).to(tl.int32)
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     k_valid = rk < K
-    rda = pid_da * BLOCK_DA + tl.arange(0, BLOCK_DA)
-    da_valid = rda < D
-    x_rows_ptr = x_ptr + b * stride_xb
-    g_b_ptr = g_ptr + b * stride_gb
+    p_b = p_ptr + b * stride_pb
     row_start = split * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, N)
+    first_knot = 1 + chunk * KC
+    t_first = first_knot.to(tl.float32) * delta
 
-    acc = tl.full([BLOCK_DA, BLOCK_K], 0.0, tl.float32)
+    acc_c = tl.full([BLOCK_K, 1, 1, KC], 0.0, tl.float32)
+    acc_s = tl.full([BLOCK_K, 1, 1, KC], 0.0, tl.float32)
+    acc_0 = tl.full([BLOCK_K, 1, 1], 0.0, tl.float32)
+    for n0 in range(row_start, row_end, BLOCK_N):
+        offsets, mask, rows = _rows_tile(n0, row_end, pid_k * BLOCK_K, K, stride_pn, stride_pk, BLOCK_N, BLOCK_K)
+        p = tl.reshape(tl.load(p_b + offsets, mask=mask, other=0.0), (BLOCK_N, BLOCK_K)).to(tl.float32)
+        nan_p, _ = _cs_sums(p * 0.0, p, ROWS_TILE, 1)
+        acc_0 += nan_p
+        s1, c1 = _sincos(p * delta)
+        if KNOTS - 1 <= KC:
+            s, c = s1, c1
+        else:
+            s, c = _sincos(p * t_first)
+        c = tl.where(rows, c, 0.0)
+        s = tl.where(rows, s, 0.0)
+        acc_c, acc_s = _knot_sums(acc_c, acc_s, c, s, c1, s1, KC, ROWS_TILE, 1)
+
+    out = (out_ptr + b * stride_ob + split.to(tl.int64) * stride_os + rk[:, None] * stride_ok)
+    knot = first_knot + tl.arange(0, KC)[None, :]
+    nan0 = _sum(_sum(acc_0, 2), 1)
+    _store_partials(out, stride_oc, acc_c, acc_s, knot, k_valid, nan0[:, None],
+                    (row_end - row_start).to(tl.float32), KNOTS, KC, chunk == 0)
+
+
+@triton.jit
+def statistic_kernel(
+    partials_ptr, stat_ptr, coef_ptr,
+    S, K, k_blocks,
+    stride_pb, stride_ps, stride_pc, stride_pk,
+    stride_sb, stride_sk,
+    stride_cb, stride_cc, stride_ck,
+    samples, delta, factor, clip_value,
+    KNOTS: tl.constexpr, KNOTS_PAD: tl.constexpr, HAS_CLIP: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """stat [B, K] and coef [B, 2, K, T] (knot axes contiguous) from partials [B, S, 2, K, T].
+
+    Grid: (B * k_blocks,), one program per (batch index, slice block): the sum over
+    splits runs in split order; the quadrature is built in float64, then rounded, as
+    quadrature.py builds it.
+    """
+    pid = tl.program_id(0)
+    b = (pid // k_blocks).to(tl.int64)
+    rk = (pid % k_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
+    j = tl.arange(0, KNOTS_PAD)
+    mask = (rk < K)[:, None] & (j < KNOTS)[None, :]
+    offsets = rk[:, None] * stride_pk + j[None, :]
+    base = partials_ptr + b * stride_pb
+    sums_c = tl.full([BLOCK_K, KNOTS_PAD], 0.0, tl.float32)
+    sums_s = tl.full([BLOCK_K, KNOTS_PAD], 0.0, tl.float32)
+    for _ in range(0, S):  # the pointer steps in 64 bits: S * stride_ps may pass 2^31
+        sums_c += tl.load(base + offsets, mask=mask, other=0.0)
+        sums_s += tl.load(base + stride_pc + offsets, mask=mask, other=0.0)
+        base += stride_ps
+
+    t = j.to(tl.float64) * delta  # float64: the knots as quadrature.py rounds them
+    phi64 = tl.exp(-0.5 * t * t)
+    trapezoid = tl.where((j == 0) | (j == KNOTS - 1), 1.0, 2.0).to(tl.float64) * delta
+    phi = phi64.to(tl.float32)[None, :]
+    w = tl.where(j < KNOTS, trapezoid * phi64, 0.0).to(tl.float32)[None, :]
+    ecf_cos = sums_c / samples
+    ecf_sin = sums_s / samples
+    stat = _sum(((ecf_cos - phi) * (ecf_cos - phi) + ecf_sin * ecf_sin) * w, 1) * samples
+    coef_c = (2.0 * w) * (ecf_cos - phi) * factor
+    coef_s = (2.0 * w) * ecf_sin * factor
+    if HAS_CLIP:
+        # Statistics below clip_value are 0 and pass no gradient; NaN is below nothing, so a
+        # NaN statistic (and its coefficients) stays NaN, as primitives.statistic.
+        clipped = stat < clip_value
+        stat = tl.where(clipped, 0.0, stat)
+        kept = tl.where(clipped, 0.0, 1.0)[:, None]
+        coef_c = coef_c * kept  # a product, as the reference: NaN coefficients stay NaN
+        coef_s = coef_s * kept
+    tl.store(stat_ptr + b * stride_sb + rk * stride_sk, stat, mask=rk < K)
+    out = coef_ptr + b * stride_cb + rk[:, None] * stride_ck + j[None, :]
+    tl.store(out, coef_c, mask=mask)
+    tl.store(out + stride_cc, coef_s, mask=mask)
+
+
+@triton.jit
+def _load_gamma(coef_b, stride_cc, stride_ck, rk, k_valid, scale_k, knot, delta, KNOTS: tl.constexpr,
+                TILE: tl.constexpr):
+    """gamma_j = t_j * scale_k * (coef_sin + i coef_cos) for knots [1, 1, KC]: [BK, 1, KC] for
+    an MMA tile, [1, BK, KC] for a rows tile; 0 past the last knot."""
+    if TILE == MMA_TILE:
+        rk, k_valid, scale_k = rk[:, None, None], k_valid[:, None, None], scale_k[:, None, None]
+    else:
+        rk, k_valid, scale_k = rk[None, :, None], k_valid[None, :, None], scale_k[None, :, None]
+    mask = k_valid & (knot < KNOTS)
+    offsets = rk * stride_ck + knot
+    weight = (knot.to(tl.float32) * delta) * scale_k
+    g_re = tl.load(coef_b + stride_cc + offsets, mask=mask, other=0.0) * weight
+    g_im = tl.load(coef_b + offsets, mask=mask, other=0.0) * weight
+    return g_re, g_im
+
+
+@triton.jit
+def _gradient(p, coef_b, stride_cc, stride_ck, rk, k_valid, scale_k, delta, g_re, g_im,
+              KNOTS: tl.constexpr, KC: tl.constexpr, ONE_CHUNK: tl.constexpr, TILE: tl.constexpr):
+    """G on a tile of p: Re(sum_j gamma_j z^j), z = e^{i delta p}, Horner from the top knot."""
+    s1, c1 = _sincos(p * delta)
+    h_re = tl.full(p.shape, 0.0, tl.float32)
+    h_im = tl.full(p.shape, 0.0, tl.float32)
+    if ONE_CHUNK:
+        h_re, h_im = _horner(h_re, h_im, g_re, g_im, c1, s1, KC)
+    else:
+        # More than 16 knots: chunks of 16 from the top, gamma reloaded per chunk (L1).
+        CHUNKS: tl.constexpr = (KNOTS - 1 + KC - 1) // KC
+        for i in range(0, CHUNKS):
+            knot = 1 + (CHUNKS - 1 - i) * KC + tl.arange(0, KC)[None, None, :]
+            c_re, c_im = _load_gamma(coef_b, stride_cc, stride_ck, rk, k_valid, scale_k, knot, delta, KNOTS, TILE)
+            h_re, h_im = _horner(h_re, h_im, c_re, c_im, c1, s1, KC)
+    return h_re * c1 - h_im * s1  # the last multiplication by z: knot 1 carries z^1
+
+
+@triton.jit
+def slice_gradient_kernel(
+    coef_ptr, scale_ptr, x_ptr, a_ptr, g_ptr,
+    N, D, K, rows_per_program, batch_start,
+    stride_cb, stride_cc, stride_ck,
+    stride_sb, stride_sk,
+    stride_xb, stride_xn, stride_xd,
+    stride_ad, stride_ak,
+    stride_gb, stride_gn, stride_gk,
+    delta,
+    KNOTS: tl.constexpr, KC: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    RESIDENT: tl.constexpr, PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    """G[b, n, k] = scale[b, k] * sum_j t_j (coef[b, 1, k, j] cos(t_j p) - coef[b, 0, k, j] sin(t_j p)).
+
+    Grid: (K blocks, row groups, batch indices from batch_start); a program owns slices
+    rk and rows [group * rows_per_program, +rows_per_program), tile by tile, with the
+    directions (RESIDENT) and gamma in registers / shared memory for all its tiles.
+    """
+    pid_k = tl.program_id(0)
+    group = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64) + batch_start
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_valid = rk < K
+    x_b = x_ptr + b * stride_xb
+    g_b = g_ptr + b * stride_gb
+    coef_b = coef_ptr + b * stride_cb
+    scale_k = tl.load(scale_ptr + b * stride_sb + rk * stride_sk, mask=k_valid, other=0.0)
+    row_start = group * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, N)
+    ONE_CHUNK: tl.constexpr = KNOTS - 1 <= KC
+    if ONE_CHUNK:
+        knot = 1 + tl.arange(0, KC)[None, None, :]
+        g_re, g_im = _load_gamma(coef_b, stride_cc, stride_ck, rk, k_valid, scale_k, knot, delta, KNOTS, MMA_TILE)
+    else:
+        g_re = tl.full([BLOCK_K, 1, KC], 0.0, tl.float32)
+        g_im = tl.full([BLOCK_K, 1, KC], 0.0, tl.float32)
+    if RESIDENT:
+        a_res = _load_directions_t(a_ptr, rk, k_valid, 0, D, stride_ad, stride_ak, BLOCK_D)
+    else:
+        a_res = tl.full([BLOCK_K, BLOCK_D], 0.0, a_ptr.dtype.element_ty)
     for n0 in range(row_start, row_end, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)
         n_valid = rn < row_end
-        p = _projection_tile(x_rows_ptr, a_ptr, rn, n_valid, rk, k_valid, D,
-                             stride_xn, stride_xd, stride_ad, stride_ak,
-                             BLOCK_N, BLOCK_K, BLOCK_D, PRECISION, DOT_UPCAST)
-        grad = _slice_gradient_tile(p, g_b_ptr, rk, k_valid, stride_gc, stride_gk, stride_gt,
-                                    delta, KNOTS)
-        # x tile [BLOCK_N, BLOCK_DA], loaded along its contiguous D axis, then transposed;
-        # rows past the end load as 0 and add nothing.
-        x_tile = tl.load(x_rows_ptr + rn.to(tl.int64)[:, None] * stride_xn + rda.to(tl.int64)[None, :] * stride_xd,
-                         mask=n_valid[:, None] & da_valid[None, :], other=0.0)
-        acc = _dot(tl.trans(x_tile), grad.to(x_tile.dtype), acc, PRECISION, DOT_UPCAST)
+        p = _projection_t(a_res, a_ptr, x_b, rk, k_valid, rn, n_valid, D,
+                          stride_xn, stride_xd, stride_ad, stride_ak,
+                          BLOCK_K, BLOCK_N, BLOCK_D, RESIDENT, PRECISION, DOT_UPCAST)
+        grad = _gradient(p, coef_b, stride_cc, stride_ck, rk, k_valid, scale_k, delta, g_re, g_im,
+                         KNOTS, KC, ONE_CHUNK, MMA_TILE)
+        out = g_b + rn.to(tl.int64)[None, :] * stride_gn + rk.to(tl.int64)[:, None] * stride_gk
+        tl.store(out, grad.to(g_ptr.dtype.element_ty), mask=k_valid[:, None] & n_valid[None, :])
 
-    out = partial_ptr + pid_s * stride_ps + rda[:, None] * stride_pd + rk[None, :] * stride_pk
-    tl.store(out, acc, mask=da_valid[:, None] & k_valid[None, :])
+
+@triton.jit(do_not_specialize=["stride_pk", "stride_gk"])
+def slice_gradient_projected_kernel(
+    coef_ptr, scale_ptr, p_ptr, g_ptr,
+    N, K, rows_per_program, batch_start,
+    stride_cb, stride_cc, stride_ck,
+    stride_sb, stride_sk,
+    stride_pb, stride_pn, stride_pk,
+    stride_gb, stride_gn, stride_gk,
+    delta,
+    KNOTS: tl.constexpr, KC: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SAME_STRIDES: tl.constexpr,
+):
+    """slice_gradient_kernel on a given projection P (directions=None), tiles as in
+    ecf_partials_projected_kernel; g_ptr may be p_ptr (slice_gradient_: each element is
+    read, then overwritten, by the same thread)."""
+    pid_k = tl.program_id(0)
+    group = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64) + batch_start
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_valid = rk < K
+    p_b = p_ptr + b * stride_pb
+    g_b = g_ptr + b * stride_gb
+    coef_b = coef_ptr + b * stride_cb
+    scale_k = tl.load(scale_ptr + b * stride_sb + rk * stride_sk, mask=k_valid, other=0.0)
+    row_start = group * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, N)
+    ONE_CHUNK: tl.constexpr = KNOTS - 1 <= KC
+    if ONE_CHUNK:
+        knot = 1 + tl.arange(0, KC)[None, None, :]
+        g_re, g_im = _load_gamma(coef_b, stride_cc, stride_ck, rk, k_valid, scale_k, knot, delta, KNOTS, ROWS_TILE)
+    else:
+        g_re = tl.full([1, BLOCK_K, KC], 0.0, tl.float32)
+        g_im = tl.full([1, BLOCK_K, KC], 0.0, tl.float32)
+    for n0 in range(row_start, row_end, BLOCK_N):
+        offsets, mask, _ = _rows_tile(n0, row_end, pid_k * BLOCK_K, K, stride_pn, stride_pk, BLOCK_N, BLOCK_K)
+        p = tl.reshape(tl.load(p_b + offsets, mask=mask, other=0.0), (BLOCK_N, BLOCK_K)).to(tl.float32)
+        grad = _gradient(p, coef_b, stride_cc, stride_ck, rk, k_valid, scale_k, delta, g_re, g_im,
+                         KNOTS, KC, ONE_CHUNK, ROWS_TILE)
+        if SAME_STRIDES:  # in place, or G laid out as P: the same offsets
+            out = g_b + offsets
+        else:
+            out_offsets, _, _ = _rows_tile(n0, row_end, pid_k * BLOCK_K, K, stride_gn, stride_gk, BLOCK_N, BLOCK_K)
+            out = g_b + out_offsets
+        tl.store(out, tl.reshape(grad, (BLOCK_N * BLOCK_K,)).to(g_ptr.dtype.element_ty), mask=mask)

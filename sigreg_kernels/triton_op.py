@@ -1,41 +1,60 @@
-"""The Triton op ``sigreg::ecf_sums_triton`` and its backward: launch, autotuning, registration.
+"""The Triton backend's four ops: launch by ``triton_plan.py``, registration with torch.
 
-The contract of both ops is in ``op_registration.py``; the kernels are in
-``triton_kernels.py``.
+    sigreg::triton_ecf_partials(Tensor x, Tensor? directions, int knots, float t_max) -> Tensor
+    sigreg::triton_statistic(Tensor partials, int samples, int knots, float t_max, str reduction,
+                             float? clip_value, float grad_factor) -> (Tensor, Tensor)
+    sigreg::triton_slice_gradient(Tensor coef, Tensor scale, Tensor x, Tensor? directions,
+                                  int knots, float t_max) -> Tensor
+    sigreg::triton_slice_gradient_(Tensor(a!) projection, Tensor coef, Tensor scale,
+                                   int knots, float t_max) -> ()
 
-Registration: ``torch.library.triton_op`` on the GPU, ``torch.library.custom_op``
-under ``TRITON_INTERPRET=1``; one launcher function either way. triton_op +
-``wrap_triton`` let torch.compile see the kernels and the small torch ops around
-them (Inductor launches the kernels from its generated code, with no Python op call
-per step, and may fuse the partial-sum reduction into what follows), and triton_op
-traces this function itself as its fake kernel. Under the interpreter that tracing
-cannot work: ``wrap_triton`` hands back the interpreted kernel, which then runs on
-fake tensors, so opcheck and torch.compile fail. There the same launcher is
-registered as an opaque custom_op with explicit fake kernels, which passes both, so
-CPU CI tests the kernels, autograd, opcheck and compile. The choice is made once,
+Semantics: exactly ``primitives.py``'s functions of the same names, each one kernel
+launch (several only past the 65535 grid cap on huge batches) and no other device work
+(outputs are allocated with torch.empty). No autograd here: ``fused.py`` does it and
+calls the four plain functions ``ecf_partials``, ``statistic``, ``slice_gradient``,
+``slice_gradient_`` below. The kernels are in ``triton_kernels.py``.
+
+Registration: ``torch.library.triton_op`` on the GPU, ``torch.library.custom_op`` under
+``TRITON_INTERPRET=1``; one launcher function either way. triton_op + ``wrap_triton``
+let torch.compile see the kernels (Inductor launches them from its generated code), and
+triton_op traces the launcher itself as its fake kernel. Under the interpreter that
+tracing cannot work (``wrap_triton`` hands back the interpreted kernel, which would run
+on fake tensors), so the same launchers are registered as opaque custom_ops with
+explicit fake kernels, which pass opcheck and torch.compile. The choice is made once,
 when this module is first imported, the moment ``triton.jit`` decides whether the
-kernels are compiled or interpreted.
+kernels are compiled or interpreted. ``SIGREG_TRITON_REGISTRATION=triton_op|custom_op``,
+read at that same import, overrides it (triton_op under the interpreter runs eager calls
+only).
 
-``SIGREG_TRITON_REGISTRATION=triton_op|custom_op``, read at that same import,
-overrides the default. With ``triton_op`` under the interpreter, eager calls work
-(the op runs the launcher with wrap_triton off, which hands back the kernels
-themselves), so the CPU tests run the GPU's registration, autograd included, in
-eager mode; opcheck and torch.compile still need the default there.
+``LAUNCHES`` counts the kernel launches of each op made by these launchers (eager calls;
+under torch.compile with triton_op, Inductor launches the kernels itself).
 """
 
+import collections
 import contextlib
 import functools
 import os
 import re
+from typing import Optional
 
 import torch
 import triton
 
-from . import triton_kernels as kernels
-from .op_registration import fake_ecf_sums, fake_ecf_sums_backward, register_ecf_autograd
+from . import triton_plan as plan
+from .primitives import loss_factor
 from .quadrature import knot_spacing
+from .triton_kernels import (
+    ecf_partials_kernel,
+    ecf_partials_projected_kernel,
+    slice_gradient_kernel,
+    slice_gradient_projected_kernel,
+    statistic_kernel,
+)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Off the GPU the plans get one "SM" and no waves criterion (min_waves=0): the interpreter
+# pays per tile, so it runs each kernel's first (largest) candidate, still in several splits.
+INTERPRETER_NUM_SMS = 1
 
 
 def _registration_choice() -> str:
@@ -58,57 +77,18 @@ else:
         interpreted kernel.)"""
         return kernel
 
-# Block sizes. GPU: a few configs for H100, tuned per problem (_KEY). Compiled for sm_90a
-# (ptxas -v, no GPU needed), the first config of each list spills no registers in
-# bf16 and at most ~200 bytes in fp32, whose tl.dot (FMA when TF32 is off) needs more
-# registers than the tensor cores, hence BLOCK_D = 32. What fills the registers: the
-# [BLOCK_N, BLOCK_K] tiles of cos, sin and their rotation step, and the backward's
-# [BLOCK_N, BLOCK_DX <= 256] fp32 dx accumulator.
-# The interpreter cannot autotune over several configs and pays per program, so it
-# gets one config with 32-wide blocks (small test shapes still span several blocks).
-# ROW_QUANTUM (rows per split are a multiple of it) is at least every BLOCK_N, so a
-# split never depends on the config the autotuner picks.
-# The GPU lists exist in every process, so that the CPU tests can run each GPU
-# config, one at a time, under the interpreter.
-_GPU_FWD_CONFIGS = [
-    triton.Config({"BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_D": 32}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_D": 32}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_N": 64, "BLOCK_K": 128, "BLOCK_D": 32}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_N": 128, "BLOCK_K": 32, "BLOCK_D": 32}, num_warps=4, num_stages=3),
-]
-_GPU_BWD_CONFIGS = [
-    triton.Config({"BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_D": 32}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_D": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_D": 32}, num_warps=8, num_stages=2),
-]
-_GPU_BLOCK_LIMITS = (128, 256, 128)  # ROW_QUANTUM, MAX_BLOCK_DX, MAX_BLOCK_DA
-if INTERPRET:
-    _FWD_CONFIGS = [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_D": 32})]
-    _BWD_CONFIGS = _FWD_CONFIGS
-    ROW_QUANTUM, MAX_BLOCK_DX, MAX_BLOCK_DA = 32, 64, 64
-else:
-    _FWD_CONFIGS, _BWD_CONFIGS = _GPU_FWD_CONFIGS, _GPU_BWD_CONFIGS
-    ROW_QUANTUM, MAX_BLOCK_DX, MAX_BLOCK_DA = _GPU_BLOCK_LIMITS
-
-# PRECISION: an fp32 dot in IEEE (FMA) and in TF32 (tensor cores) differ in speed and
-# registers, so each gets its own choice. (The autotuner adds the tensors' dtypes.)
-_KEY = ["N", "D", "K", "KNOTS", "PRECISION"]
-# Every program stores its whole output block, so autotuning reruns are harmless.
-# Results are bit-identical run to run either way; the block sizes set the summation
-# order, so under torch.use_deterministic_algorithms(True) the first config is used
-# every time, and results also agree across processes, whatever the timings.
-_fwd_tuned = triton.autotune(configs=_FWD_CONFIGS, key=_KEY)(kernels._sigreg_fwd_kernel)
-_fwd_fixed = triton.autotune(configs=_FWD_CONFIGS[:1], key=_KEY)(kernels._sigreg_fwd_kernel)
-_bwd_dx_tuned = triton.autotune(configs=_BWD_CONFIGS, key=_KEY)(kernels._sigreg_bwd_dx_kernel)
-_bwd_dx_fixed = triton.autotune(configs=_BWD_CONFIGS[:1], key=_KEY)(kernels._sigreg_bwd_dx_kernel)
-_bwd_da_tuned = triton.autotune(configs=_BWD_CONFIGS, key=_KEY)(kernels._sigreg_bwd_da_kernel)
-_bwd_da_fixed = triton.autotune(configs=_BWD_CONFIGS[:1], key=_KEY)(kernels._sigreg_bwd_da_kernel)
+LAUNCHES: collections.Counter = collections.Counter()
 
 
-def _register(name: str):
+def _counted(op: str) -> None:
+    """Every launch below goes through here first: the op-count tests read LAUNCHES."""
+    LAUNCHES[op] += 1
+
+
+def _register(name: str, mutates_args=()):
     if REGISTRATION == "custom_op":
-        return torch.library.custom_op(name, mutates_args=())
-    return torch.library.triton_op(name, mutates_args=())
+        return torch.library.custom_op(name, mutates_args=mutates_args)
+    return torch.library.triton_op(name, mutates_args=mutates_args)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -118,23 +98,24 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"  # fp16/bf16 ignore it
 
 
+def tensor_cores(dtype: torch.dtype) -> bool:
+    return dot_precision(dtype) == "tf32"
+
+
 @functools.cache
-def _target_programs(device: torch.device) -> int:
-    """How many programs keep the device busy: a couple per SM; a few in the interpreter."""
-    if device.type != "cuda":
-        return 8
-    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+def _device_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _row_splits(rows: int, other_programs: int, device: torch.device):
-    """(rows_per_split, splits): slabs of rows, each reduced by one program per slice block.
+def num_sms(device: torch.device) -> int:
+    """What the plans are given: the device's SM count, or a small fixed number off the GPU."""
+    if device.type == "cuda":
+        return _device_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return INTERPRETER_NUM_SMS
 
-    Enough splits to fill the device; the partials are O(splits * K * T), not O(N).
-    """
-    wanted = max(1, min(triton.cdiv(_target_programs(device), max(other_programs, 1)),
-                        triton.cdiv(rows, ROW_QUANTUM)))
-    rows_per_split = triton.cdiv(triton.cdiv(rows, wanted), ROW_QUANTUM) * ROW_QUANTUM
-    return rows_per_split, triton.cdiv(rows, rows_per_split)
+
+def _min_waves(device: torch.device) -> float:
+    return plan.MIN_WAVES if device.type == "cuda" else 0
 
 
 # CUDA caps grid axes 1 and 2 at 65535 programs (axis 0 at 2^31 - 1); axis 2 carries
@@ -142,43 +123,49 @@ def _row_splits(rows: int, other_programs: int, device: torch.device):
 MAX_GRID_Z = 65535
 
 
-def _batch_chunks(batch: int, programs_per_index: int = 1) -> list[tuple[int, int]]:
+def _batch_chunks(batch: int) -> list[tuple[int, int]]:
     """(first batch index, count) per launch, each with at most MAX_GRID_Z programs on grid axis 2."""
-    step = max(1, MAX_GRID_Z // programs_per_index)
-    if batch <= step:  # the usual case: one launch, with no loop over a (maybe symbolic) batch size
+    if batch <= MAX_GRID_Z:  # the usual case: one launch, with no loop over a (maybe symbolic) batch size
         return [(0, batch)]
-    return [(start, min(step, batch - start)) for start in range(0, batch, step)]
+    return [(start, min(MAX_GRID_Z, batch - start)) for start in range(0, batch, MAX_GRID_Z)]
 
 
-def _grid(axis0: int, block: str, axis1: int, axis2: int):
-    """The launch grid: ``axis0`` in blocks of the autotuned ``block``, then two fixed counts."""
-
-    def grid(meta):
-        return (triton.cdiv(axis0, meta[block]), axis1, axis2)
-
-    return grid
-
-
-def _feature_block(dim: int, largest: int) -> int:
-    """A chunk of D held by one program's accumulator: all of D up to ``largest``, and >= 16 (tl.dot)."""
-    return max(16, min(triton.next_power_of_2(dim), largest))
-
-
-def _check_inputs(x: torch.Tensor, directions: torch.Tensor) -> None:
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"the triton backend takes float16, bfloat16 or float32 x, got {x.dtype} "
+def _check_float(name: str, tensor: torch.Tensor, dims: int) -> None:
+    if tensor.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"the triton backend takes float16, bfloat16 or float32 {name}, got {tensor.dtype} "
                         "(float64 runs on the 'cpu' and 'reference' backends)")
-    if directions.dtype != x.dtype:
-        raise TypeError(f"directions ({directions.dtype}) must have x's dtype ({x.dtype})")
-    if x.dim() != 3 or directions.dim() != 2 or directions.shape[0] != x.shape[2]:
-        raise ValueError(f"expected x: [B, N, D] and directions: [D, K], got {tuple(x.shape)} and "
-                         f"{tuple(directions.shape)}")
-    if x.device.type == "cpu" and not INTERPRET:
+    if tensor.dim() != dims:
+        raise ValueError(f"{name} must have {dims} dimensions, got shape {tuple(tensor.shape)}")
+
+
+def _check_device(tensor: torch.Tensor) -> None:
+    if tensor.device.type == "cpu" and not INTERPRET:
         raise RuntimeError("the triton kernels of this process were compiled for CUDA: set "
                            "TRITON_INTERPRET=1 before sigreg_kernels.triton_op is first imported "
                            "to run them on CPU tensors")
-    if x.device.type == "cpu" and (problem := _interpreter_numpy_problem()):
+    if tensor.device.type == "cpu" and (problem := _interpreter_numpy_problem()):
         raise RuntimeError(problem)
+
+
+def _check_projection_inputs(x: torch.Tensor, directions: Optional[torch.Tensor]) -> None:
+    _check_float("x", x, 3)
+    if directions is not None:
+        if directions.dtype != x.dtype:
+            raise TypeError(f"directions ({directions.dtype}) must have x's dtype ({x.dtype})")
+        if directions.dim() != 2 or directions.shape[0] != x.shape[2]:
+            raise ValueError(f"expected x: [B, N, D] and directions: [D, K], got {tuple(x.shape)} and "
+                             f"{tuple(directions.shape)}")
+    _check_device(x)
+
+
+def _check_coefficients(coef: torch.Tensor, scale: torch.Tensor, batch: int, slices: int, knots: int) -> None:
+    if coef.dtype != torch.float32 or tuple(coef.shape) != (batch, 2, slices, knots):
+        raise ValueError(f"coef must be float32 [{batch}, 2, {slices}, {knots}], got {coef.dtype} "
+                         f"{tuple(coef.shape)}")
+    if coef.stride(3) != 1:
+        raise ValueError("coef must have a contiguous knot axis")
+    if scale.dtype != torch.float32 or tuple(scale.shape) != (batch, slices):
+        raise ValueError(f"scale must be float32 [{batch}, {slices}], got {scale.dtype} {tuple(scale.shape)}")
 
 
 @functools.cache
@@ -205,83 +192,188 @@ def _device_guard(x: torch.Tensor):
     return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
 
 
-def _common_flags(x: torch.Tensor, knots: int) -> dict:
-    return {"KNOTS": knots, "PRECISION": dot_precision(x.dtype), "DOT_UPCAST": INTERPRET}
+def _ints(*sizes) -> list[int]:
+    """Plain ints for the plans (symbolic sizes under tracing are specialized: the grid and
+    the splits are functions of the shapes)."""
+    return [int(size) for size in sizes]
 
 
-@_register("sigreg::ecf_sums_triton")
-def ecf_sums_triton(x: torch.Tensor, directions: torch.Tensor, knots: int,
-                    t_max: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sums [B, 2, K, knots]`` (fp32) of cos/sin(t_j p) over the N samples of ``x: [B, N, D]``."""
-    _check_inputs(x, directions)
+def _ecf_plan(x: torch.Tensor, directions: Optional[torch.Tensor], knots: int):
+    batch, samples, dim = _ints(*x.shape)
+    slices = dim if directions is None else int(directions.shape[1])
+    return plan.plan_ecf_partials(batch, samples, dim, slices, knots, x.dtype, tensor_cores(x.dtype),
+                                  directions is None, num_sms(x.device), min_waves=_min_waves(x.device))
+
+
+# Launch arguments: (grid, positional args, keyword args incl. num_warps/num_stages), one
+# function per kernel, used by the launchers and by the tests that compile each plan's
+# kernels for sm_90 (with meta tensors).
+def ecf_partials_args(x, directions, partials, kernel_plan, knots: int, t_max: float, start: int, count: int):
     batch, samples, dim = x.shape
-    slices = directions.shape[1]
-    rows_per_split, splits = _row_splits(samples, batch * triton.cdiv(slices, 64), x.device)
-    partial = x.new_empty((batch, splits, 2, slices, knots), dtype=torch.float32)
-    fwd = _fwd_fixed if torch.are_deterministic_algorithms_enabled() else _fwd_tuned
+    slices = partials.shape[3]
+    tile = kernel_plan.tile
+    grid = (kernel_plan.grid[0], kernel_plan.splits, count)
+    common = (kernel_plan.rows_per_split, plan.knot_chunks(knots), start)
+    meta = {"KNOTS": knots, "KC": tile["KC"], "BLOCK_K": tile["BLOCK_K"], "BLOCK_N": tile["BLOCK_N"],
+            "num_warps": tile["num_warps"], "num_stages": tile["num_stages"]}
+    if directions is None:
+        args = (x, partials, samples, slices, *common, *x.stride(), *partials.stride()[:4],
+                knot_spacing(knots, t_max))
+    else:
+        args = (x, directions, partials, samples, dim, slices, *common, *x.stride(), *directions.stride(),
+                *partials.stride()[:4], knot_spacing(knots, t_max))
+        meta.update(BLOCK_D=tile["BLOCK_D"], WARPS_N=tile["WARPS_N"], RESIDENT=tile["RESIDENT"],
+                    PRECISION=dot_precision(x.dtype), DOT_UPCAST=INTERPRET)
+    return grid, args, meta
+
+
+def statistic_args(partials, stat, coef, kernel_plan, samples: int, knots: int, t_max: float, factor: float,
+                   clip_value: Optional[float]):
+    _, splits, _, slices, _ = partials.shape
+    tile = kernel_plan.tile
+    args = (partials, stat, coef, splits, slices, triton.cdiv(slices, tile["BLOCK_K"]),
+            *partials.stride()[:4], *stat.stride(), *coef.stride()[:3],
+            float(samples), knot_spacing(knots, t_max), factor, 0.0 if clip_value is None else float(clip_value))
+    meta = {"KNOTS": knots, "KNOTS_PAD": tile["KNOTS_PAD"], "HAS_CLIP": clip_value is not None,
+            "BLOCK_K": tile["BLOCK_K"], "num_warps": tile["num_warps"], "num_stages": tile["num_stages"]}
+    return kernel_plan.grid, args, meta
+
+
+def slice_gradient_args(coef, scale, x, directions, out, kernel_plan, knots: int, t_max: float, start: int,
+                        count: int):
+    batch, samples, dim = x.shape
+    slices = out.shape[2]
+    tile = kernel_plan.tile
+    grid = (kernel_plan.grid[0], kernel_plan.grid[1], count)
+    meta = {"KNOTS": knots, "KC": tile["KC"], "BLOCK_K": tile["BLOCK_K"], "BLOCK_N": tile["BLOCK_N"],
+            "num_warps": tile["num_warps"], "num_stages": tile["num_stages"]}
+    head = (*coef.stride()[:3], *scale.stride())
+    if directions is None:
+        args = (coef, scale, x, out, samples, slices, kernel_plan.rows_per_split, start, *head, *x.stride(),
+                *out.stride(), knot_spacing(knots, t_max))
+        meta["SAME_STRIDES"] = x.stride()[1:] == out.stride()[1:]
+    else:
+        args = (coef, scale, x, directions, out, samples, dim, slices, kernel_plan.rows_per_split, start, *head,
+                *x.stride(), *directions.stride(), *out.stride(), knot_spacing(knots, t_max))
+        meta.update(BLOCK_D=tile["BLOCK_D"], RESIDENT=tile["RESIDENT"], PRECISION=dot_precision(x.dtype),
+                    DOT_UPCAST=INTERPRET)
+    return grid, args, meta
+
+
+@_register("sigreg::triton_ecf_partials")
+def triton_ecf_partials(x: torch.Tensor, directions: Optional[torch.Tensor], knots: int,
+                        t_max: float) -> torch.Tensor:
+    """``partials [B, S, 2, K, knots]`` (float32): primitives.ecf_partials."""
+    _check_projection_inputs(x, directions)
+    batch, _, dim = x.shape
+    slices = dim if directions is None else directions.shape[1]
+    kernel_plan = _ecf_plan(x, directions, knots)
+    partials = x.new_empty((batch, kernel_plan.splits, 2, slices, knots), dtype=torch.float32)
     with _device_guard(x):
         for start, count in _batch_chunks(batch):
-            wrap_triton(fwd)[_grid(slices, "BLOCK_K", splits, count)](
-                x, directions, partial,
-                samples, dim, slices, rows_per_split, start,
-                *x.stride(), *directions.stride(), *partial.stride(),
-                knot_spacing(knots, t_max),
-                KNOTS_PAD=triton.next_power_of_2(knots), **_common_flags(x, knots),
-            )
-    # Fixed-order sum of the per-split partials: deterministic, no atomics.
-    sums = partial[:, 0] if splits == 1 else partial.sum(dim=1)
-    return sums, x.new_empty((0,), dtype=torch.float32)
+            grid, args, meta = ecf_partials_args(x, directions, partials, kernel_plan, knots, t_max, start, count)
+            _counted("triton_ecf_partials")
+            if directions is None:
+                wrap_triton(ecf_partials_projected_kernel)[grid](*args, **meta)
+            else:
+                wrap_triton(ecf_partials_kernel)[grid](*args, **meta)
+    return partials
 
 
-@_register("sigreg::ecf_sums_triton_backward")
-def ecf_sums_triton_backward(grad_sums: torch.Tensor, x: torch.Tensor, directions: torch.Tensor,
-                             projection: torch.Tensor, knots: int, t_max: float,
-                             need_grad_directions: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(grad_x [B, N, D], grad_directions [D, K] or [0])`` from ``grad_sums [B, 2, K, knots]``."""
-    _check_inputs(x, directions)
+@_register("sigreg::triton_statistic")
+def triton_statistic(partials: torch.Tensor, samples: int, knots: int, t_max: float, reduction: str,
+                     clip_value: Optional[float], grad_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(stat [B, K], coef [B, 2, K, knots])`` (float32): primitives.statistic."""
+    if partials.dtype != torch.float32 or partials.dim() != 5 or partials.shape[2] != 2 or partials.shape[4] != knots:
+        raise ValueError(f"partials must be float32 [B, S, 2, K, {knots}], got {partials.dtype} "
+                         f"{tuple(partials.shape)}")
+    if partials.stride(4) != 1:
+        raise ValueError("partials must have a contiguous knot axis")
+    _check_device(partials)
+    batch, splits, _, slices, _ = partials.shape
+    factor = loss_factor(reduction, batch, slices, grad_factor)
+    kernel_plan = plan.plan_statistic(*_ints(batch, splits, slices), knots, num_sms(partials.device))
+    stat = partials.new_empty((batch, slices))
+    coef = partials.new_empty((batch, 2, slices, knots))
+    grid, args, meta = statistic_args(partials, stat, coef, kernel_plan, samples, knots, t_max, factor, clip_value)
+    with _device_guard(partials):
+        _counted("triton_statistic")
+        wrap_triton(statistic_kernel)[grid](*args, **meta)
+    return stat, coef
+
+
+def _slice_gradient_plan(x: torch.Tensor, directions: Optional[torch.Tensor], knots: int):
+    batch, samples, dim = _ints(*x.shape)
+    slices = dim if directions is None else int(directions.shape[1])
+    return plan.plan_slice_gradient(batch, samples, dim, slices, knots, x.dtype, tensor_cores(x.dtype),
+                                    directions is None, num_sms(x.device), min_waves=_min_waves(x.device))
+
+
+@_register("sigreg::triton_slice_gradient")
+def triton_slice_gradient(coef: torch.Tensor, scale: torch.Tensor, x: torch.Tensor,
+                          directions: Optional[torch.Tensor], knots: int, t_max: float) -> torch.Tensor:
+    """``G [B, N, K]`` in x's dtype: primitives.slice_gradient."""
+    _check_projection_inputs(x, directions)
     batch, samples, dim = x.shape
-    slices = directions.shape[1]
-    grad_sums = grad_sums.to(torch.float32)
-    delta = knot_spacing(knots, t_max)
-    flags = _common_flags(x, knots)
-    grad_x = torch.empty_like(x)
-    block_dx = _feature_block(dim, MAX_BLOCK_DX)
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    bwd_dx = _bwd_dx_fixed if deterministic else _bwd_dx_tuned
+    slices = dim if directions is None else directions.shape[1]
+    _check_coefficients(coef, scale, batch, slices, knots)
+    kernel_plan = _slice_gradient_plan(x, directions, knots)
+    grad = x.new_empty((batch, samples, slices))
     with _device_guard(x):
         for start, count in _batch_chunks(batch):
-            wrap_triton(bwd_dx)[_grid(samples, "BLOCK_N", triton.cdiv(dim, block_dx), count)](
-                x, directions, grad_sums, grad_x,
-                samples, dim, slices, start,
-                *x.stride(), *directions.stride(), *grad_sums.stride(), *grad_x.stride(),
-                delta, BLOCK_DX=block_dx, **flags,
-            )
-    if not need_grad_directions:
-        return grad_x, directions.new_empty((0,))
-
-    block_da = _feature_block(dim, MAX_BLOCK_DA)
-    da_blocks = triton.cdiv(dim, block_da)
-    rows_per_split, splits = _row_splits(samples, batch * da_blocks * triton.cdiv(slices, 64), x.device)
-    partial = x.new_empty((batch * splits, dim, slices), dtype=torch.float32)
-    bwd_da = _bwd_da_fixed if deterministic else _bwd_da_tuned
-    with _device_guard(x):
-        for start, count in _batch_chunks(batch, splits):
-            wrap_triton(bwd_da)[_grid(slices, "BLOCK_K", da_blocks, count * splits)](
-                x, directions, grad_sums, partial,
-                samples, dim, slices, rows_per_split, splits, start * splits,
-                *x.stride(), *directions.stride(), *grad_sums.stride(), *partial.stride(),
-                delta, BLOCK_DA=block_da, **flags,
-            )
-    # Fixed-order sum over batch indices and splits: deterministic, no atomics.
-    grad_directions = partial[0] if partial.shape[0] == 1 else partial.sum(dim=0)
-    return grad_x, grad_directions.to(directions.dtype)
+            grid, args, meta = slice_gradient_args(coef, scale, x, directions, grad, kernel_plan, knots, t_max,
+                                                   start, count)
+            _counted("triton_slice_gradient")
+            if directions is None:
+                wrap_triton(slice_gradient_projected_kernel)[grid](*args, **meta)
+            else:
+                wrap_triton(slice_gradient_kernel)[grid](*args, **meta)
+    return grad
 
 
-if REGISTRATION == "custom_op":  # triton_op traces the launcher as its fake kernel; custom_op needs them spelled out
-    @ecf_sums_triton.register_fake
-    def _fake_ecf_sums_triton(x, directions, knots, t_max):
-        return fake_ecf_sums(x, directions, knots, t_max, keeps_projection=False)
+@_register("sigreg::triton_slice_gradient_", mutates_args=("projection",))
+def triton_slice_gradient_(projection: torch.Tensor, coef: torch.Tensor, scale: torch.Tensor, knots: int,
+                           t_max: float) -> None:
+    """Overwrites ``projection [B, N, K]`` with G: primitives.slice_gradient_ (each element is
+    read, then written, by the same thread)."""
+    _check_projection_inputs(projection, None)
+    batch, _, slices = projection.shape
+    _check_coefficients(coef, scale, batch, slices, knots)
+    kernel_plan = _slice_gradient_plan(projection, None, knots)
+    with _device_guard(projection):
+        for start, count in _batch_chunks(batch):
+            grid, args, meta = slice_gradient_args(coef, scale, projection, None, projection, kernel_plan, knots,
+                                                   t_max, start, count)
+            _counted("triton_slice_gradient_")
+            wrap_triton(slice_gradient_projected_kernel)[grid](*args, **meta)
 
-    ecf_sums_triton_backward.register_fake(fake_ecf_sums_backward)
 
-register_ecf_autograd(ecf_sums_triton, ecf_sums_triton_backward)
+if REGISTRATION == "custom_op":  # triton_op traces the launchers as their fake kernels
+    @triton_ecf_partials.register_fake
+    def _(x, directions, knots, t_max):
+        batch, _, dim = x.shape
+        slices = dim if directions is None else directions.shape[1]
+        splits = _ecf_plan(x, directions, knots).splits
+        return x.new_empty((batch, splits, 2, slices, knots), dtype=torch.float32)
+
+    @triton_statistic.register_fake
+    def _(partials, samples, knots, t_max, reduction, clip_value, grad_factor):
+        batch, _, _, slices, _ = partials.shape
+        return partials.new_empty((batch, slices)), partials.new_empty((batch, 2, slices, knots))
+
+    @triton_slice_gradient.register_fake
+    def _(coef, scale, x, directions, knots, t_max):
+        batch, samples, dim = x.shape
+        slices = dim if directions is None else directions.shape[1]
+        return x.new_empty((batch, samples, slices))
+
+    @triton_slice_gradient_.register_fake
+    def _(projection, coef, scale, knots, t_max):
+        return None
+
+
+# The plain callables fused.py routes backend="triton" to: the registered ops themselves.
+ecf_partials = triton_ecf_partials
+statistic = triton_statistic
+slice_gradient = triton_slice_gradient
+slice_gradient_ = triton_slice_gradient_

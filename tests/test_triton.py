@@ -1,46 +1,30 @@
-"""The Triton backend: parity with the float64 oracle, determinism, opcheck, torch.compile.
+"""The Triton primitives (``sigreg::triton_*``) against ``primitives.py`` in float64.
 
 Every test runs on two devices:
 - "cpu": the kernels under the Triton interpreter. It is chosen when the kernels are
   defined, at the first import of ``sigreg_kernels.triton_op``; the ``device`` fixture sets
-  TRITON_INTERPRET=1 before that import (and keeps it set for backends.py's check).
-  Where CUDA is present, the process compiles the kernels for the GPU instead and
-  these skip, unless TRITON_INTERPRET=1 was set for the whole run.
+  TRITON_INTERPRET=1 before that import. Where CUDA is present, the process compiles
+  the kernels for the GPU instead and these skip, unless TRITON_INTERPRET=1 was set for
+  the whole run.
 - "cuda": the compiled kernels; skipped without a GPU.
+The interpreter pays per tile and per jit-function call: the shapes are small, but span
+several slice blocks, row splits and row tiles, with N, D, K multiples of no block.
 """
 
 import importlib
 import os
-import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
-from helpers import assert_matches_oracle, assert_relative_close, oracle, random_case, values_and_grads
+from helpers import assert_relative_close, random_case, relative_error
 
-from sigreg_kernels import sigreg
+from sigreg_kernels import primitives
 
 pytest.importorskip("triton")
 
 DEVICES = ("cpu", "cuda")
-
-# (batch_shape, N, D, K, scale, knots, t_max)
-SHAPES = [
-    # Interpreter blocks are 32 wide: N, D, K span several blocks and D two dx chunks;
-    # the rows fall in 3 splits of 2, 2 and 1 (partial) tiles.
-    pytest.param((), 150, 70, 70, 1.0, 17, 3.0, id="multi-block"),
-    pytest.param((), 1000, 3, 5, 1.0, 17, 3.0, id="long-N"),  # 8 splits of 4 tiles
-    pytest.param((2, 3), 33, 5, 17, 1.0, 17, 3.0, id="batch-dims"),
-    pytest.param((), 1, 1, 1, 1.0, 17, 3.0, id="N=D=K=1"),
-    pytest.param((3,), 40, 1, 3, 1.0, 5, 2.0, id="D=1-knots=5"),
-    pytest.param((), 64, 16, 1, 1.0, 2, 3.0, id="K=1-knots=2"),
-    pytest.param((), 100, 20, 40, 100.0, 17, 3.0, id="x-scale-100"),
-]
-HALF_SHAPES = [
-    pytest.param((), 150, 70, 70, 1.0, 17, 3.0, id="multi-block"),
-    pytest.param((2,), 40, 24, 33, 10.0, 17, 3.0, id="batch-scale-10"),
-]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _import_op_module():
@@ -63,121 +47,246 @@ def device(request, monkeypatch):
             pytest.skip("needs a CUDA device")
         if os.environ.get("TRITON_INTERPRET") == "1" or (loaded is not None and loaded.INTERPRET):
             pytest.skip("TRITON_INTERPRET=1: the kernels are interpreted, not compiled for the GPU")
-    _import_op_module()
+    op = _import_op_module()
+    if request.param == "cpu" and op._interpreter_numpy_problem():
+        pytest.skip(op._interpreter_numpy_problem())
     return request.param
 
 
-def triton_sigreg(x, directions, **kwargs):
-    return sigreg(x, directions, backend="triton", **kwargs)
+def tolerance(x, directions, knots_t_max=3.0, value_16bit=1e-4):
+    """fp32: 1e-5, or one float32 ulp of the largest angle t * p where larger (at |x| ~ 100
+    the rounding of t * p alone exceeds 1e-5); 16-bit inputs: ``value_16bit`` (the oracle
+    sees the same rounded inputs, the products are exact)."""
+    projection = x.double() if directions is None else x.double() @ directions.double()
+    angle_ulp = torch.finfo(torch.float32).eps * knots_t_max * projection.abs().max().item()
+    return max(1e-5, 2 * angle_ulp) if x.dtype == torch.float32 else max(value_16bit, 2 * angle_ulp)
 
 
-def _run_all(x, directions, weight, knots, t_max):
-    kwargs = {"knots": knots, "t_max": t_max, "reduction": "none"}
-    triton = values_and_grads(lambda a, b: sigreg(a, b, backend="triton", **kwargs), x, directions, weight)
-    truth = values_and_grads(lambda a, b: oracle(a, b, **kwargs), x, directions, weight)
-    return triton, truth, kwargs
+def _case(batch_shape, samples, dim, slices, dtype="fp32", scale=1.0, projected=False, device="cpu", seed=0):
+    x, directions = random_case(batch_shape, samples, dim, slices, scale=scale, dtype=DTYPES[dtype], device=device,
+                                seed=seed)
+    x = x.reshape(-1, samples, dim)
+    return (x, None) if projected else (x, directions)
 
 
-@pytest.mark.parametrize("batch_shape, samples, dim, slices, scale, knots, t_max", SHAPES)
-def test_fp32_matches_oracle(device, batch_shape, samples, dim, slices, scale, knots, t_max):
-    x, directions = random_case(batch_shape, samples, dim, slices, scale=scale, device=device)
-    weight = torch.randn(*batch_shape, slices, generator=torch.Generator().manual_seed(1)).to(device)
-    assert_matches_oracle(triton_sigreg, x, directions, weight, knots=knots, t_max=t_max)
+def _double(x, directions):
+    return x.double(), None if directions is None else directions.double()
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("batch_shape, samples, dim, slices, scale, knots, t_max", HALF_SHAPES)
-def test_half_matches_oracle(device, dtype, batch_shape, samples, dim, slices, scale, knots, t_max):
-    x, directions = random_case(batch_shape, samples, dim, slices, scale=scale, dtype=dtype, device=device)
-    weight = torch.randn(*batch_shape, slices, generator=torch.Generator().manual_seed(1)).to(device)
-    assert_matches_oracle(triton_sigreg, x, directions, weight, knots=knots, t_max=t_max)
+def _coefficients(x, directions, knots, seed=1, scale_kind="full"):
+    """A realistic coef (from the float64 statistic of x) and a scale of the given kind."""
+    partials = primitives.ecf_partials(*_double(x, directions), knots, 3.0)
+    _, coef = primitives.statistic(partials, x.shape[1], knots, 3.0, "sum", None, 1.0)
+    batch, slices = coef.shape[0], coef.shape[2]
+    generator = torch.Generator().manual_seed(seed)
+    if scale_kind == "stride0":  # the gradient of a scalar loss: an expanded view
+        scale = torch.full((1, 1), 1.7).expand(batch, slices)
+    else:
+        scale = torch.randn(batch, slices, generator=generator)
+    return coef.float().to(x.device), scale.to(x.device)
 
 
-def test_ecf_sums_contract(device):
+# (batch dims, N, D, K, |x| scale, knots)
+SHAPES = [
+    pytest.param((), 70, 20, 70, 1.0, 17, id="multi-block"),  # several row tiles and splits, partial ones
+    pytest.param((2, 3), 33, 5, 17, 1.0, 17, id="batch-dims"),
+    pytest.param((), 1, 1, 1, 1.0, 17, id="N=D=K=1"),
+    pytest.param((3,), 40, 1, 3, 1.0, 5, id="D=1-knots=5"),
+    pytest.param((), 64, 16, 1, 1.0, 2, id="K=1-knots=2"),
+    pytest.param((), 50, 20, 40, 100.0, 17, id="x-scale-100"),
+    pytest.param((2,), 30, 9, 20, 1.0, 33, id="knots=33"),            # two knot chunks
+]
+
+
+@pytest.mark.parametrize("projected", [False, True], ids=["directions", "projected"])
+@pytest.mark.parametrize("batch_shape, samples, dim, slices, scale, knots", SHAPES)
+def test_fp32_primitives_match(device, batch_shape, samples, dim, slices, scale, knots, projected):
+    _check_all(device, batch_shape, samples, dim, slices, scale, knots, projected, "fp32")
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("projected", [False, True], ids=["directions", "projected"])
+@pytest.mark.parametrize("batch_shape, samples, dim, slices, scale, knots", [
+    pytest.param((), 70, 20, 70, 1.0, 17, id="multi-block"),
+    pytest.param((2,), 40, 24, 33, 10.0, 5, id="batch-scale-10"),
+])
+def test_16bit_primitives_match(device, batch_shape, samples, dim, slices, scale, knots, projected, dtype):
+    _check_all(device, batch_shape, samples, dim, slices, scale, knots, projected, dtype)
+
+
+def _check_all(device, batch_shape, samples, dim, slices, scale, knots, projected, dtype):
     op = _import_op_module()
-    x, directions = random_case((2,), 50, 9, 37, device=device)
-    sums, projection = op.ecf_sums_triton(x, directions, 17, 3.0)
-    assert sums.shape == (2, 2, 37, 17) and sums.dtype == torch.float32
-    assert projection.shape == (0,)
-    # Knot 0 (t = 0): cos = 1 and sin = 0 for every sample, exactly.
-    assert torch.equal(sums[:, 0, :, 0], torch.full_like(sums[:, 0, :, 0], 50.0))
-    assert torch.equal(sums[:, 1, :, 0], torch.zeros_like(sums[:, 1, :, 0]))
-    t = torch.linspace(0, 3.0, 17, dtype=torch.float64, device=device)
-    angles = (x.double() @ directions.double()).unsqueeze(-1) * t
-    expected = torch.stack((angles.cos().sum(dim=1), angles.sin().sum(dim=1)), dim=1)
-    assert_relative_close("sums", sums, expected, 1e-6)
+    x, directions = _case(batch_shape, samples, dim, slices, dtype, scale, projected, device)
+    exact = _double(x, directions)
+    tol = tolerance(x, directions)
+
+    partials = op.ecf_partials(x, directions, knots, 3.0)
+    assert partials.dtype == torch.float32 and partials.shape[2:] == (2, slices if not projected else dim, knots)
+    expected = primitives.ecf_partials(*exact, knots, 3.0)
+    assert_relative_close("sums", partials.sum(1), expected.sum(1).float(), tol)
+    # Knot 0 is exact: each split's row count, and 0 for the sines.
+    rows = partials[:, :, 0, :, 0]
+    assert torch.equal(rows.sum(1), torch.full_like(rows[:, 0], samples))
+    assert torch.equal(partials[:, :, 1, :, 0], torch.zeros_like(rows))
+
+    stat, coef = op.statistic(partials, samples, knots, 3.0, "mean", None, 2.0)
+    expected_stat, expected_coef = primitives.statistic(partials.double(), samples, knots, 3.0, "mean", None, 2.0)
+    assert_relative_close("stat", stat, expected_stat, 1e-5)
+    assert_relative_close("coef", coef, expected_coef, 1e-5)
+
+    coef, scale_k = _coefficients(x, directions, knots)
+    grad = op.slice_gradient(coef, scale_k, x, directions, knots, 3.0)
+    assert grad.dtype == x.dtype and grad.shape == (x.shape[0], samples, coef.shape[2])
+    expected_grad = primitives.slice_gradient(coef.double(), scale_k.double(), *exact, knots, 3.0)
+    assert_relative_close("G", grad, expected_grad, tol if x.dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("clip", [None, "median"])
+def test_statistic_matches(device, reduction, clip):
+    op = _import_op_module()
+    x, directions = _case((3,), 60, 6, 37, device=device)
+    # Partials of three row splits, from float64 sums rounded to float32.
+    splits = [primitives.ecf_partials(*_double(x[:, rows], directions), 17, 3.0) for rows in
+              (slice(0, 20), slice(20, 45), slice(45, 60))]
+    partials = torch.cat(splits, dim=1).float()
+    expected = primitives.statistic(partials.double(), 60, 17, 3.0, reduction, None, 1.5)
+    clip_value = None if clip is None else expected[0].median().item()
+    expected_stat, expected_coef = primitives.statistic(partials.double(), 60, 17, 3.0, reduction, clip_value, 1.5)
+    stat, coef = op.statistic(partials, 60, 17, 3.0, reduction, clip_value, 1.5)
+    assert stat.shape == (3, 37) and coef.shape == (3, 2, 37, 17)
+    assert_relative_close("stat", stat, expected_stat, 1e-5)
+    assert_relative_close("coef", coef, expected_coef, 1e-5)
+    if clip_value is not None:
+        clipped = expected_stat == 0
+        assert clipped.any() and torch.equal(stat == 0, clipped)
+        assert torch.equal(coef.transpose(1, 2)[clipped], torch.zeros_like(coef.transpose(1, 2)[clipped]))
 
 
 def test_strided_inputs(device):
-    x, directions = random_case((2,), 45, 20, 36, device=device)
-    x_strided = x.transpose(-1, -2).contiguous().transpose(-1, -2)  # [B, N, D] with D-major storage
+    # D-major x, K-major directions, a stride-0 scale, a transposed projection for the
+    # projected kernels: strides as given, no copies.
+    op = _import_op_module()
+    x, directions = _case((2,), 45, 20, 36, device=device)
+    x_strided = x.transpose(-1, -2).contiguous().transpose(-1, -2)
     directions_strided = directions.t().contiguous().t()
     assert not x_strided.is_contiguous() and not directions_strided.is_contiguous()
-    weight = torch.randn(2, 36, generator=torch.Generator().manual_seed(1)).to(device)
-    triton, truth, _ = _run_all(x_strided, directions_strided, weight, 17, 3.0)
-    for name, actual, exact in zip(("value", "grad_x", "grad_directions"), triton, truth):
-        assert_relative_close(name, actual, exact, 1e-5)
+    tol = tolerance(x, directions)
+    for inputs in ((x_strided, directions_strided), (x_strided, None)):
+        exact = _double(*inputs)
+        partials = op.ecf_partials(*inputs, 17, 3.0)
+        assert_relative_close("sums", partials.sum(1), primitives.ecf_partials(*exact, 17, 3.0).sum(1).float(), tol)
+        coef, scale = _coefficients(*inputs, 17, scale_kind="stride0")
+        assert scale.stride() == (0, 0)
+        grad = op.slice_gradient(coef, scale, *inputs, 17, 3.0)
+        expected = primitives.slice_gradient(coef.double(), scale.double(), *exact, 17, 3.0)
+        assert_relative_close("G", grad, expected, tol)
+
+
+def test_slice_gradient_in_place(device):
+    op = _import_op_module()
+    x, directions = _case((2,), 50, 12, 40, device=device)
+    projection = x @ directions  # float32 [B, N, K]: the "highest" route's SGEMM output
+    coef, scale = _coefficients(x, directions, 17, scale_kind="stride0")
+    expected = primitives.slice_gradient(coef.double(), scale.double(), projection.double(), None, 17, 3.0)
+    pointer = projection.data_ptr()
+    assert op.slice_gradient_(projection, coef, scale, 17, 3.0) is None
+    assert projection.data_ptr() == pointer
+    assert_relative_close("G", projection, expected, tolerance(x, directions))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, on the interpreter's NaN
+def test_nan_and_inf_propagate(device):
+    # Knot 0 is sum cos(0 * p): NaN where p is NaN or infinite, as the reference; a NaN
+    # statistic survives clip_value (NaN is below nothing), its coefficients stay NaN.
+    op = _import_op_module()
+    x, directions = _case((3,), 40, 6, 10, device=device)
+    x[0, 3, 2] = float("nan")
+    x[1, 7, 1] = float("inf")
+    for inputs in ((x, directions), (x, None)):
+        partials = op.ecf_partials(*inputs, 5, 3.0)
+        expected = primitives.ecf_partials(*_double(*inputs), 5, 3.0).float()
+        assert torch.equal(partials.sum(1).isnan(), expected.sum(1).isnan())
+        finite = expected.sum(1).isfinite()
+        assert torch.allclose(partials.sum(1)[finite], expected.sum(1)[finite], rtol=1e-5, atol=1e-4)
+        stat, coef = op.statistic(partials, 40, 5, 3.0, "none", 1e30, 1.0)
+        expected_stat, expected_coef = primitives.statistic(partials.double(), 40, 5, 3.0, "none", 1e30, 1.0)
+        assert torch.equal(stat.isnan(), expected_stat.isnan()) and stat[0].isnan().any() and (stat[2] == 0).all()
+        assert torch.equal(coef.isnan(), expected_coef.isnan()) and (coef[2] == 0).all()
+
+
+def test_one_launch_per_op(device):
+    op = _import_op_module()
+    x, directions = _case((2,), 40, 8, 20, device=device)
+    coef, scale = _coefficients(x, directions, 17)
+    calls = [
+        ("triton_ecf_partials", lambda: op.ecf_partials(x, directions, 17, 3.0)),
+        ("triton_ecf_partials", lambda: op.ecf_partials(x, None, 17, 3.0)),
+        ("triton_statistic", lambda: op.statistic(op.ecf_partials(x, directions, 17, 3.0), 40, 17, 3.0, "mean", 0.1,
+                                                  1.0)),
+        ("triton_slice_gradient", lambda: op.slice_gradient(coef, scale, x, directions, 17, 3.0)),
+        ("triton_slice_gradient_", lambda: op.slice_gradient_((x @ directions), coef, scale, 17, 3.0)),
+    ]
+    for name, call in calls:
+        before = op.LAUNCHES.copy()
+        call()
+        launched = op.LAUNCHES - before
+        expected = {name: 1, "triton_ecf_partials": 1} if name == "triton_statistic" else {name: 1}
+        assert dict(launched) == expected, (name, dict(launched))
 
 
 def test_batch_beyond_grid_limit(device, monkeypatch):
-    # CUDA caps grid axis 2, which carries the batch, at 65535 programs; a larger batch
-    # is launched in chunks. A lowered cap makes 5 batch indices take 2 launches for
-    # the forward and dx kernels and 3 for dA (2 row splits per index): the results
+    # CUDA caps grid axis 2, which carries the batch, at 65535 programs; a larger batch is
+    # launched in chunks. A lowered cap makes 5 batch indices take 2 launches: the results
     # must be those of a single launch, bit for bit.
     op = _import_op_module()
-    x, directions = random_case((5,), 40, 8, 16, device=device)
-    weight = torch.randn(5, 16, generator=torch.Generator().manual_seed(1)).to(device)
+    x, directions = _case((5,), 20, 4, 6, device=device)
+    coef, scale = _coefficients(x, directions, 5)
 
     def run():
-        return values_and_grads(lambda a, b: sigreg(a, b, backend="triton", reduction="none"), x, directions, weight)
+        return [op.ecf_partials(x, directions, 5, 3.0), op.ecf_partials(x, None, 5, 3.0),
+                op.slice_gradient(coef, scale, x, directions, 5, 3.0)]
 
     single = run()
     monkeypatch.setattr(op, "MAX_GRID_Z", 4)
-    assert op._batch_chunks(5) == [(0, 4), (4, 1)] and op._batch_chunks(5, 2) == [(0, 2), (2, 2), (4, 1)]
+    assert op._batch_chunks(5) == [(0, 4), (4, 1)]
+    before = op.LAUNCHES.copy()
     for chunked, expected in zip(run(), single):
         assert torch.equal(chunked, expected)
+    assert dict(op.LAUNCHES - before) == {"triton_ecf_partials": 4, "triton_slice_gradient": 2}
 
 
-@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic-algorithms"])
-def test_bit_identical_reruns(device, deterministic):
-    x, directions = random_case((2,), 100, 40, 40, device=device)
-    weight = torch.randn(2, 40, generator=torch.Generator().manual_seed(1)).to(device)
+def test_bit_identical_reruns(device):
+    op = _import_op_module()
+    x, directions = _case((2,), 70, 20, 40, device=device)
+    coef, scale = _coefficients(x, directions, 17)
 
     def run():
-        return values_and_grads(lambda a, b: sigreg(a, b, backend="triton", reduction="none"), x, directions, weight)
+        partials = op.ecf_partials(x, directions, 17, 3.0)
+        return [partials, *op.statistic(partials, 70, 17, 3.0, "mean", None, 1.0),
+                op.slice_gradient(coef, scale, x, directions, 17, 3.0)]
 
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(deterministic)
-    try:
-        for first, second in zip(run(), run()):
-            assert torch.equal(first, second)
-    finally:
-        torch.use_deterministic_algorithms(previous)
+    for first, second in zip(run(), run()):
+        assert torch.equal(first, second)
 
 
 def test_opcheck(device):
     op = _import_op_module()
-    x, directions = random_case((2,), 40, 8, 16, device=device)
-    for requires_grad in (False, True):
-        args = (x.clone().requires_grad_(requires_grad), directions.clone().requires_grad_(requires_grad), 17, 3.0)
-        torch.library.opcheck(op.ecf_sums_triton, args)
-    grad_sums = torch.randn(2, 2, 16, 17, device=device)
-    for need_grad_directions in (False, True):
-        args = (grad_sums, x, directions, x.new_empty((0,)), 17, 3.0, need_grad_directions)
-        torch.library.opcheck(op.ecf_sums_triton_backward, args)
-
-
-def test_compile_fullgraph(device):
-    x, directions = random_case((2,), 40, 8, 16, device=device)
-
-    def loss_fn(x, directions):
-        return sigreg(x, directions, backend="triton", reduction="sum") * 2
-
-    compiled = torch.compile(loss_fn, fullgraph=True)
-    eager = values_and_grads(loss_fn, x, directions, torch.ones((), device=device))
-    traced = values_and_grads(compiled, x, directions, torch.ones((), device=device))
-    for name, actual, expected in zip(("value", "grad_x", "grad_directions"), traced, eager):
-        assert_relative_close(name, actual, expected, 1e-6)
+    x, directions = _case((2,), 24, 8, 16, device=device)
+    coef, scale = _coefficients(x, directions, 5)
+    coef_p, scale_p = _coefficients(x, None, 5, scale_kind="stride0")
+    partials = op.ecf_partials(x, directions, 5, 3.0)
+    samples = [
+        (op.triton_ecf_partials, (x, directions, 5, 3.0)),
+        (op.triton_ecf_partials, (x, None, 5, 3.0)),
+        (op.triton_statistic, (partials, 24, 5, 3.0, "mean", None, 1.0)),
+        (op.triton_statistic, (partials, 24, 5, 3.0, "none", 0.5, 2.0)),
+        (op.triton_slice_gradient, (coef, scale, x, directions, 5, 3.0)),
+        (op.triton_slice_gradient, (coef_p, scale_p, x, None, 5, 3.0)),
+        (op.triton_slice_gradient_, ((x @ directions), coef, scale, 5, 3.0)),
+    ]
+    for fn, args in samples:
+        torch.library.opcheck(fn, args)
 
 
 def test_dot_precision_follows_torch(device):
@@ -185,30 +294,50 @@ def test_dot_precision_follows_torch(device):
     previous = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("highest")
-        assert op.dot_precision(torch.float32) == "ieee"
+        assert op.dot_precision(torch.float32) == "ieee" and not op.tensor_cores(torch.float32)
         torch.set_float32_matmul_precision("high")
-        assert op.dot_precision(torch.float32) == "tf32"
+        assert op.dot_precision(torch.float32) == "tf32" and op.tensor_cores(torch.float32)
         assert op.dot_precision(torch.bfloat16) == "tf32"  # ignored for half inputs
     finally:
         torch.set_float32_matmul_precision(previous)
 
 
-def test_rejects_float64_and_mixed_dtypes(device):
+def test_fp32_highest_uses_ieee_dot(device):
+    # The fused route never sends fp32 at "highest" to the in-kernel dot, but it is right there
+    # too (and TF32, when allowed, within TF32's rounding).
     op = _import_op_module()
-    x, directions = random_case((), 8, 4, 3, dtype=torch.float64, device=device)
+    x, directions = _case((), 50, 40, 30, scale=3.0, device=device)
+    expected = primitives.ecf_partials(*_double(x, directions), 17, 3.0).sum(1).float()
+    previous = torch.get_float32_matmul_precision()
+    try:
+        for precision, tol in (("highest", tolerance(x, directions)), ("high", 2e-2)):
+            torch.set_float32_matmul_precision(precision)
+            assert_relative_close(precision, op.ecf_partials(x, directions, 17, 3.0).sum(1), expected, tol)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def test_rejects_bad_inputs(device):
+    op = _import_op_module()
+    x, directions = _case((), 8, 4, 3, device=device)
     with pytest.raises(TypeError, match="float64"):
-        op.ecf_sums_triton(x, directions, 17, 3.0)
-    with pytest.raises(RuntimeError, match="float64"):  # backends.py turns it away first
-        sigreg(x, directions, backend="triton")
+        op.ecf_partials(x.double(), directions.double(), 17, 3.0)
     with pytest.raises(TypeError, match="dtype"):
-        op.ecf_sums_triton(x.float(), directions.half(), 17, 3.0)
+        op.ecf_partials(x, directions.half(), 17, 3.0)
+    with pytest.raises(ValueError, match="directions"):
+        op.ecf_partials(x, directions[:3], 17, 3.0)
+    coef, scale = _coefficients(x, directions, 17)
+    with pytest.raises(ValueError, match="coef"):
+        op.slice_gradient(coef[..., :5], scale, x, directions, 17, 3.0)
+    with pytest.raises(ValueError, match="scale"):
+        op.slice_gradient(coef, scale.double(), x, directions, 17, 3.0)
 
 
 @pytest.mark.parametrize("triton_version, numpy_version, fails", [
     ("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.0", False), ("3.10.1", "2.5.0rc1", False),
     ("3.6rc1", "2.4.0", True),
 ])
-def test_interpreter_numpy_incompatibility_is_named(device, monkeypatch, triton_version, numpy_version, fails):
+def test_interpreter_numpy_incompatibility_is_named(monkeypatch, triton_version, numpy_version, fails):
     # triton < 3.7's interpreter breaks on numpy >= 2.4: the op says so instead of
     # failing inside a kernel with numpy's message.
     op = _import_op_module()
@@ -222,94 +351,31 @@ def test_interpreter_numpy_incompatibility_is_named(device, monkeypatch, triton_
         problem = op._interpreter_numpy_problem()
         if fails:
             assert problem is not None and "numpy<2.4" in problem and triton_version in problem
-            if device == "cpu":
+            if op.INTERPRET:
                 x, directions = random_case((1,), 8, 4, 3)
                 with pytest.raises(RuntimeError, match="numpy<2.4"):
-                    op.ecf_sums_triton(x, directions, 17, 3.0)
+                    op.ecf_partials(x, directions, 17, 3.0)
         else:
             assert problem is None
     finally:
         op._interpreter_numpy_problem.cache_clear()
 
 
-# The interpreter checks no compile-time rules (tl.dot's minimum sizes, constexpr
-# branches, layouts) nor the shared memory a config needs: compile each kernel in
-# every GPU config for sm_90 in a clean process, no GPU needed, and check that it
-# fits in the shared memory an H100 block may have (227 KiB).
-_COMPILE_FOR_H100 = textwrap.dedent("""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from sigreg_kernels import triton_kernels as k, triton_op as op
+# ---- GPU only: sizes where the plans' large tiles, resident directions and splits matter.
 
-    kernels = [(k._sigreg_fwd_kernel, config, {"KNOTS_PAD": 32}) for config in op._GPU_FWD_CONFIGS]
-    kernels += [(k._sigreg_bwd_dx_kernel, config, {"BLOCK_DX": 256}) for config in op._GPU_BWD_CONFIGS]
-    kernels += [(k._sigreg_bwd_da_kernel, config, {"BLOCK_DA": 128}) for config in op._GPU_BWD_CONFIGS]
-    for dtype, precision in (("fp32", "ieee"), ("bf16", "tf32")):
-        for fn, config, extra in kernels:
-            constants = {"KNOTS": 17, "PRECISION": precision, "DOT_UPCAST": False, **extra, **config.kwargs}
-            signature = {}
-            for name in fn.arg_names:
-                if name in constants:
-                    signature[name] = "constexpr"
-                elif name in ("x_ptr", "a_ptr", "dx_ptr"):
-                    signature[name] = "*" + dtype
-                else:
-                    signature[name] = "*fp32" if name.endswith("_ptr") else "fp32" if name == "delta" else "i32"
-            source = ASTSource(fn, signature, {(fn.arg_names.index(n),): v for n, v in constants.items()})
-            options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
-            assert compiled.metadata.shared <= 227 * 1024, (fn.__name__, config, compiled.metadata.shared)
-""")
-
-
-def test_kernels_compile_for_h100():
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_H100], check=False, env=env,
-                            capture_output=True, text=True)
-    if result.returncode != 0 and "ptxas" in result.stderr and "No such file" in result.stderr:
-        pytest.skip("no ptxas to compile with")
-    assert result.returncode == 0, result.stderr[-3000:]
-
-
-# ---- GPU only: sizes where the autotuned blocks, the row splits and the D chunks all matter.
-
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_cuda_large(device, dtype, tol):
+@pytest.mark.parametrize("dtype, dim", [("bf16", 384), ("bf16", 1100), ("fp32", 384)])
+def test_cuda_large(device, dtype, dim):
     if device != "cuda":
         pytest.skip("GPU-sized case")
-    x, directions = random_case((2,), 2048, 384, 300, dtype=dtype, device=device)
-    weight = torch.randn(2, 300, generator=torch.Generator().manual_seed(1)).to(device)
-    triton, truth, _ = _run_all(x, directions, weight, 17, 3.0)
-    for name, actual, exact in zip(("value", "grad_x", "grad_directions"), triton, truth):
-        assert_relative_close(name, actual, exact, tol)
-    again, _, _ = _run_all(x, directions, weight, 17, 3.0)
-    for first, second in zip(triton, again):
-        assert torch.equal(first, second)
-
-
-def test_cuda_autocast_bf16(device):
-    if device != "cuda":
-        pytest.skip("autocast to bf16 on the GPU")
-    x, directions = random_case((2,), 512, 96, 128, device=device)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        stat, grad_x, _ = values_and_grads(lambda a, b: sigreg(a, b, backend="triton", reduction="none"),
-                                            x, directions, torch.ones(2, 128, device=device))
-    truth = values_and_grads(lambda a, b: oracle(a.bfloat16(), b.bfloat16(), reduction="none"),
-                              x, directions, torch.ones(2, 128, device=device))
-    assert grad_x.dtype == torch.float32  # the gradient returns to the input's dtype
-    assert_relative_close("value", stat, truth[0], 2e-2)
-    assert_relative_close("grad_x", grad_x, truth[1], 2e-2)
-
-
-def test_cuda_tf32_when_allowed(device):
-    if device != "cuda":
-        pytest.skip("TF32 exists on the GPU only")
-    x, directions = random_case((), 1024, 256, 256, device=device)
-    previous = torch.get_float32_matmul_precision()
-    try:
-        torch.set_float32_matmul_precision("high")
-        stat = sigreg(x, directions, backend="triton", reduction="none")
-    finally:
-        torch.set_float32_matmul_precision(previous)
-    assert_relative_close("value", stat, oracle(x, directions, reduction="none"), 1e-2)
+    op = _import_op_module()
+    x, directions = _case((2,), 2048, dim, 300, dtype, device=device)
+    exact = _double(x, directions)
+    partials = op.ecf_partials(x, directions, 17, 3.0)
+    assert_relative_close("sums", partials.sum(1), primitives.ecf_partials(*exact, 17, 3.0).sum(1).float(),
+                          tolerance(x, directions))
+    coef, scale = _coefficients(x, directions, 17)
+    grad = op.slice_gradient(coef, scale, x, directions, 17, 3.0)
+    expected = primitives.slice_gradient(coef.double(), scale.double(), *exact, 17, 3.0)
+    assert_relative_close("G", grad, expected, 2e-2 if dtype == "bf16" else tolerance(x, directions))
+    assert torch.equal(grad, op.slice_gradient(coef, scale, x, directions, 17, 3.0))
+    assert relative_error(partials, op.ecf_partials(x, directions, 17, 3.0)) == 0

@@ -1,15 +1,16 @@
-"""The GPU side of the Triton backend, run on CPU under the interpreter, in eager mode.
+"""The GPU side of the Triton backend, run on CPU under the interpreter.
 
 On a GPU, ``sigreg_kernels.triton_op`` registers its ops with ``torch.library.triton_op``
-and autotunes over several block configs; under ``TRITON_INTERPRET=1`` it uses an
-opaque ``custom_op`` and one 32-wide config, which test_triton.py tests. These tests
-run the GPU's choices instead, each in a fresh process, since both are made when the
-module is first imported:
-- the triton_op registration (``SIGREG_TRITON_REGISTRATION=triton_op``): values and
-  gradients through autograd. Eager only: opcheck and torch.compile trace the op
-  with fake tensors, which the interpreted kernels cannot take.
-- every GPU block config, one at a time, with the GPU's row quantum and D chunks
-  (choosing among several configs needs a GPU to time them).
+and plans for the device's SMs under the waves criterion; under ``TRITON_INTERPRET=1``
+it uses opaque ``custom_op`` registrations and each kernel's first candidate, which
+test_triton.py tests. These tests run the GPU's choices instead, each in a fresh process
+(both are made when the module is first imported):
+- the triton_op registration (``SIGREG_TRITON_REGISTRATION=triton_op``): every op, eager
+  (opcheck and torch.compile trace the op with fake tensors, which the interpreted
+  kernels cannot take), and the kernels triton_op found for each op;
+- every candidate config of the plans, alone, in the mode it is planned for (resident
+  or streamed directions, several D chunks, row splits, partial tiles).
+Compiling them for sm_90 is test_triton_plan.py's.
 """
 
 import os
@@ -26,56 +27,90 @@ TESTS_DIR = Path(__file__).resolve().parent
 
 _PRELUDE = """
     import torch
-    import triton
-    from helpers import assert_matches_oracle, random_case
-    from sigreg_kernels import sigreg, triton_kernels as kernels, triton_op as op
+    from helpers import assert_relative_close, random_case
+    from sigreg_kernels import primitives, triton_kernels as kernels, triton_op as op, triton_plan as plan
 
-    assert op.INTERPRET and op.REGISTRATION == "triton_op", (op.INTERPRET, op.REGISTRATION)
+    assert op.INTERPRET, op.INTERPRET
 
 
-    def check(batch_shape, samples, dim, slices, dtype=torch.float32):
-        x, directions = random_case(batch_shape, samples, dim, slices, dtype=dtype)
-        weight = torch.randn(*batch_shape, slices, generator=torch.Generator().manual_seed(1))
-        assert_matches_oracle(lambda a, b, **kwargs: sigreg(a, b, backend="triton", **kwargs),
-                              x, directions, weight, knots=17, t_max=3.0)
+    def check(batch, samples, dim, slices, knots=17, dtype=torch.float32, projected=False, tol=2e-5):
+        x, directions = random_case((batch,), samples, dim, slices, dtype=dtype)
+        directions = None if projected else directions
+        exact = (x.double(), None if projected else directions.double())
+        partials = op.ecf_partials(x, directions, knots, 3.0)
+        expected = primitives.ecf_partials(*exact, knots, 3.0)
+        assert_relative_close("sums", partials.sum(1), expected.sum(1), tol)
+        stat, coef = op.statistic(partials, samples, knots, 3.0, "mean", None, 2.0)
+        expected_stat, expected_coef = primitives.statistic(partials.double(), samples, knots, 3.0, "mean", None, 2.0)
+        assert_relative_close("stat", stat, expected_stat, 1e-5)
+        scale = torch.randn(batch, partials.shape[3], generator=torch.Generator().manual_seed(3))
+        grad = op.slice_gradient(coef, scale, x, directions, knots, 3.0)
+        expected = primitives.slice_gradient(coef.double(), scale.double(), *exact, knots, 3.0)
+        assert_relative_close("G", grad, expected, tol if dtype == torch.float32 else 2e-2)
+        return partials
+"""
+
+_KERNELS_FOUND = """
+    # wrap_triton must find every kernel the launchers can run: AOTAutograd's cache key
+    # hashes their source (a private registry: checked where it exists). Compiled kernels
+    # only: torch does not recognize the interpreter's.
+    import torch
+    from sigreg_kernels import triton_kernels as kernels, triton_op as op
+
+    assert op.REGISTRATION == "triton_op" and not op.INTERPRET, (op.REGISTRATION, op.INTERPRET)
+    registry = getattr(torch._library.triton, "get_triton_kernels_for_op", None)
+    if registry is not None:
+        expected = {
+            "sigreg::triton_ecf_partials": {kernels.ecf_partials_kernel, kernels.ecf_partials_projected_kernel},
+            "sigreg::triton_statistic": {kernels.statistic_kernel},
+            "sigreg::triton_slice_gradient": {kernels.slice_gradient_kernel,
+                                              kernels.slice_gradient_projected_kernel},
+            "sigreg::triton_slice_gradient_": {kernels.slice_gradient_projected_kernel},
+        }
+        for name, found in expected.items():
+            assert {id(k) for k in registry(name)} == {id(k) for k in found}, (name, registry(name))
 """
 
 _REGISTRATION = """
-    # wrap_triton must find every kernel the launchers can run: AOTAutograd's cache
-    # key hashes their source (a private registry: checked where it exists).
-    registry = getattr(torch._library.triton, "get_triton_kernels_for_op", None)
-    if registry is not None:
-        found = {id(k) for k in registry("sigreg::ecf_sums_triton")}
-        assert found == {id(op._fwd_tuned), id(op._fwd_fixed)}, found
-        found = {id(k) for k in registry("sigreg::ecf_sums_triton_backward")}
-        assert found == {id(k) for k in (op._bwd_dx_tuned, op._bwd_dx_fixed, op._bwd_da_tuned,
-                                         op._bwd_da_fixed)}, found
-
-    check((), 150, 70, 70)  # several blocks of N, D and K; 3 row splits
-    check((2, 3), 33, 5, 17)  # batch dims
-    check((2,), 40, 24, 33, dtype=torch.bfloat16)
-    torch.use_deterministic_algorithms(True)  # the single-config kernels
-    check((), 70, 40, 40)
+    assert op.REGISTRATION == "triton_op", op.REGISTRATION
+    check(2, 70, 20, 70)
+    check(2, 40, 24, 33, dtype=torch.bfloat16, tol=1e-4)
+    check(3, 33, 5, 5, knots=5, projected=True)
+    x, directions = random_case((2,), 40, 8, 20)
+    projection = x @ directions
+    _, coef = primitives.statistic(primitives.ecf_partials(projection.double(), None, 17, 3.0), 40, 17, 3.0,
+                                   "sum", None, 1.0)
+    scale = torch.ones(1, 1).expand(2, 20)
+    expected = primitives.slice_gradient(coef, scale.double(), projection.double(), None, 17, 3.0)
+    op.slice_gradient_(projection, coef.float(), scale, 17, 3.0)
+    assert_relative_close("G in place", projection, expected, 2e-5)
 """
 
-_GPU_CONFIGS = """
-    def run_alone(name, kernel, config):
-        setattr(op, name, triton.autotune(configs=[config], key=op._KEY)(kernel))
-
-
-    op.ROW_QUANTUM, op.MAX_BLOCK_DX, op.MAX_BLOCK_DA = op._GPU_BLOCK_LIMITS
-    for i, fwd_config in enumerate(op._GPU_FWD_CONFIGS):
-        bwd_config = op._GPU_BWD_CONFIGS[min(i, len(op._GPU_BWD_CONFIGS) - 1)]
-        run_alone("_fwd_tuned", kernels._sigreg_fwd_kernel, fwd_config)
-        run_alone("_bwd_dx_tuned", kernels._sigreg_bwd_dx_kernel, bwd_config)
-        run_alone("_bwd_da_tuned", kernels._sigreg_bwd_da_kernel, bwd_config)
-        # 3 splits of 128 rows, the last one partial; K spans partial blocks of every width.
-        check((), 300, 70, 70)
+_EACH_CONFIG = """
+    # Each candidate alone, at a shape that takes it through its paths: streamed
+    # directions loop over several D chunks (D = 70), resident ones hold D = 70 in a
+    # 128-wide tile; rows span several tiles and splits, the last partial; K = 150 spans
+    # a partial slice block.
+    names = ("ECF_CANDIDATES", "GRAD_CANDIDATES", "ECF_PROJECTED_CANDIDATES", "GRAD_PROJECTED_CANDIDATES")
+    lists = {name: getattr(plan, name) for name in names}
+    for i in range(max(len(candidates) for candidates in lists.values())):
+        chosen = {name: candidates[min(i, len(candidates) - 1)] for name, candidates in lists.items()}
+        for name, candidate in chosen.items():
+            setattr(plan, name, (candidate,))
+        for dtype, tol in ((torch.float32, 2e-5), (torch.bfloat16, 1e-4)):
+            check(1, 75, 70, 150, dtype=dtype, tol=tol)
+            ecf = op._ecf_plan(torch.empty(1, 75, 70, dtype=dtype), torch.empty(70, 150, dtype=dtype), 17)
+            grad = op._slice_gradient_plan(torch.empty(1, 75, 70, dtype=dtype), torch.empty(70, 150, dtype=dtype), 17)
+            for kernel_plan, name in ((ecf, "ECF_CANDIDATES"), (grad, "GRAD_CANDIDATES")):
+                config, mode = chosen[name]
+                assert (kernel_plan.tile["config"], kernel_plan.tile["mode"]) == (config.name, mode), kernel_plan
+        if i < max(len(lists["ECF_PROJECTED_CANDIDATES"]), len(lists["GRAD_PROJECTED_CANDIDATES"])):
+            check(2, 45, 70, 70, projected=True)
 """
 
 
-def _run_interpreted(body: str) -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "SIGREG_TRITON_REGISTRATION": "triton_op",
+def _run_interpreted(body: str, registration: str) -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "SIGREG_TRITON_REGISTRATION": registration,
            "PYTHONPATH": os.pathsep.join(filter(None, (str(TESTS_DIR), os.environ.get("PYTHONPATH"))))}
     script = textwrap.dedent(_PRELUDE) + textwrap.dedent(body)
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
@@ -84,11 +119,19 @@ def _run_interpreted(body: str) -> None:
 
 
 def test_triton_op_registration_eager():
-    _run_interpreted(_REGISTRATION)
+    _run_interpreted(_REGISTRATION, "triton_op")
+
+
+def test_triton_op_finds_its_kernels():
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("TRITON_INTERPRET", "SIGREG_TRITON_REGISTRATION")}
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(_KERNELS_FOUND)], env=env, capture_output=True,
+                            text=True, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
 
 
 def test_each_gpu_config_alone():
-    _run_interpreted(_GPU_CONFIGS)
+    _run_interpreted(_EACH_CONFIG, "custom_op")
 
 
 def test_rejects_unknown_registration():
