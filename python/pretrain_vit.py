@@ -3,6 +3,11 @@
     python python/pretrain_vit.py                      # digits, ~5.5 minutes on 2 CPU cores
     python python/pretrain_vit.py --data DIR           # DIR/<class>/<image>.png
     torchrun --nproc_per_node=2 python/pretrain_vit.py # data parallel (gloo on CPU, nccl on GPU)
+    python python/pretrain_vit.py > train.log          # a batch job: a progress line every 20 s, no bar
+
+Progress (``--progress``): a bar on a terminal; when stdout is not a terminal,
+one line every ``--log-every`` seconds with the step, elapsed and remaining
+time, the losses and the online probe's accuracy (see ``progress.py``).
 
 The objective is LeJEPA's: V augmented views of each image go through the
 encoder and a projector; the invariance term is the squared Euclidean
@@ -32,7 +37,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
-from tqdm import tqdm
 
 try:
     from sigreg_kernels import SIGReg
@@ -44,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from augment import AugmentConfig, Augmenter  # noqa: E402
 from data import DataError, holdout_split, load_digits_set, load_image_folder  # noqa: E402
 from evaluate import embed, evaluate_features, format_table  # noqa: E402
+from progress import MODES as PROGRESS_MODES, Progress  # noqa: E402
 from vit import ViT, Projector  # noqa: E402
 
 # Overrides applied by --smoke (explicit flags still win): a run of seconds for tests and CI.
@@ -102,6 +107,10 @@ def parse_args(argv=None):
     g.add_argument("--probe-draws", type=int, default=5, help="random draws of the 10-shot subsets")
     g.add_argument("--probe-grid", type=int, default=1, choices=(0, 1),
                    help="choose the probes' L2 strength by cross-validation (0: fixed 1e-3)")
+    g.add_argument("--progress", default="auto", choices=PROGRESS_MODES,
+                   help="bar: a progress bar; lines: a line every --log-every seconds (for logs of batch jobs); "
+                        "auto: the bar when stdout is a terminal, else lines")
+    g.add_argument("--log-every", type=float, default=20.0, help="seconds between progress lines")
     g.add_argument("--smoke", action="store_true", help="tiny model, few steps, quick eval (tests, CI)")
     args = p.parse_args(argv)
     if args.smoke:
@@ -291,11 +300,9 @@ def train(args):
 
     images, labels = train_set.images.to(device), train_set.labels.to(device)
     mean, std = mean.to(device), std.to(device)
-    bar = tqdm(total=100, unit="%", disable=not is_main, dynamic_ncols=True,
-               bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt}% [{elapsed}<{remaining}{postfix}]")
+    report = Progress(args.progress, total_steps, budget, interval=args.log_every, enabled=is_main)
     t_session = time.perf_counter() - trained_seconds  # the clock counts time trained before a resume
     progress = progress_of(step, trained_seconds)
-    bar.n = 100 * progress
     net.train()
     while progress < 1.0 and not (args.stop_after and step >= args.stop_after):
         epoch, offset = divmod(step, steps_per_epoch)
@@ -339,15 +346,14 @@ def train(args):
                           invariance=inv_v, sigreg=reg_v, probe_loss=probe_loss_v, probe_acc=probe_acc_v)
             history.append(record)
             progress = progress_of(step, seconds)
-            bar.n = 100 * progress
-            bar.set_postfix(ep=epoch, inv=f"{inv_v:.4f}", sigreg=f"{reg_v:.3f}", probe=f"{probe_acc_v:.2f}")
+            report.update(step, seconds, record)
             if not math.isfinite(record["loss"]):
                 raise FloatingPointError(f"loss became {record['loss']} at step {step}; lower --lr")
             if step % args.ckpt_every == 0:
                 save_checkpoint()
             if progress >= 1.0 or (args.stop_after and step >= args.stop_after):
                 break
-    bar.close()
+    report.close(step, trained_seconds)
     save_checkpoint()
     if is_main:
         with open(out / "metrics.jsonl", "w") as f:

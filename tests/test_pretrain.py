@@ -72,6 +72,11 @@ def test_smoke_run_writes_summary_curves_and_checkpoint(tmp_path):
     assert summary["knn"]["raw_pixels"] > 0.9
     assert 0 < summary["minutes"] < 5
     assert "linear_probe_10shot" in proc.stdout and "raw_pixels" in proc.stdout  # the printed table
+    # stdout is a pipe here, as in a batch job: progress lines (the first step, every 20 s, the last), no bar.
+    progress = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
+    assert progress[0].startswith("step 1/4 (25%) | ") and progress[-1].startswith("step 4/4 (100%) | ")
+    assert "elapsed" in progress[-1] and "probe acc" in progress[-1]
+    assert "\r" not in proc.stdout and "\r" not in proc.stderr
 
     png = (out / "curves.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5000
@@ -81,6 +86,13 @@ def test_smoke_run_writes_summary_curves_and_checkpoint(tmp_path):
         assert all(math.isfinite(r[k]) for k in ("loss", "invariance", "sigreg", "probe_loss"))
         assert math.isclose(r["loss"], r["invariance"] + 2.0 * r["sigreg"], rel_tol=1e-6)  # default lambda
     assert (out / "checkpoint.pt").is_file()
+
+
+def test_progress_bar_of_a_time_bounded_run_counts_minutes(tmp_path):
+    proc = run_ok("--smoke", "--steps", 0, "--max-minutes", 2, "--stop-after", 2, "--progress", "bar",
+                  "--out", tmp_path / "run")
+    assert "/2.0 min [" in proc.stdout and "steps" not in proc.stdout
+    assert not any(line.startswith("step ") for line in proc.stdout.splitlines())
 
 
 def test_resume_continues_exactly_where_it_stopped(tmp_path):
@@ -193,3 +205,109 @@ def test_fused_backend_trains_like_the_reference(tmp_path, backend):
     assert_curves_close(reference, fused, rtol=1e-5)
     # The run actually trained: the loss moved.
     assert abs(reference[-1]["loss"] - reference[0]["loss"]) > 1e-3 * abs(reference[0]["loss"])
+
+
+# ----------------------------------------------------------------------------- progress reporting
+
+
+def load_progress_module():
+    """python/progress.py, loaded by path (python/ is not a package; no sys.path change)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pretrain_progress", ROOT / "python" / "progress.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def record(step):
+    return dict(loss=3.0 * step, invariance=1.0 * step, sigreg=1.0 * step, probe_loss=0.5, probe_acc=step / 100)
+
+
+def run_progress(mode, total_steps, budget, steps, seconds_per_step=1.0, stream=None, interval=20.0):
+    """Reports ``steps`` steps (``seconds_per_step``: a number, or one per step) on a fake clock."""
+    import io
+
+    progress_module = load_progress_module()
+    stream = io.StringIO() if stream is None else stream
+    clock = FakeClock()
+    report = progress_module.Progress(mode, total_steps, budget, interval=interval, stream=stream, clock=clock)
+    durations = seconds_per_step if isinstance(seconds_per_step, list) else [seconds_per_step] * steps
+    for step in range(1, steps + 1):
+        clock.now += durations[step - 1]
+        report.update(step, clock.now, record(step))
+    report.close(steps, clock.now)
+    return report, stream.getvalue()
+
+
+def test_progress_lines_at_a_steady_interval_with_window_means():
+    report, text = run_progress("auto", total_steps=100, budget=0, steps=100)
+    assert report.mode == "lines"  # a StringIO is not a terminal
+    lines = text.splitlines()
+    # The first step, then every 20 s (one step per second), then the last step.
+    assert [line.split(" |")[0] for line in lines] == [
+        "step 1/100 (1%)", "step 21/100 (21%)", "step 41/100 (41%)", "step 61/100 (61%)", "step 81/100 (81%)",
+        "step 100/100 (100%)"]
+    assert "\r" not in text
+    # Means over the steps since the previous line: steps 2..21 -> loss 3 * 11.5, probe acc 0.115.
+    assert "loss 34.5000 (inv 11.5000, sigreg 11.5000) | probe acc 0.115, loss 0.500" in lines[1]
+    assert "21s elapsed, ~1m19s left" in lines[1]  # 1 s per step, 79 steps to go
+    assert lines[-1].split(" | ")[1] == "1m40s elapsed, ~0s left"
+
+
+def test_progress_lines_of_a_time_bounded_run_count_minutes():
+    _, text = run_progress("lines", total_steps=0, budget=120.0, steps=50, seconds_per_step=2.4)
+    lines = text.splitlines()
+    assert lines[0].startswith("step 1 | 0.0/2.0 min | 2s elapsed, ~1m58s left")
+    assert lines[-1].startswith("step 50 | 2.0/2.0 min | 2m00s elapsed, ~0s left")
+    assert len(lines) == 7  # steps 1, 10, 19, 28, 37, 46 (every 21.6 s >= 20 s) and the last
+
+
+class FakeTerminal:
+    """A stream that says it is a terminal, as a user's console does."""
+
+    def __init__(self):
+        import io
+
+        self.buffer = io.StringIO()
+
+    def isatty(self):
+        return True
+
+    def write(self, text):
+        return self.buffer.write(text)
+
+    def flush(self):
+        pass
+
+    def getvalue(self):
+        return self.buffer.getvalue()
+
+
+def test_progress_bar_counts_what_bounds_the_run():
+    report, text = run_progress("auto", total_steps=10, budget=0, steps=10, stream=FakeTerminal())
+    assert report.mode == "bar"
+    assert "10/10 steps" in text and "%|" in text and "100%|" in text
+    assert "/100%" not in text  # the old bar counted per cent of itself
+    _, text = run_progress("bar", total_steps=0, budget=120.0, steps=10, seconds_per_step=12.0)
+    assert "2.0/2.0 min" in text and "steps" not in text
+    # Both bounds: steps while they are nearer their end, minutes once the clock overtakes them.
+    # (5 steps of 1 s, then steps of 13 s: the clock leads from step 9, 0.9 < 57 s / 60 s; the step bar
+    # is closed, showing where it stopped.)
+    _, text = run_progress("bar", total_steps=10, budget=60.0, steps=10, seconds_per_step=[1.0] * 5 + [13.0] * 5)
+    assert "8/10 steps" in text and "9/10 steps" not in text and "1.0/1.0 min" in text
+
+
+def test_progress_none_prints_nothing():
+    _, text = run_progress("none", total_steps=10, budget=0, steps=10)
+    assert text == ""
+    with pytest.raises(ValueError, match="progress mode must be one of"):
+        run_progress("fancy", total_steps=10, budget=0, steps=1)

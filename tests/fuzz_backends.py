@@ -1,0 +1,747 @@
+"""Differential fuzzing: every backend that can run here against the float64 oracle.
+
+    python tests/fuzz_backends.py --examples 200 --seed 7        # the default backends, 200 cases each
+    python tests/fuzz_backends.py --soak 60 --backends cpu       # new cases until 60 minutes have passed
+    python tests/fuzz_backends.py --backends cpu --case '{...}'  # replay one case: what a failure prints
+
+A case is a small JSON record (``Case``): shapes (batch dims none to two, ``N``
+1-5000, ``D`` 1-600, ``K`` 1-1100, ``knots`` 2-64, ``t_max`` 0.1-10), input
+scale 1e-3 to 1e4 and distribution, dtype (fp32 / bf16 / fp16, fp64 where the
+backend takes it, x and directions of different precisions), the memory layout
+of each input (contiguous, transposed, sliced, expanded with stride 0),
+``directions=None`` and ``clip_value`` where ``sigreg`` has them, which inputs
+require grad, ``reduction``, and NaN or Inf written into chosen rows. Each
+example draws one case; for each backend the case is shrunk (``N``, ``K``,
+``D`` halved, largest first) until it fits that backend's budget: the Triton
+interpreter and the CUDA emulation are thousands of times slower than the
+kernel, so they get small cases of the same kinds.
+
+Checked per case: the value (``reduction`` applied) and the gradient of the
+leaf tensors that require it, under a random upstream weight, against the
+oracle, ``sigreg_reference`` in float64 on the same rounded inputs (slice by
+slice where ``B*N*K*T`` is large). ``clip_value`` is placed between the
+oracle's statistics, far enough from each that rounding cannot decide which
+slices are clipped. Non-finite entries must sit where the oracle has them;
+the finite ones must be within the tolerance.
+
+Tolerances (norm-wise relative error, each quantity), the largest of:
+- SPEC §4's bar: 1e-5 for float32 inputs; 1e-4 for the value and 2e-2 for
+  the gradients with 16-bit inputs (gradients come back rounded to 16 bits);
+  1e-10 for float64;
+- twice the error of the formula evaluated in float32 by ``sigreg_reference``
+  on the same inputs (upcast): what float32 arithmetic itself loses on this case;
+- three times the expected error of a float32 evaluation under a rounding model
+  (``RoundingModel``), honest for large arguments and ill-conditioned cases:
+  each sin/cos at knot ``j`` errs by about ``eps * (t_j * rms(p) + sqrt(j))``
+  (the float32 rounding of the angle ``t_j p``, ``eps * |t_j p|``, and the random
+  walk of the angle-addition recurrence), the gradient coefficients ``G`` may be
+  held in the input dtype (SPEC §3), and these errors are carried through the
+  formulas and the GEMMs and divided by the exact results, so the tolerance
+  widens where cancellation makes any float32 result fragile: nearly Gaussian
+  samples (``C - phi`` ~ 1/sqrt(N)), small ``t_max``, one sample or identical
+  rows, shifted data. At ``rms |x . a|`` ~ 1e3 this allows ~5e-4 on the
+  gradient (kernels and float32 reference measure ~1e-4:
+  ``bench/accuracy_envelope.py``). Where the angles' error reaches 1, only the
+  non-finite entries are checked (counted in the summary).
+Plus an absolute allowance of half the output dtype's subnormal spacing per
+element (an fp16 gradient of 1e-7 is rounded to a multiple of 6e-8). Where a
+gradient overflows its 16-bit dtype, infinity is the right answer.
+
+The CUDA kernels run through the host emulation (``emulated_cuda.py``) by one
+adapter, ``cuda_emulated_sigreg``: the only place that knows its API.
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+LAYOUTS = ("contiguous", "transposed", "sliced", "expanded")
+# Sizes near the kernels' tiles and blocks (16 to 256) and the edges, drawn as often as log-uniform sizes.
+EDGE_SIZES = (1, 2, 3, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257)
+ORACLE_CHUNK = 1 << 21  # float64 angles per slice chunk of the oracle (16 MiB)
+
+
+# ----------------------------------------------------------------------------- cases
+
+
+@dataclasses.dataclass
+class Case:
+    seed: int
+    batch: list
+    n: int
+    d: int
+    k: int  # ignored (K = D) when a_layout is "none"
+    knots: int = 17
+    t_max: float = 3.0
+    scale: float = 1.0
+    dist: str = "normal"  # normal | uniform | heavy (log-normal magnitudes) | shifted (mean 3 * scale)
+    dtype: str = "float32"
+    a_dtype: str = "float32"  # directions are cast to x's dtype by sigreg (mixed precision)
+    unit_columns: bool = True
+    x_layout: str = "contiguous"
+    a_layout: str = "contiguous"  # or "none": directions=None
+    grad: str = "x"  # x | directions | both | none
+    reduction: str = "mean"
+    clip: float | None = None  # quantile of the oracle's statistics where clip_value is placed
+    nonfinite: dict | None = None  # {"in": "x"|"directions", "rows": [...], "value": "nan"|"inf"|"-inf"}
+    tensor_cores: bool = False  # cuda-emulated, 16-bit inputs: the WMMA path
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
+
+    @staticmethod
+    def from_json(text: str) -> "Case":
+        return Case(**json.loads(text))
+
+    @property
+    def slices(self) -> int:
+        return self.d if self.a_layout == "none" else self.k
+
+    @property
+    def batch_size(self) -> int:
+        return math.prod(self.batch)
+
+
+def api_features() -> dict:
+    """What ``sigreg`` takes here: ``clip_value`` (its signature), ``directions=None`` (a probe call)."""
+    from sigreg_kernels import sigreg
+
+    try:
+        sigreg(torch.zeros(1, 1), None, backend="reference")
+        no_directions = True
+    except (TypeError, ValueError, AttributeError, RuntimeError):
+        no_directions = False
+    return {"clip_value": "clip_value" in inspect.signature(sigreg).parameters, "no_directions": no_directions}
+
+
+def _size(rng: random.Random, high: int) -> int:
+    if rng.random() < 0.4:
+        return rng.choice([s for s in EDGE_SIZES if s <= high])
+    return max(1, min(high, round(math.exp(rng.uniform(0, math.log(high))))))
+
+
+def draw_case(rng: random.Random, features=None) -> Case:
+    """One random case, before it is shrunk to a backend's budget."""
+    features = api_features() if features is None else features
+    dtype = rng.choice(["float32", "float32", "bfloat16", "float16", "float64"])
+    a_dtype = dtype
+    if dtype != "float64" and rng.random() < 0.15:
+        a_dtype = rng.choice([d for d in ("float32", "bfloat16", "float16") if d != dtype])
+    a_layout = rng.choice(LAYOUTS)
+    if features["no_directions"] and rng.random() < 0.15:
+        a_layout = "none"
+    case = Case(
+        seed=rng.randrange(2**31),
+        batch=[rng.randint(1, 3) for _ in range(rng.choice([0, 0, 1, 2]))],
+        n=_size(rng, 5000), d=_size(rng, 600), k=_size(rng, 1100),
+        knots=rng.choice([2, 3, 17, 17, 17, rng.randint(2, 64)]),
+        t_max=rng.choice([3.0, 3.0, round(math.exp(rng.uniform(math.log(0.1), math.log(10))), 4)]),
+        scale=float(f"{math.exp(rng.uniform(math.log(1e-3), math.log(1e4))):.3g}"),
+        dist=rng.choice(["normal", "normal", "uniform", "heavy", "shifted"]),
+        dtype=dtype, a_dtype=a_dtype, unit_columns=rng.random() < 0.8,
+        x_layout=rng.choice(LAYOUTS), a_layout=a_layout,
+        grad=rng.choice(["x", "x", "directions", "both", "both", "none"]),
+        reduction=rng.choice(["mean", "sum", "none"]),
+        tensor_cores=rng.random() < 0.5,
+    )
+    if features["clip_value"] and rng.random() < 0.25:
+        case.clip = round(rng.uniform(0.05, 0.95), 3)
+    if rng.random() < 0.15:
+        where = "directions" if a_layout != "none" and rng.random() < 0.2 else "x"
+        case.nonfinite = {"in": where, "value": rng.choice(["nan", "inf", "-inf"]),
+                          "rows": [rng.random() for _ in range(rng.randint(1, 3))]}
+    return case
+
+
+def cost(case: Case) -> float:
+    """Rough work of a case: the angles (B N K T) and the products (B N K D)."""
+    d = 0 if case.a_layout == "none" else case.d
+    return case.batch_size * case.n * case.slices * (case.knots + d + 8)
+
+
+def shrink(case: Case, budget: float) -> Case:
+    """The case with N, K, D (and batch dims) halved, largest first, until it costs at most ``budget``."""
+    case = dataclasses.replace(case, batch=list(case.batch))
+    while cost(case) > budget:
+        sizes = {"n": case.n, "k": case.slices if case.a_layout != "none" else 1, "d": case.d}
+        if case.batch_size > 1:
+            sizes["batch"] = case.batch_size * 8  # kept until N, K, D are down to ~8 times their product
+        name = max(sizes, key=sizes.get)
+        if sizes[name] <= 1:
+            break
+        if name == "batch":
+            i = max(range(len(case.batch)), key=lambda j: case.batch[j])
+            case.batch[i] = (case.batch[i] + 1) // 2
+        else:
+            setattr(case, name, (getattr(case, name) + 1) // 2)
+    return case
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _values(gen: torch.Generator, shape, case: Case) -> torch.Tensor:
+    v = torch.randn(shape, generator=gen, dtype=torch.float64)
+    if case.dist == "uniform":
+        v = torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1
+    elif case.dist == "heavy":
+        v = v * torch.exp(torch.randn(shape, generator=gen, dtype=torch.float64))
+    elif case.dist == "shifted":
+        v = v + 3
+    return v * case.scale
+
+
+def _layout(gen, base: torch.Tensor, layout: str, expand_dim: int, expand_to: int):
+    """(leaf, view): ``view(leaf)`` has ``base``'s values in ``layout``; ``base`` has size 1 at
+    ``expand_dim`` for "expanded" (stride 0 after expanding to ``expand_to``)."""
+    if layout == "contiguous":
+        return base.clone(), lambda t: t
+    if layout == "transposed":
+        return base.mT.contiguous(), lambda t: t.mT
+    if layout == "sliced":  # every other row, columns from 1: a storage offset and two non-unit strides
+        rows, cols = base.shape[-2], base.shape[-1]
+        leaf = torch.randn(*base.shape[:-2], 2 * rows, cols + 2, generator=gen, dtype=torch.float64)
+        leaf[..., 0::2, 1:cols + 1] = base
+        return leaf, lambda t: t[..., 0::2, 1:cols + 1]
+    shape = list(base.shape)
+    shape[expand_dim] = expand_to
+    return base.clone(), lambda t: t.expand(shape)
+
+
+def _place_nonfinite(case: Case, x_base: torch.Tensor, a_base: torch.Tensor) -> None:
+    spec = case.nonfinite
+    value = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}[spec["value"]]
+    if spec["in"] == "x":  # rows (samples) of the flattened batch of the base
+        flat = x_base.reshape(-1, x_base.shape[-1])
+        for r in spec["rows"]:
+            flat[int(r * flat.shape[0]), int(r * 7919) % flat.shape[1]] = value
+    else:  # a feature row of the directions
+        for r in spec["rows"]:
+            a_base[int(r * a_base.shape[0]), :] = value
+
+
+def make_inputs(case: Case):
+    """Float64 leaves (values already rounded to the case's dtypes) and the views that make the inputs."""
+    gen = torch.Generator().manual_seed(case.seed)
+    dtype, a_dtype = DTYPES[case.dtype], DTYPES[case.a_dtype]
+    x_shape = [*case.batch, case.n, case.d]
+    # Expanded x: stride 0 along the first batch dim if any, else along the samples (identical rows).
+    x_expand = 0 if case.batch else len(x_shape) - 2
+    if case.x_layout == "expanded":
+        x_shape[x_expand] = 1
+    x_base = _values(gen, x_shape, case)
+    a_base = None
+    if case.a_layout != "none":
+        a_shape = [case.d, case.k if case.a_layout != "expanded" else 1]  # stride 0: identical slices
+        a_base = torch.randn(a_shape, generator=gen, dtype=torch.float64)
+        a_base = a_base / a_base.norm(dim=0).clamp_min(1e-30)
+        if not case.unit_columns:
+            a_base = a_base * torch.exp(torch.empty(a_shape[1], dtype=torch.float64).uniform_(
+                math.log(0.1), math.log(10), generator=gen))
+    if case.nonfinite:
+        _place_nonfinite(case, x_base, a_base)
+    finite_max = min(torch.finfo(dtype).max, torch.finfo(a_dtype).max) / 4  # no overflow unless asked
+    x_base = x_base.clamp(-finite_max, finite_max).where(x_base.isfinite(), x_base).to(dtype).double()
+    x_leaf, x_view = _layout(gen, x_base, case.x_layout, x_expand, case.batch[0] if case.batch else case.n)
+    x_leaf = x_leaf.to(dtype).double()
+    if a_base is None:
+        return (x_leaf, x_view), None
+    a_base = a_base.to(a_dtype).to(dtype).double()  # sigreg casts directions to x's dtype: the oracle sees that
+    a_leaf, a_view = _layout(gen, a_base, case.a_layout, 1, case.k)
+    return (x_leaf, x_view), (a_leaf.to(a_dtype).to(dtype).double(), a_view)
+
+
+def upstream_weight(case: Case) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(case.seed + 1)
+    shape = [*case.batch, case.slices] if case.reduction == "none" else []
+    return torch.randn(shape, generator=gen, dtype=torch.float64)
+
+
+# ----------------------------------------------------------------------------- the oracle
+
+
+def reference_stats(x, a, knots, t_max, dtype, clip_value=None):
+    """Per-slice statistics ``[*B, K]`` by ``sigreg_reference`` in ``dtype``, slice chunk by slice chunk
+    (the statistic of a slice depends on its column of the projection alone)."""
+    from sigreg_kernels import sigreg_reference
+
+    x = x.to(dtype)
+    a = None if a is None else a.to(dtype)
+    slices = x.shape[-1] if a is None else a.shape[1]
+    chunk = max(1, ORACLE_CHUNK // max(1, x[..., 0].numel() * knots))
+    parts = []
+    for k0 in range(0, slices, chunk):
+        k1 = min(slices, k0 + chunk)
+        x_part, a_part = (x[..., k0:k1], None) if a is None else (x, a[:, k0:k1])
+        parts.append(sigreg_reference(x_part, a_part, knots=knots, t_max=t_max, reduction="none",
+                                      clip_value=clip_value))
+    return torch.cat(parts, dim=-1)
+
+
+def resolve_clip(case: Case, stats: torch.Tensor, margin: float) -> float | None:
+    """``clip_value`` for the case, at least ``margin`` away from every statistic of the oracle, so that
+    no backend's rounding decides which slices it clips: the middle of a gap between two statistics
+    near quantile ``case.clip``, or (no gap is wide enough: equal slices, tiny scales) below or above
+    them all."""
+    if case.clip is None:
+        return None
+    finite = stats[stats.isfinite()].flatten().sort().values.tolist()
+    if not finite:
+        return 1.0
+    target = case.clip * (len(finite) - 1)
+    gaps = [i for i in range(len(finite) - 1) if finite[i + 1] - finite[i] > 2 * margin]
+    if gaps:
+        i = min(gaps, key=lambda g: abs(g + 0.5 - target))
+        return (finite[i] + finite[i + 1]) / 2
+    return finite[0] - 2 * margin if case.clip < 0.5 else finite[-1] + 2 * margin
+
+
+def reduce(stats, reduction, weight):
+    """``reduction`` of the per-slice statistics, and the loss ``sum(weight * value)`` to differentiate."""
+    value = {"mean": stats.mean, "sum": stats.sum, "none": lambda: stats}[reduction]()
+    return value, (value * weight.to(value.dtype)).sum()
+
+
+def evaluate(fn, case: Case, inputs, weight, clip_value, device="cpu", dtype=None):
+    """(value, {leaf name: grad}) of ``fn(x, directions) -> per-slice or reduced output``."""
+    (x_leaf, x_view), a_in = inputs
+    x_leaf = x_leaf.to(device=device, dtype=dtype or DTYPES[case.dtype]).requires_grad_(case.grad in ("x", "both"))
+    leaves = {"x": x_leaf}
+    a = None
+    if a_in is not None:
+        a_leaf, a_view = a_in
+        a_leaf = a_leaf.to(device=device, dtype=dtype or DTYPES[case.a_dtype])
+        leaves["directions"] = a_leaf.requires_grad_(case.grad in ("directions", "both"))
+        a = a_view(a_leaf)
+    value, loss = fn(x_view(x_leaf), a, weight.to(device), clip_value)
+    wanted = {name: t for name, t in leaves.items() if t.requires_grad}
+    grads = {}
+    if wanted:
+        grads = dict(zip(wanted, torch.autograd.grad(loss, list(wanted.values()), allow_unused=True)))
+    return value.detach().cpu(), {k: (None if g is None else g.cpu()) for k, g in grads.items()}
+
+
+def oracle_fn(case: Case, dtype):
+    def fn(x, a, weight, clip_value):
+        return reduce(reference_stats(x, a, case.knots, case.t_max, dtype, clip_value), case.reduction, weight)
+    return fn
+
+
+# ----------------------------------------------------------------------------- backends
+
+
+def public_api(backend: str):
+    """``sigreg_kernels.sigreg`` with ``backend``, as a user calls it."""
+    def fn(case: Case, x, a, weight, clip_value):
+        from sigreg_kernels import sigreg
+
+        kwargs = dict(knots=case.knots, t_max=case.t_max, reduction=case.reduction, backend=backend)
+        if clip_value is not None:
+            kwargs["clip_value"] = clip_value
+        value = sigreg(x, a, **kwargs)
+        return value, (value * weight.to(value.dtype)).sum()
+    return fn
+
+
+_EMULATION = None
+
+
+def _emulated_kernels():
+    """The CUDA kernels built for the host (tests/emulated_cuda.py), once per source version."""
+    global _EMULATION
+    if _EMULATION is None:
+        sys.path.insert(0, str(TESTS))
+        import emulated_cuda
+
+        sources = sorted(p for d in (TESTS / "cuda_host_emulation", ROOT / "csrc") for p in d.rglob("*") if p.is_file())
+        digest = hashlib.sha256()
+        for p in sources + [TESTS / "emulated_cuda.py"]:
+            digest.update(p.read_bytes())
+        library = Path(tempfile.gettempdir()) / f"sigreg_fuzz_emulation_{digest.hexdigest()[:16]}.so"
+        if not library.exists():
+            with tempfile.TemporaryDirectory() as build_dir:
+                built = emulated_cuda.build(Path(build_dir))
+                shutil.copy(built, f"{library}.{os.getpid()}")
+                os.replace(f"{library}.{os.getpid()}", library)  # atomic: parallel runs may build it too
+        _EMULATION = emulated_cuda.EmulatedKernels(library)
+    return _EMULATION
+
+
+def cuda_emulated_sigreg(case: Case, x, a, weight, clip_value):
+    """The ``cuda`` backend's kernels under the host emulation: THE adapter to the emulation's API.
+
+    ``EmulatedKernels.sigreg`` runs ``fused.py`` (the ``cuda`` backend's
+    orchestration) around the emulated kernels on contiguous inputs of one
+    dtype; what ``sigreg`` does before (the directions cast to x's dtype) is
+    done here. ``tensor_cores``: WMMA products where the kernels compute the
+    projection (16-bit inputs; float32 at "highest" precision takes the SGEMM route).
+    """
+    kernels = _emulated_kernels()
+    value = kernels.sigreg(x, None if a is None else a.to(x.dtype), knots=case.knots, t_max=case.t_max,
+                           reduction=case.reduction, tensor_cores=case.tensor_cores, clip_value=clip_value)
+    return value, (value * weight.to(value.dtype)).sum()
+
+
+@dataclasses.dataclass
+class Backend:
+    name: str
+    fn: object  # (case, x, a, weight, clip_value) -> (value, loss)
+    budget: float  # largest cost() of a case for this backend
+    dtypes: tuple = ("float32", "bfloat16", "float16")
+    device: str = "cpu"
+    prepare: object = lambda: None  # builds or imports what the backend needs; raises if it cannot
+
+
+def _gpu() -> bool:
+    return torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+def backend_table():
+    """Every backend this machine can run, by name (None: why not)."""
+    from sigreg_kernels import available_backends
+
+    all_dtypes = ("float32", "bfloat16", "float16", "float64")
+    table = {"cpu": Backend("cpu", public_api("cpu"), 6e6, all_dtypes) if "cpu" in available_backends("cpu")
+             else None,
+             "reference": Backend("reference", public_api("reference"), 3e6, all_dtypes)}
+    table["triton"] = None
+    if importlib.util.find_spec("triton") is not None:  # (importing triton itself takes seconds)
+        gpu = _gpu()
+        table["triton"] = Backend("triton", public_api("triton"), 6e7 if gpu else 4e4, device="cuda" if gpu else "cpu",
+                                  prepare=lambda: importlib.import_module("sigreg_kernels.triton_op"))
+    table["cuda"] = (Backend("cuda", public_api("cuda"), 6e7, device="cuda")
+                     if torch.cuda.is_available() and "cuda" in available_backends("cuda") else None)
+    table["cuda-emulated"] = (Backend("cuda-emulated", cuda_emulated_sigreg, 1.5e6, prepare=_emulated_kernels)
+                              if shutil.which("g++") else None)
+    return table
+
+
+DEFAULT_BACKENDS = ("cpu", "triton", "cuda", "cuda-emulated")
+
+
+# ----------------------------------------------------------------------------- comparison
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-300)).item()
+
+
+def floor(case: Case, quantity: str) -> float:
+    """SPEC §4's bar for the value, or for the gradient of leaf ``quantity`` ("x", "directions")."""
+    computed = DTYPES[case.dtype]  # sigreg casts the directions to x's dtype
+    if computed == torch.float64:
+        return 1e-10
+    if quantity == "value":
+        return 1e-5 if computed == torch.float32 else 1e-4
+    returned = DTYPES[case.dtype if quantity == "x" else case.a_dtype]
+    return 1e-5 if computed == returned == torch.float32 else 2e-2
+
+
+def compare(name, actual, expected, dtype, tol, problems, via=None):
+    """Appends to ``problems`` what is wrong with ``actual`` (returned in ``dtype``, computed through
+    ``via``); returns err / tol (0 when not checked)."""
+    if actual is None or expected is None:
+        if (actual is None) != (expected is None):
+            problems.append(f"{name}: {'no gradient' if actual is None else 'a gradient where none is expected'}")
+        return 0.0
+    if actual.shape != expected.shape:
+        problems.append(f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}")
+        return 0.0
+    if actual.dtype != dtype:
+        problems.append(f"{name}: dtype {actual.dtype}, expected {dtype}")
+    # What overflows the output dtype (an fp16 gradient above 65504) is infinite there.
+    bad_actual, bad_expected = ~actual.isfinite(), ~expected.to(dtype).isfinite()
+    if not torch.equal(bad_actual, bad_expected):
+        extra, missing = (bad_actual & ~bad_expected).sum().item(), (bad_expected & ~bad_actual).sum().item()
+        problems.append(f"{name}: {extra} non-finite entries where the oracle is finite, "
+                        f"{missing} finite where it is not")
+        return math.inf
+    keep = ~bad_expected
+    a, e = actual[keep].double(), expected[keep].double()
+    if tol >= 1 or e.numel() == 0:
+        return 0.0
+    # Rounding to subnormals (of the output dtype, or of x's on the way: an fp16 gradient of bf16
+    # directions) errs by up to half their spacing, whatever the tolerance.
+    subnormal = max(torch.finfo(d).smallest_normal * torch.finfo(d).eps for d in (dtype, via or dtype))
+    excess = ((a - e).norm() - 0.5 * subnormal * e.numel() ** 0.5).clamp_min(0)
+    err = (excess / e.norm().clamp_min(1e-300)).item()
+    if not err <= tol:
+        problems.append(f"{name}: relative error {err:.2e} > tolerance {tol:.1e}")
+    return err / tol
+
+
+@dataclasses.dataclass
+class Result:
+    case: Case
+    backend: str
+    problems: list
+    ratio: float  # largest err / tol of the checked quantities
+    unchecked: bool  # the angle bound made the tolerance vacuous
+    seconds: float
+
+    def reproducer(self) -> str:
+        return f"python tests/fuzz_backends.py --backends {self.backend} --case '{self.case.to_json()}'"
+
+
+def ecf_means(x, a, knots, t_max):
+    """``C, S [*B, K, T]``: the float64 ECF of the projections (slice chunk by slice chunk)."""
+    from sigreg_kernels import quadrature
+
+    t, _, _ = quadrature(knots, t_max, dtype=torch.float64)
+    slices = x.shape[-1] if a is None else a.shape[1]
+    chunk = max(1, ORACLE_CHUNK // max(1, x[..., 0].numel() * knots))
+    cos, sin = [], []
+    for k0 in range(0, slices, chunk):
+        p = x[..., k0:k0 + chunk] if a is None else x @ a[:, k0:k0 + chunk]
+        angles = p.unsqueeze(-1) * t  # [*B, N, k, T]
+        cos.append(angles.cos().mean(dim=-3))
+        sin.append(angles.sin().mean(dim=-3))
+    return torch.cat(cos, dim=-2), torch.cat(sin, dim=-2)
+
+
+class RoundingModel:
+    """Expected (rms) error of a float32 (float64) evaluation of the formula, from float64 quantities.
+
+    Each sin/cos value at knot ``j`` errs by about ``eps * t_j * rms(p)`` (the rounding
+    of the angle ``t_j p``; that of ``p = x . a`` itself, large where the product
+    cancels, is in the float32 reference's error) and ``eps * sqrt(j)`` (the random
+    walk of ``j`` steps of the angle-addition recurrence). The ECF means ``C``, ``S``
+    average the first over the ``N`` samples (not when the rows are copies of one),
+    not the second (alike angles drift alike). ``G = dloss/dP = s_k sum_j c_j [S cos -
+    (C - phi) sin]``, ``c_j = 2 w_j t_j`` (SPEC §1), errs per element through cos and
+    sin, through ``C`` and ``S``, and by ``u`` (unit roundoff of the input dtype, in
+    which SPEC §3 lets a backend hold ``G`` for its GEMMs). Independent errors add in
+    quadrature through the sums over knots and the GEMMs (``G A^T``, ``x^T G``);
+    divided by the exact results, the estimate widens where cancellation makes the
+    float32 result fragile: ``C - phi`` ~ 1/sqrt(N) (nearly Gaussian samples) or a
+    small ``t_max``, ``G``'s own terms cancelling (one sample, identical rows), ``x^T G``
+    cancelling (shifted data). ``run_case`` allows three times this estimate.
+    """
+
+    def __init__(self, case: Case, inputs, weight, C, S):
+        from sigreg_kernels import quadrature
+
+        self.case, self.inputs = case, inputs
+        (x_leaf, x_view), a_in = inputs
+        self.x = x_view(x_leaf).nan_to_num(0.0, 0.0, 0.0)
+        self.a = None if a_in is None else a_in[1](a_in[0]).nan_to_num(0.0, 0.0, 0.0)
+        p = self.x if self.a is None else self.x @ self.a
+        eps = torch.finfo(torch.float64 if case.dtype == "float64" else torch.float32).eps
+        t, phi, w = quadrature(case.knots, case.t_max, dtype=torch.float64)
+        self.t, self.w = t, w
+        angle, walk = eps * t * p.square().mean().sqrt(), eps * torch.arange(case.knots).sqrt()  # [T]
+        self.e = (angle.square() + walk.square()).sqrt()
+        copies = case.x_layout == "expanded" and not case.batch  # every row the same sample
+        # The means average the angles' rounding; the recurrence's, alike for alike angles, need not.
+        self.e_mean = (angle.square() / (1 if copies else case.n) + walk.square()).sqrt()
+        self.u = torch.finfo(DTYPES[case.dtype]).eps / 2
+        self.dc, self.s = (C - phi).nan_to_num(0.0), S.nan_to_num(0.0)  # [*B, K, T]
+        self.weight = weight
+
+    def value(self, stats, kept) -> float:
+        """Relative error of the value: ``stat_k`` errs by ``2 N sum_j w_j ((C - phi) dC + S dS)``."""
+        rms = 2 * self.case.n * ((self.dc.square() + self.s.square()) @ (self.w * self.e_mean).square()).sqrt()
+        rms, exact = torch.where(kept, rms, 0.0), torch.where(kept, stats, 0.0).nan_to_num(0.0)
+        if self.case.reduction == "none":
+            return (rms.norm() / exact.norm().clamp_min(1e-300)).item()
+        return (rms.norm() / exact.sum().abs().clamp_min(1e-300)).item()
+
+    def gradients(self, kept, truth: dict) -> dict:
+        """Relative error of the gradient of each leaf in ``truth`` ({name: exact gradient})."""
+        case, c = self.case, 2 * self.w * self.t  # d stat / d P = sum_j c_j [S cos - (C - phi) sin]
+        factor = 1.0 / kept.numel() if case.reduction == "mean" else 1.0
+        scale = (factor * self.weight.abs() * kept).nan_to_num(0.0)  # |s_k|, [*B, K]
+        through_values = ((self.dc.square() + self.s.square()) @ (c * self.e).square()).sqrt()  # [*B, K]
+        through_means = (2 * (c * self.e_mean).square().sum()).sqrt()
+        g_rms = scale * (through_values + through_means + self.u * ((self.dc.abs() + self.s.abs()) @ c))
+        rms = {}
+        if "x" in truth:  # G A^T: quadrature over the slices; the same for every sample of a batch index
+            per_row = g_rms if self.a is None else (g_rms.square() @ self.a.mT.square()).sqrt()
+            rms["x"] = per_row.unsqueeze(-2).expand(self.x.shape)
+        if "directions" in truth:  # x^T G: quadrature over the samples and batch indices
+            rms["directions"] = torch.einsum("...nd,...k->dk", self.x.square(), g_rms.square()).sqrt()
+        result = {}
+        for name, bound in rms.items():
+            leaf, view = self.inputs[0] if name == "x" else self.inputs[1]
+            # Through the view's adjoint (an expanded input's gradient sums its copies), as autograd does.
+            leaf = leaf.detach().clone().requires_grad_()
+            (leaf_rms,) = torch.autograd.grad(view(leaf), leaf, grad_outputs=bound)
+            result[name] = (leaf_rms.norm() / truth[name].nan_to_num(0.0).norm().clamp_min(1e-300)).item()
+        return result
+
+
+def run_case(case: Case, backend: Backend) -> Result:
+    """One case on one backend, compared with the oracle."""
+    from sigreg_kernels import quadrature
+
+    start = time.perf_counter()
+    inputs = make_inputs(case)
+    weight = upstream_weight(case)
+    with torch.no_grad():
+        x = inputs[0][1](inputs[0][0])
+        a = None if inputs[1] is None else inputs[1][1](inputs[1][0])
+        C, S = ecf_means(x, a, case.knots, case.t_max)
+        _, phi, w = quadrature(case.knots, case.t_max, dtype=torch.float64)
+        stats = ((C - phi).square() + S.square()) @ w * case.n
+    # clip_value ten value tolerances (before clipping) away from every statistic.
+    model = RoundingModel(case, inputs, weight, C, S)
+    finite = stats[stats.isfinite()]
+    value_bound = 3 * model.value(stats, stats.isfinite())
+    margin = 10 * max(floor(case, "value"), value_bound) * (finite.abs().max().item() if finite.numel() else 0.0)
+    clip_value = resolve_clip(case, stats, margin)
+    truth = evaluate(oracle_fn(case, torch.float64), case, inputs, weight, clip_value, dtype=torch.float64)
+    try:
+        ours = evaluate(lambda x, a, w, c: backend.fn(case, x, a, w, c), case, inputs, weight, clip_value,
+                        device=backend.device)
+    except Exception as error:  # noqa: BLE001 - any exception on a valid case is a failure to report
+        message = str(error).strip().splitlines()
+        return Result(case, backend.name, [f"raised {type(error).__name__}: {message[0] if message else ''}"],
+                      math.inf, False, time.perf_counter() - start)
+    # Tolerances (see the module's docstring): SPEC's floor, twice the float32 reference's error, the model.
+    fp32 = truth if case.dtype == "float64" else evaluate(oracle_fn(case, torch.float32), case, inputs, weight,
+                                                          clip_value, dtype=torch.float32)
+    kept = stats.isfinite() & (True if clip_value is None else stats >= clip_value)
+    value_bound = 3 * model.value(stats, kept)
+    grad_bounds = {name: 3 * bound for name, bound in model.gradients(kept, truth[1]).items()}
+
+    def tolerance(name, ours32, exact, bound):
+        return max(floor(case, name), 2 * relative_error(ours32.nan_to_num(), exact.nan_to_num()), bound)
+
+    problems, ratios = [], []
+    value_dtype = torch.float64 if case.dtype == "float64" else torch.float32
+    ratios.append(compare("value", ours[0], truth[0], value_dtype, tolerance("value", fp32[0], truth[0], value_bound),
+                          problems))
+    for name, expected in truth[1].items():
+        tol = tolerance(name, fp32[1][name], expected, grad_bounds[name])
+        grad_dtype = DTYPES[case.dtype if name == "x" else case.a_dtype]
+        ratios.append(compare(f"grad_{name}", ours[1].get(name), expected, grad_dtype, tol, problems,
+                              via=DTYPES[case.dtype]))
+    return Result(case, backend.name, problems, max(ratios), model.e[-1].item() >= 1, time.perf_counter() - start)
+
+
+# ----------------------------------------------------------------------------- the driver
+
+
+def case_for(case: Case, backend: Backend) -> Case | None:
+    """The case as ``backend`` runs it (shrunk to its budget, dtype it takes), or None."""
+    if case.dtype not in backend.dtypes:
+        if case.dtype != "float64":
+            return None
+        case = dataclasses.replace(case, dtype="float32", a_dtype="float32")
+    return shrink(case, backend.budget)
+
+
+def _print(line):
+    print(line, flush=True)
+
+
+def fuzz(backends, seed, examples=None, minutes=None, out=_print, features=None):
+    """Runs cases until ``examples`` or ``minutes`` are done; returns the failed Results."""
+    start = time.perf_counter()
+    features = api_features() if features is None else features
+    failures, ready = [], []
+    for backend in backends:
+        try:
+            backend.prepare()
+            ready.append(backend)
+        except Exception as error:  # noqa: BLE001 - reported once, as the failure it is
+            failures.append(Result(None, backend.name, [f"set-up failed: {error}"], math.inf, False, 0.0))
+            out(f"FAIL {backend.name}: set-up failed, not run: {type(error).__name__}: {error}")
+    backends = ready
+    stats = {b.name: dict(cases=0, unchecked=0, seconds=0.0, worst=0.0) for b in backends}
+    index, last_status = 0, time.perf_counter()
+    while (examples is None or index < examples) and (minutes is None or time.perf_counter() - start < 60 * minutes):
+        drawn = draw_case(random.Random(f"{seed}:{index}"), features)
+        for backend in backends:
+            case = case_for(drawn, backend)
+            if case is None:
+                continue
+            result = run_case(case, backend)
+            s = stats[backend.name]
+            s["cases"] += 1
+            s["unchecked"] += result.unchecked
+            s["seconds"] += result.seconds
+            if result.problems:
+                failures.append(result)
+                out(f"FAIL {backend.name} [{'; '.join(result.problems)}]  reproduce: {result.reproducer()}")
+            else:
+                s["worst"] = max(s["worst"], result.ratio)
+        index += 1
+        if minutes is not None and time.perf_counter() - last_status > 60:  # a soak run says it is alive
+            last_status = time.perf_counter()
+            out(f"... {index} examples, {len(failures)} failures, {(last_status - start) / 60:.0f} of {minutes:g} min")
+    out(f"{index} examples, seed {seed}, {time.perf_counter() - start:.0f} s:")
+    for name, s in stats.items():
+        out(f"  {name:14s} {s['cases']:5d} cases, {s['seconds']:6.1f} s, largest passing error / tolerance "
+            f"{s['worst']:.2f}, too large to check (delta >= 1: non-finite entries only) {s['unchecked']}")
+    out(f"{len(failures)} failures")
+    return failures
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--examples", type=int, default=100, help="cases to draw (each runs on every backend)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--soak", type=float, metavar="MINUTES", help="draw cases until MINUTES have passed")
+    p.add_argument("--backends", default=",".join(DEFAULT_BACKENDS),
+                   help=f"comma-separated, of: cpu, triton, cuda, cuda-emulated, reference "
+                        f"(default: those of {', '.join(DEFAULT_BACKENDS)} this machine can run)")
+    p.add_argument("--case", help="replay one case (JSON, as a failure prints it)")
+    p.add_argument("--budget-scale", type=float, default=1.0, help="multiply every backend's size budget")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    # NaN and Inf inputs are part of the cases: numpy's warnings about them (Triton's interpreter) are noise.
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"triton\.")
+    # The Triton kernels run on CPU tensors under the interpreter, chosen at the first import of
+    # sigreg_kernels.triton_op: set it before anything imports it (without a GPU).
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    table = backend_table()
+    names = [n.strip() for n in args.backends.split(",") if n.strip()]
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise SystemExit(f"unknown backend(s) {unknown}: choose from {sorted(table)}")
+    explicit = args.backends != ",".join(DEFAULT_BACKENDS)
+    missing = [n for n in names if table[n] is None]
+    if missing and explicit:
+        raise SystemExit(f"backend(s) {missing} cannot run on this machine")
+    backends = [table[n] for n in names if table[n] is not None]
+    for b in backends:
+        b.budget *= args.budget_scale
+    if args.case:
+        case = Case.from_json(args.case)
+        failed = False
+        for backend in backends:
+            result = run_case(case, backend)
+            print(f"{backend.name}: {'; '.join(result.problems) or 'ok'} (error / tolerance {result.ratio:.2f})")
+            failed |= bool(result.problems)
+        return int(failed)
+    failures = fuzz(backends, args.seed, examples=None if args.soak else args.examples, minutes=args.soak)
+    return int(bool(failures))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
