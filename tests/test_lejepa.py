@@ -8,13 +8,13 @@ test's directions ``randn(D, K)`` from a generator seeded with the step, unit
 columns, ``stats[stats < clip_value] = 0``, then the reduction.
 """
 
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers import assert_relative_close, random_case
+from test_distributed import SAMPLES, SLICES, WORLD, free_port, make_problem
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sigreg_kernels
@@ -408,18 +408,7 @@ def test_bad_inputs():
 
 # ----------------------------------------------------------------------------- torch.distributed
 
-WORLD = 2
-VIEWS, SAMPLES, FEATURES, EMBED, SLICES = 3, 24, 10, 7, 33
 VARIANTS = ("fused", "fallback", "univariate")
-
-
-def make_problem():
-    generator = torch.Generator().manual_seed(0)
-    model = torch.nn.Linear(FEATURES, EMBED)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator))
-    return model, torch.randn(VIEWS, SAMPLES, FEATURES, generator=generator)
 
 
 def make_loss(variant):
@@ -457,12 +446,6 @@ def worker(rank, port, results_path):
             results[variant + "_step"] = loss_fn.global_step.item()
     torch.save(results, f"{results_path}.{rank}")
     dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_match_one_process_on_the_global_batch(tmp_path):
