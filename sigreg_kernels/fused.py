@@ -59,7 +59,9 @@ class _FusedSigreg(torch.autograd.Function):
     def forward(ctx, x, directions, backend, knots, t_max, reduction, clip_value):
         kernels = backend_kernels(backend)
         samples = x.shape[1]
-        if directions is not None and projection_first(x):
+        # Decided once per call: the backward takes the same route even if the precision changes meanwhile.
+        ctx.projection_first = directions is not None and projection_first(x)
+        if ctx.projection_first:
             partials = kernels.ecf_partials(torch.matmul(x, directions), None, knots, t_max)
         else:
             partials = kernels.ecf_partials(x, directions, knots, t_max)
@@ -86,7 +88,7 @@ class _FusedSigreg(torch.autograd.Function):
         scale = scale.expand(batch, slices) if ctx.reduction != "none" else scale
         if directions is None:
             return kernels.slice_gradient(coef, scale, x, None, knots, t_max), None, None, None, None, None, None
-        if projection_first(x):
+        if ctx.projection_first:
             g = torch.matmul(x, directions)
             kernels.slice_gradient_(g, coef, scale, knots, t_max)
         else:
