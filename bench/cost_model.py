@@ -2,8 +2,8 @@
 
     python bench/cost_model.py --gpu H200 --csv FILE [--check] [--measured BENCH_CSV]
 
-For every kernel each pass runs (fused.py's routes: bf16 -> ecf_partials, statistic,
-the loss's mean | slice_gradient, G@A^T; fp32 at "highest" precision -> the SGEMM
+For every kernel each pass runs (fused.py's routes: bf16 -> ecf_partials, statistic
+(which also reduces the loss) | slice_gradient, G@A^T; fp32 at "highest" precision -> the SGEMM
 projection first and the kernels on it, projected=True) at every benchmark shape
 (N in 1024/4096/16384, D in 64/512/2048, K in 256/1024/4096, batch 1 and 8, bf16 and
 fp32), one CSV row. The bench's directions need no gradient, so x^T@G is left out
@@ -28,7 +28,7 @@ Time of one of the backend's kernels:
              per row tile (B N K D / BLOCK_N x size; once per block where the plan keeps it resident)
 Library ops (cuBLAS, torch): max(flops / (peak x 0.70; SGEMM 0.75 of the FP32 peak),
 bytes / achievable bandwidth) + launch; no wave quantization (split-K / stream-K).
-Launch: 2 us per kernel.
+Launch: 2 us per kernel; the statistic kernel's loss adds a 1 us tail (the last block).
 
 Floor of a pass, the sum over its kernels of max(arithmetic, compulsory bytes): the
 arithmetic is the matrix products at the datasheet peak (bf16: tensor cores; fp32

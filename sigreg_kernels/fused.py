@@ -3,7 +3,7 @@
 A backend (``cuda``, ``triton``) provides the kernels of ``primitives.py``; this file
 strings them together. Per call, without torch.distributed:
 
-    forward   ecf_partials -> statistic -> mean/sum           (2 device ops, 3 with a reduction)
+    forward   ecf_partials -> statistic                       (2 device ops)
     backward  slice_gradient -> G @ Aᵀ -> xᵀ @ G              (3 device ops)
 
 Why this split: the sums over the samples need a grid over (slice tiles × row
@@ -13,10 +13,12 @@ tensor-core instructions, tuned tiles), at the price of one transient ``N×K``
 tensor ``G`` in the input dtype (SPEC §3). The statistic kernel folds the
 reduction's factor, ``clip_value`` and the distributed scaling into ``coef`` =
 d loss / d sums, so the backward starts from the loss's gradient as a ``[B, K]``
-view, with no elementwise op of its own.
+view, with no elementwise op of its own. It also reduces the statistics to the
+loss (mean or sum) in the same launch, a deterministic cross-block sum whose
+arrival counter ``ecf_partials`` zeroes (primitives.py), so no reduction op follows.
 
 float32 at "highest" precision (no TF32, like torch.matmul): the projection is
-an SGEMM first (one more op per pass), then the kernels read it
+an SGEMM first (one more op per pass: 3 in the forward, 4 in the backward), then the kernels read it
 (``directions=None``); in the backward ``G`` overwrites that projection in place,
 so the backward still holds one ``N×K`` tensor.
 """
@@ -61,22 +63,21 @@ class _FusedSigreg(torch.autograd.Function):
         samples = x.shape[1]
         # Decided once per call: the backward takes the same route even if the precision changes meanwhile.
         ctx.projection_first = directions is not None and projection_first(x)
+        # The statistic kernel's arrival counter: an allocation (no launch) that ecf_partials zeroes.
+        arrivals = torch.empty(1, dtype=torch.int32, device=x.device)
         if ctx.projection_first:
-            partials = kernels.ecf_partials(torch.matmul(x, directions), None, knots, t_max)
+            partials = kernels.ecf_partials(torch.matmul(x, directions), None, knots, t_max, arrivals)
         else:
-            partials = kernels.ecf_partials(x, directions, knots, t_max)
+            partials = kernels.ecf_partials(x, directions, knots, t_max, arrivals)
         grad_factor = 1.0
         if is_distributed():
             # The statistic is that of the global batch (SPEC §2): one all-reduce of the sums.
             partials, samples, grad_factor = all_reduce_sums_and_count(partials.sum(dim=1, keepdim=True), samples)
-        stat, coef = kernels.statistic(partials, samples, knots, t_max, reduction, clip_value, grad_factor)
+        stat, coef, loss = kernels.statistic(partials, samples, knots, t_max, reduction, clip_value, grad_factor,
+                                             arrivals)
         ctx.save_for_backward(x, directions, coef)
         ctx.kernels, ctx.knots, ctx.t_max, ctx.reduction = kernels, knots, t_max, reduction
-        if reduction == "mean":
-            return stat.mean()
-        if reduction == "sum":
-            return stat.sum()
-        return stat
+        return stat if reduction == "none" else loss
 
     @staticmethod
     def backward(ctx, grad_loss):

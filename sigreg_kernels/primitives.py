@@ -10,7 +10,7 @@ Shapes: ``x`` is ``[B, N, D]``; ``directions`` is ``[D, K]``, or ``None`` for th
 univariate test of ``x``'s own columns (``P = x``, ``K = D``). ``T`` = ``knots``,
 ``t_j = j * t_max / (T - 1)``.
 
-1. ``ecf_partials(x, directions, knots, t_max) -> partials [B, S, 2, K, T]`` (float32):
+1. ``ecf_partials(x, directions, knots, t_max, arrivals=None) -> partials [B, S, 2, K, T]`` (float32):
    the ECF sums over the rows of each of ``S`` row splits,
    ``partials[b, s, 0, k, j] = sum_{n in split s} cos(t_j P[b, n, k])`` and ``[.., 1, ..]``
    the same with sin, ``P = x_b @ directions`` (16-bit inputs: exact products,
@@ -19,10 +19,13 @@ univariate test of ``x``'s own columns (``P = x``, ``K = D``). ``T`` = ``knots``
    ``[s * R, min((s + 1) * R, N))``; ``S`` and ``R`` are the backend's choice, a
    function of the shapes (and the device) only, so reruns sum in the same order.
    Knot 0 is ``sum cos(0 * p)``: ``N`` for finite ``p``, NaN where ``p`` is NaN or
-   infinite, as the reference computes it.
+   infinite, as the reference computes it. ``arrivals``: None, or an int32 tensor of
+   one element that the kernel sets to 0 (one store): the statistic kernel's arrival
+   counter, zeroed by this kernel because it always runs first, so that the
+   statistic's reduction needs no memset launch of its own.
 
-2. ``statistic(partials, samples, knots, t_max, reduction, clip_value, grad_factor)
-   -> (stat [B, K], coef [B, 2, K, T])`` (float32): with ``sums = partials.sum(1)``
+2. ``statistic(partials, samples, knots, t_max, reduction, clip_value, grad_factor, arrivals=None)
+   -> (stat [B, K], coef [B, 2, K, T], loss [])`` (float32): with ``sums = partials.sum(1)``
    (a fixed order over splits), ``C = sums[:, 0] / samples``, ``S = sums[:, 1] / samples``:
    ``stat_k = samples * sum_j w_j ((C_kj - phi_j)^2 + S_kj^2)``, set to 0 where
    ``stat_k < clip_value`` (``clip_value`` None: no clipping; a NaN statistic stays NaN). ``coef`` is the
@@ -32,6 +35,14 @@ univariate test of ``x``'s own columns (``P = x``, ``K = D``). ``T`` = ``knots``
    ``f = grad_factor`` for ``"sum"`` and ``"none"``. (The loss's gradient
    reaches the kernels as a ``[B, K]`` scale, an expanded view for a scalar loss,
    so the backward starts with no elementwise op of its own.)
+   ``loss = l * sum_{b,k} stat[b, k]`` over the returned (clipped, float32) statistics,
+   summed in float64 in an order fixed by the shapes and rounded once, with
+   ``l = 1 / (B * K)`` for ``"mean"`` and 1 for ``"sum"`` and ``"none"``: the reduced
+   loss in the same launch (the block that arrives last sums the blocks' partial sums
+   in block order; one integer atomic, no float atomics). ``arrivals`` is the counter
+   ``ecf_partials`` zeroed (int32, one element, holding 0); the kernel leaves it at 0
+   again. None: the op zeroes a counter of its own (one device op more; the fused
+   path always passes one).
 
 3. ``slice_gradient(coef, scale, x, directions, knots, t_max) -> G [B, N, K]`` in x's dtype:
    ``G[b, n, k] = scale[b, k] * sum_{j>=1} t_j (coef[b, 1, k, j] cos(t_j P) - coef[b, 0, k, j] sin(t_j P))``,
@@ -64,7 +75,9 @@ def projection(x, directions):
     return x.to(acc) @ directions.to(acc)  # products of 16-bit values are exact in float32
 
 
-def ecf_partials(x, directions, knots: int, t_max: float):
+def ecf_partials(x, directions, knots: int, t_max: float, arrivals=None):
+    if arrivals is not None:
+        arrivals.zero_()
     t, _, _ = quadrature(knots, t_max, dtype=accumulation_dtype(x.dtype), device=x.device)
     angles = projection(x, directions).unsqueeze(-1) * t  # [B, N, K, T]
     sums = torch.stack((angles.cos().sum(dim=1), angles.sin().sum(dim=1)), dim=1)  # [B, 2, K, T]
@@ -78,7 +91,15 @@ def loss_factor(reduction: str, batch: int, slices: int, grad_factor: float) -> 
     return grad_factor / (batch * slices) if reduction == "mean" else grad_factor
 
 
-def statistic(partials, samples: int, knots: int, t_max: float, reduction: str, clip_value, grad_factor: float):
+def loss_scale(reduction: str, batch: int, slices: int) -> float:
+    """The factor that turns the sum of the statistics into the reduced loss (NaN: the mean of nothing)."""
+    if reduction != "mean":
+        return 1.0
+    return 1.0 / (batch * slices) if batch * slices > 0 else float("nan")
+
+
+def statistic(partials, samples: int, knots: int, t_max: float, reduction: str, clip_value, grad_factor: float,
+              arrivals=None):
     _, phi, w = quadrature(knots, t_max, dtype=partials.dtype, device=partials.device)
     sums = partials.sum(dim=1)
     ecf_cos, ecf_sin = sums[:, 0] / samples, sums[:, 1] / samples  # [B, K, T]
@@ -89,7 +110,8 @@ def statistic(partials, samples: int, knots: int, t_max: float, reduction: str, 
         kept = ~(stat < clip_value)  # as stats[stats < clip_value] = 0: a NaN statistic stays NaN
         stat = torch.where(kept, stat, 0.0)
         coef = coef * kept[:, None, :, None]
-    return stat, coef
+    loss = stat.to(torch.float64).sum() * loss_scale(reduction, stat.shape[0], stat.shape[1])
+    return stat, coef, loss.to(stat.dtype)
 
 
 def slice_gradient(coef, scale, x, directions, knots: int, t_max: float):

@@ -47,7 +47,9 @@ Offsets into x, P and G are int64 (a D-major x puts d * stride past 2^31 once N 
 does); batch indices are int64; offsets inside [D, K] directions, partials and
 coefficient blocks stay int32. Grid axis 2 carries the batch (65535 cap: the launcher
 splits larger batches into several launches, each told its first index).
-Determinism: no atomics; every sum has a fixed order set by the plan's tiles.
+Determinism: no float atomics; every sum has a fixed order set by the plan's tiles.
+The one atomic is the statistic kernel's integer arrival ticket: it picks which
+program sums the others' partial losses, not the order of that sum.
 The layouts the fast paths rely on (which bits of a tile live in a thread) only decide
 speed: every reshape/split/reduce here is correct for any layout the compiler picks,
 and the interpreter runs the same operations on numpy.
@@ -335,8 +337,17 @@ def _store_partials(out, stride_oc, acc_c, acc_s, knot, k_valid, nan0, rows, KNO
 
 
 @triton.jit
+def _zero_arrivals(arrivals_ptr, ZERO_ARRIVALS: tl.constexpr):
+    """The statistic kernel's arrival counter, zeroed by the kernel that always runs
+    before it (one store) instead of by a memset launch of its own."""
+    if ZERO_ARRIVALS:
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0) & (tl.program_id(2) == 0):
+            tl.store(arrivals_ptr, 0)
+
+
+@triton.jit
 def ecf_partials_kernel(
-    x_ptr, a_ptr, out_ptr,
+    x_ptr, a_ptr, out_ptr, arrivals_ptr,
     N, D, K, rows_per_split, knot_chunks, batch_start,
     stride_xb, stride_xn, stride_xd,
     stride_ad, stride_ak,
@@ -345,15 +356,17 @@ def ecf_partials_kernel(
     KNOTS: tl.constexpr, KC: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     WARPS_N: tl.constexpr, RESIDENT: tl.constexpr,
-    PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, ZERO_ARRIVALS: tl.constexpr,
 ):
     """partials[b, split, 0|1, k, j] = sum of cos|sin(t_j p_nk) over the rows of one split.
 
     Grid: (K blocks x knot chunks, splits, batch indices from batch_start). A program
     owns slices rk and knots [1 + q KC, 1 + (q + 1) KC) (and knot 0 for q = 0) for the
     rows [split * rows_per_split, +rows_per_split) of batch b. The partials' knot axis
-    is contiguous (stride 1).
+    is contiguous (stride 1). ZERO_ARRIVALS: program (0, 0, 0) also sets the statistic
+    kernel's arrival counter to 0.
     """
+    _zero_arrivals(arrivals_ptr, ZERO_ARRIVALS)
     pid_k = tl.program_id(0) // knot_chunks
     chunk = tl.program_id(0) % knot_chunks
     split = tl.program_id(1)
@@ -420,19 +433,20 @@ def _rows_tile(n0, row_end, rk0, K, stride_n, stride_k, BLOCK_N: tl.constexpr, B
 
 @triton.jit(do_not_specialize=["stride_pk"])
 def ecf_partials_projected_kernel(
-    p_ptr, out_ptr,
+    p_ptr, out_ptr, arrivals_ptr,
     N, K, rows_per_split, knot_chunks, batch_start,
     stride_pb, stride_pn, stride_pk,
     stride_ob, stride_os, stride_oc, stride_ok,
     delta,
     KNOTS: tl.constexpr, KC: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, ZERO_ARRIVALS: tl.constexpr,
 ):
     """ecf_partials_kernel on a given projection P [B, N, K] (directions=None).
 
     Tiles are [BLOCK_N, BLOCK_K] with lanes and warps along K (_rows_tile): every thread
     owns whole columns, and all sums over samples stay in the thread.
     """
+    _zero_arrivals(arrivals_ptr, ZERO_ARRIVALS)
     pid_k = tl.program_id(0) // knot_chunks
     chunk = tl.program_id(0) % knot_chunks
     split = tl.program_id(1)
@@ -471,19 +485,24 @@ def ecf_partials_projected_kernel(
 
 @triton.jit
 def statistic_kernel(
-    partials_ptr, stat_ptr, coef_ptr,
-    S, K, k_blocks,
+    partials_ptr, stat_ptr, coef_ptr, block_sums_ptr, loss_ptr, arrivals_ptr,
+    S, K, k_blocks, programs, loss_divisor,
     stride_pb, stride_ps, stride_pc, stride_pk,
     stride_sb, stride_sk,
     stride_cb, stride_cc, stride_ck,
     samples, delta, factor, clip_value,
     KNOTS: tl.constexpr, KNOTS_PAD: tl.constexpr, HAS_CLIP: tl.constexpr, BLOCK_K: tl.constexpr,
+    SUM_BLOCK: tl.constexpr,
 ):
-    """stat [B, K] and coef [B, 2, K, T] (knot axes contiguous) from partials [B, S, 2, K, T].
+    """stat [B, K], coef [B, 2, K, T] (knot axes contiguous) and the loss from partials [B, S, 2, K, T].
 
-    Grid: (B * k_blocks,), one program per (batch index, slice block): the sum over
-    splits runs in split order; the quadrature is built in float64, then rounded, as
-    quadrature.py builds it.
+    Grid: (B * k_blocks,) = ``programs``, one program per (batch index, slice block): the
+    sum over splits runs in split order; the quadrature is built in float64, then
+    rounded, as quadrature.py builds it. The loss (sum of all stat / loss_divisor) in
+    the same launch, deterministically: each program stores the float64 sum of its
+    statistics in block_sums[pid] and takes a ticket from the arrival counter (which
+    ecf_partials zeroed); the program that arrives last sums block_sums in program
+    order, whatever the arrival order, writes the loss and resets the counter to 0.
     """
     pid = tl.program_id(0)
     b = (pid // k_blocks).to(tl.int64)
@@ -521,6 +540,19 @@ def statistic_kernel(
     out = coef_ptr + b * stride_cb + rk[:, None] * stride_ck + j[None, :]
     tl.store(out, coef_c, mask=mask)
     tl.store(out + stride_cc, coef_s, mask=mask)
+
+    tl.store(block_sums_ptr + pid, _sum(tl.where(rk < K, stat, 0.0).to(tl.float64), 0))
+    # The barrier orders every thread's store before the release of the ticket (which one
+    # thread takes); acq_rel makes the other programs' sums visible to the last one.
+    tl.debug_barrier()
+    ticket = tl.atomic_add(arrivals_ptr, 1, sem="acq_rel", scope="gpu")
+    if ticket == programs - 1:
+        total = tl.full([SUM_BLOCK], 0.0, tl.float64)
+        for start in range(0, programs, SUM_BLOCK):  # from L2 (.cg): L1 may hold stale lines
+            i = start + tl.arange(0, SUM_BLOCK)
+            total += tl.load(block_sums_ptr + i, mask=i < programs, other=0.0, cache_modifier=".cg")
+        tl.store(loss_ptr, (_sum(total, 0) / loss_divisor).to(tl.float32))
+        tl.store(arrivals_ptr, 0)  # as it was found: the next statistic may reuse it
 
 
 @triton.jit

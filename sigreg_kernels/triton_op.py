@@ -1,8 +1,10 @@
 """The Triton backend's four ops: launch by ``triton_plan.py``, registration with torch.
 
-    sigreg::triton_ecf_partials(Tensor x, Tensor? directions, int knots, float t_max) -> Tensor
+    sigreg::triton_ecf_partials(Tensor x, Tensor? directions, int knots, float t_max,
+                                Tensor(a!)? arrivals=None) -> Tensor
     sigreg::triton_statistic(Tensor partials, int samples, int knots, float t_max, str reduction,
-                             float? clip_value, float grad_factor) -> (Tensor, Tensor)
+                             float? clip_value, float grad_factor, Tensor? arrivals=None)
+                             -> (Tensor, Tensor, Tensor)
     sigreg::triton_slice_gradient(Tensor coef, Tensor scale, Tensor x, Tensor? directions,
                                   int knots, float t_max) -> Tensor
     sigreg::triton_slice_gradient_(Tensor(a!) projection, Tensor coef, Tensor scale,
@@ -10,7 +12,8 @@
 
 Semantics: exactly ``primitives.py``'s functions of the same names, each one kernel
 launch (several only past the 65535 grid cap on huge batches) and no other device work
-(outputs are allocated with torch.empty). No autograd here: ``fused.py`` does it and
+(outputs are allocated with torch.empty; ``statistic`` without ``arrivals`` zeroes a
+counter of its own). No autograd here: ``fused.py`` does it and
 calls the four plain functions ``ecf_partials``, ``statistic``, ``slice_gradient``,
 ``slice_gradient_`` below. The kernels are in ``triton_kernels.py``.
 
@@ -158,6 +161,13 @@ def _check_projection_inputs(x: torch.Tensor, directions: Optional[torch.Tensor]
     _check_device(x)
 
 
+def _check_arrivals(arrivals: Optional[torch.Tensor], device: torch.device) -> None:
+    if arrivals is not None and (arrivals.dtype != torch.int32 or arrivals.numel() != 1
+                                 or arrivals.device != device):
+        raise ValueError(f"arrivals must be an int32 tensor of one element on {device}, got {arrivals.dtype} "
+                         f"{tuple(arrivals.shape)} on {arrivals.device}")
+
+
 def _check_coefficients(coef: torch.Tensor, scale: torch.Tensor, batch: int, slices: int, knots: int) -> None:
     if coef.dtype != torch.float32 or tuple(coef.shape) != (batch, 2, slices, knots):
         raise ValueError(f"coef must be float32 [{batch}, 2, {slices}, {knots}], got {coef.dtype} "
@@ -208,34 +218,37 @@ def _ecf_plan(x: torch.Tensor, directions: Optional[torch.Tensor], knots: int):
 # Launch arguments: (grid, positional args, keyword args incl. num_warps/num_stages), one
 # function per kernel, used by the launchers and by the tests that compile each plan's
 # kernels for sm_90 (with meta tensors).
-def ecf_partials_args(x, directions, partials, kernel_plan, knots: int, t_max: float, start: int, count: int):
+def ecf_partials_args(x, directions, partials, kernel_plan, knots: int, t_max: float, start: int, count: int,
+                      arrivals=None):
     batch, samples, dim = x.shape
     slices = partials.shape[3]
     tile = kernel_plan.tile
     grid = (kernel_plan.grid[0], kernel_plan.splits, count)
     common = (kernel_plan.rows_per_split, plan.knot_chunks(knots), start)
     meta = {"KNOTS": knots, "KC": tile["KC"], "BLOCK_K": tile["BLOCK_K"], "BLOCK_N": tile["BLOCK_N"],
-            "num_warps": tile["num_warps"], "num_stages": tile["num_stages"]}
+            "ZERO_ARRIVALS": arrivals is not None, "num_warps": tile["num_warps"], "num_stages": tile["num_stages"]}
+    arrivals = partials if arrivals is None else arrivals  # a pointer the kernel then never touches
     if directions is None:
-        args = (x, partials, samples, slices, *common, *x.stride(), *partials.stride()[:4],
+        args = (x, partials, arrivals, samples, slices, *common, *x.stride(), *partials.stride()[:4],
                 knot_spacing(knots, t_max))
     else:
-        args = (x, directions, partials, samples, dim, slices, *common, *x.stride(), *directions.stride(),
+        args = (x, directions, partials, arrivals, samples, dim, slices, *common, *x.stride(), *directions.stride(),
                 *partials.stride()[:4], knot_spacing(knots, t_max))
         meta.update(BLOCK_D=tile["BLOCK_D"], WARPS_N=tile["WARPS_N"], RESIDENT=tile["RESIDENT"],
                     PRECISION=dot_precision(x.dtype), DOT_UPCAST=INTERPRET)
     return grid, args, meta
 
 
-def statistic_args(partials, stat, coef, kernel_plan, samples: int, knots: int, t_max: float, factor: float,
-                   clip_value: Optional[float]):
+def statistic_args(partials, stat, coef, block_sums, loss, arrivals, kernel_plan, samples: int, knots: int,
+                   t_max: float, factor: float, clip_value: Optional[float], loss_divisor: int):
     _, splits, _, slices, _ = partials.shape
     tile = kernel_plan.tile
-    args = (partials, stat, coef, splits, slices, triton.cdiv(slices, tile["BLOCK_K"]),
-            *partials.stride()[:4], *stat.stride(), *coef.stride()[:3],
+    args = (partials, stat, coef, block_sums, loss, arrivals, splits, slices, triton.cdiv(slices, tile["BLOCK_K"]),
+            kernel_plan.grid[0], loss_divisor, *partials.stride()[:4], *stat.stride(), *coef.stride()[:3],
             float(samples), knot_spacing(knots, t_max), factor, 0.0 if clip_value is None else float(clip_value))
     meta = {"KNOTS": knots, "KNOTS_PAD": tile["KNOTS_PAD"], "HAS_CLIP": clip_value is not None,
-            "BLOCK_K": tile["BLOCK_K"], "num_warps": tile["num_warps"], "num_stages": tile["num_stages"]}
+            "BLOCK_K": tile["BLOCK_K"], "SUM_BLOCK": tile["SUM_BLOCK"], "num_warps": tile["num_warps"],
+            "num_stages": tile["num_stages"]}
     return kernel_plan.grid, args, meta
 
 
@@ -260,18 +273,20 @@ def slice_gradient_args(coef, scale, x, directions, out, kernel_plan, knots: int
     return grid, args, meta
 
 
-@_register("sigreg::triton_ecf_partials")
-def triton_ecf_partials(x: torch.Tensor, directions: Optional[torch.Tensor], knots: int,
-                        t_max: float) -> torch.Tensor:
-    """``partials [B, S, 2, K, knots]`` (float32): primitives.ecf_partials."""
+@_register("sigreg::triton_ecf_partials", mutates_args=("arrivals",))
+def triton_ecf_partials(x: torch.Tensor, directions: Optional[torch.Tensor], knots: int, t_max: float,
+                        arrivals: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``partials [B, S, 2, K, knots]`` (float32), and ``arrivals`` set to 0: primitives.ecf_partials."""
     _check_projection_inputs(x, directions)
+    _check_arrivals(arrivals, x.device)
     batch, _, dim = x.shape
     slices = dim if directions is None else directions.shape[1]
     kernel_plan = _ecf_plan(x, directions, knots)
     partials = x.new_empty((batch, kernel_plan.splits, 2, slices, knots), dtype=torch.float32)
     with _device_guard(x):
         for start, count in _batch_chunks(batch):
-            grid, args, meta = ecf_partials_args(x, directions, partials, kernel_plan, knots, t_max, start, count)
+            grid, args, meta = ecf_partials_args(x, directions, partials, kernel_plan, knots, t_max, start, count,
+                                                 arrivals)
             _counted("triton_ecf_partials")
             if directions is None:
                 wrap_triton(ecf_partials_projected_kernel)[grid](*args, **meta)
@@ -280,26 +295,37 @@ def triton_ecf_partials(x: torch.Tensor, directions: Optional[torch.Tensor], kno
     return partials
 
 
+# arrivals is written, but left as it was found (0): not declared as mutated.
 @_register("sigreg::triton_statistic")
 def triton_statistic(partials: torch.Tensor, samples: int, knots: int, t_max: float, reduction: str,
-                     clip_value: Optional[float], grad_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(stat [B, K], coef [B, 2, K, knots])`` (float32): primitives.statistic."""
+                     clip_value: Optional[float], grad_factor: float,
+                     arrivals: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(stat [B, K], coef [B, 2, K, knots], loss [])`` (float32): primitives.statistic."""
     if partials.dtype != torch.float32 or partials.dim() != 5 or partials.shape[2] != 2 or partials.shape[4] != knots:
         raise ValueError(f"partials must be float32 [B, S, 2, K, {knots}], got {partials.dtype} "
                          f"{tuple(partials.shape)}")
     if partials.stride(4) != 1:
         raise ValueError("partials must have a contiguous knot axis")
     _check_device(partials)
+    _check_arrivals(arrivals, partials.device)
     batch, splits, _, slices, _ = partials.shape
     factor = loss_factor(reduction, batch, slices, grad_factor)
     kernel_plan = plan.plan_statistic(*_ints(batch, splits, slices), knots, num_sms(partials.device))
     stat = partials.new_empty((batch, slices))
     coef = partials.new_empty((batch, 2, slices, knots))
-    grid, args, meta = statistic_args(partials, stat, coef, kernel_plan, samples, knots, t_max, factor, clip_value)
+    loss = partials.new_empty(())
+    block_sums = partials.new_empty((kernel_plan.grid[0],), dtype=torch.float64)  # one partial loss per program
+    if arrivals is None:
+        arrivals = torch.zeros(1, dtype=torch.int32, device=partials.device)
+    loss_divisor = batch * slices if reduction == "mean" else 1
+    grid, args, meta = statistic_args(partials, stat, coef, block_sums, loss, arrivals, kernel_plan, samples, knots,
+                                      t_max, factor, clip_value, loss_divisor)
+    if grid[0] == 0:  # nothing to launch: the loss of no statistics
+        return stat, coef, loss.fill_(float("nan") if reduction == "mean" else 0.0)
     with _device_guard(partials):
         _counted("triton_statistic")
         wrap_triton(statistic_kernel)[grid](*args, **meta)
-    return stat, coef
+    return stat, coef, loss
 
 
 def _slice_gradient_plan(x: torch.Tensor, directions: Optional[torch.Tensor], knots: int):
@@ -350,16 +376,17 @@ def triton_slice_gradient_(projection: torch.Tensor, coef: torch.Tensor, scale: 
 
 if REGISTRATION == "custom_op":  # triton_op traces the launchers as their fake kernels
     @triton_ecf_partials.register_fake
-    def _(x, directions, knots, t_max):
+    def _(x, directions, knots, t_max, arrivals=None):
         batch, _, dim = x.shape
         slices = dim if directions is None else directions.shape[1]
         splits = _ecf_plan(x, directions, knots).splits
         return x.new_empty((batch, splits, 2, slices, knots), dtype=torch.float32)
 
     @triton_statistic.register_fake
-    def _(partials, samples, knots, t_max, reduction, clip_value, grad_factor):
+    def _(partials, samples, knots, t_max, reduction, clip_value, grad_factor, arrivals=None):
         batch, _, _, slices, _ = partials.shape
-        return partials.new_empty((batch, slices)), partials.new_empty((batch, 2, slices, knots))
+        stat, coef = partials.new_empty((batch, slices)), partials.new_empty((batch, 2, slices, knots))
+        return stat, coef, partials.new_empty(())
 
     @triton_slice_gradient.register_fake
     def _(coef, scale, x, directions, knots, t_max):

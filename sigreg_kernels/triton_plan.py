@@ -39,6 +39,7 @@ MIN_WAVES = 2                  # the criterion
 MAX_WAVES = 4                  # splits / row groups: between MIN_WAVES and MAX_WAVES, whole waves
 KNOT_CHUNK = 16                # knots per unrolled chunk (registers: 2 slices x 2 x 16 per thread)
 STAT_BLOCK_K = 32              # statistic kernel: slices per program
+STAT_SUM_BLOCK = 128           # statistic kernel: programs' partial losses the last one loads at a time
 # The largest resident A^T tile: bf16 128 slices x 512 features (+ 3 x-tile stages: 176 KB).
 RESIDENT_BYTES = {"16": 128 * 1024, "tf32": 64 * 1024, "ieee": 64 * 1024}
 
@@ -288,7 +289,8 @@ def plan_ecf_partials(batch: int, samples: int, dim: int, slices: int, knots: in
 def plan_statistic(batch: int, splits: int, slices: int, knots: int, num_sms: int) -> KernelPlan:
     """One program per (batch index, 32 slices): tiny (B K T work), exempt from the waves criterion."""
     registers, shared = resources(STAT_CONFIG, "fp32", "-")
-    tile = {"BLOCK_K": STAT_BLOCK_K, "KNOTS_PAD": _next_power_of_2(knots), "num_warps": STAT_CONFIG.num_warps,
+    tile = {"BLOCK_K": STAT_BLOCK_K, "KNOTS_PAD": _next_power_of_2(knots), "SUM_BLOCK": STAT_SUM_BLOCK,
+            "num_warps": STAT_CONFIG.num_warps,
             "num_stages": STAT_CONFIG.num_stages, "config": STAT_CONFIG.name, "registers": registers,
             "shared": shared, "blocks_per_sm": blocks_per_sm(registers, shared, STAT_CONFIG.threads)}
     return KernelPlan(kernel="statistic_kernel", grid=(batch * _cdiv(slices, STAT_BLOCK_K), 1, 1),

@@ -25,6 +25,13 @@ def launches_nothing(func) -> bool:
     return bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
 
 
+def _device_keys(args, kwargs):
+    """The dispatch key of the device the op's first tensor argument is on."""
+    tensor = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+    key = torch._C.DispatchKey.CUDA if tensor.device.type == "cuda" else torch._C.DispatchKey.CPU
+    return torch._C.DispatchKeySet(key)
+
+
 class OpCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -38,8 +45,10 @@ class OpCounter(TorchDispatchMode):
         name = func._schema.name
         self.ops[name] += 1
         if name.startswith("sigreg::"):
+            # Straight to the op's device kernel (calling func again would come back here),
+            # with a second counter for what that kernel dispatches.
             with OpCounter() as inner:
-                out = func(*args, **kwargs)
+                out = func.redispatch(_device_keys(args, kwargs), *args, **kwargs)
             self.inside.setdefault(name, Counter()).update(inner.ops)
             return out
         return func(*args, **kwargs)

@@ -76,7 +76,7 @@ def _double(x, directions):
 def _coefficients(x, directions, knots, seed=1, scale_kind="full"):
     """A realistic coef (from the float64 statistic of x) and a scale of the given kind."""
     partials = primitives.ecf_partials(*_double(x, directions), knots, 3.0)
-    _, coef = primitives.statistic(partials, x.shape[1], knots, 3.0, "sum", None, 1.0)
+    _, coef, _ = primitives.statistic(partials, x.shape[1], knots, 3.0, "sum", None, 1.0)
     batch, slices = coef.shape[0], coef.shape[2]
     generator = torch.Generator().manual_seed(seed)
     if scale_kind == "stride0":  # the gradient of a scalar loss: an expanded view
@@ -129,10 +129,10 @@ def _check_all(device, batch_shape, samples, dim, slices, scale, knots, projecte
     assert torch.equal(rows.sum(1), torch.full_like(rows[:, 0], samples))
     assert torch.equal(partials[:, :, 1, :, 0], torch.zeros_like(rows))
 
-    stat, coef = op.statistic(partials, samples, knots, 3.0, "mean", None, 2.0)
-    expected_stat, expected_coef = primitives.statistic(partials.double(), samples, knots, 3.0, "mean", None, 2.0)
-    assert_relative_close("stat", stat, expected_stat, 1e-5)
-    assert_relative_close("coef", coef, expected_coef, 1e-5)
+    stat, coef, loss = op.statistic(partials, samples, knots, 3.0, "mean", None, 2.0)
+    expected = primitives.statistic(partials.double(), samples, knots, 3.0, "mean", None, 2.0)
+    for name, value, exact_value in zip(("stat", "coef", "loss"), (stat, coef, loss), expected):
+        assert_relative_close(name, value, exact_value, 1e-5)
 
     coef, scale_k = _coefficients(x, directions, knots)
     grad = op.slice_gradient(coef, scale_k, x, directions, knots, 3.0)
@@ -152,11 +152,16 @@ def test_statistic_matches(device, reduction, clip):
     partials = torch.cat(splits, dim=1).float()
     expected = primitives.statistic(partials.double(), 60, 17, 3.0, reduction, None, 1.5)
     clip_value = None if clip is None else expected[0].median().item()
-    expected_stat, expected_coef = primitives.statistic(partials.double(), 60, 17, 3.0, reduction, clip_value, 1.5)
-    stat, coef = op.statistic(partials, 60, 17, 3.0, reduction, clip_value, 1.5)
-    assert stat.shape == (3, 37) and coef.shape == (3, 2, 37, 17)
+    expected_stat, expected_coef, expected_loss = primitives.statistic(partials.double(), 60, 17, 3.0, reduction,
+                                                                       clip_value, 1.5)
+    stat, coef, loss = op.statistic(partials, 60, 17, 3.0, reduction, clip_value, 1.5)
+    assert stat.shape == (3, 37) and coef.shape == (3, 2, 37, 17) and loss.shape == ()
     assert_relative_close("stat", stat, expected_stat, 1e-5)
     assert_relative_close("coef", coef, expected_coef, 1e-5)
+    # The loss is the float64 mean or sum of the statistics the kernel returned, rounded once.
+    scale = 1 / stat.numel() if reduction == "mean" else 1.0
+    assert loss.item() == float(torch.tensor(stat.double().sum().item() * scale, dtype=torch.float32))
+    assert_relative_close("loss", loss, expected_loss, 1e-5)
     if clip_value is not None:
         clipped = expected_stat == 0
         assert clipped.any() and torch.equal(stat == 0, clipped)
@@ -209,8 +214,9 @@ def test_nan_and_inf_propagate(device):
         assert torch.equal(partials.sum(1).isnan(), expected.sum(1).isnan())
         finite = expected.sum(1).isfinite()
         assert torch.allclose(partials.sum(1)[finite], expected.sum(1)[finite], rtol=1e-5, atol=1e-4)
-        stat, coef = op.statistic(partials, 40, 5, 3.0, "none", 1e30, 1.0)
-        expected_stat, expected_coef = primitives.statistic(partials.double(), 40, 5, 3.0, "none", 1e30, 1.0)
+        stat, coef, loss = op.statistic(partials, 40, 5, 3.0, "none", 1e30, 1.0)
+        expected_stat, expected_coef, _ = primitives.statistic(partials.double(), 40, 5, 3.0, "none", 1e30, 1.0)
+        assert loss.isnan()
         assert torch.equal(stat.isnan(), expected_stat.isnan()) and stat[0].isnan().any() and (stat[2] == 0).all()
         assert torch.equal(coef.isnan(), expected_coef.isnan()) and (coef[2] == 0).all()
 
@@ -233,6 +239,37 @@ def test_one_launch_per_op(device):
         launched = op.LAUNCHES - before
         expected = {name: 1, "triton_ecf_partials": 1} if name == "triton_statistic" else {name: 1}
         assert dict(launched) == expected, (name, dict(launched))
+
+
+@pytest.mark.parametrize("dtype, precision", [("bf16", "highest"), ("fp32", "highest"), ("fp32", "high")])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fused_path_dispatches_few_ops(device, dtype, precision, reduction, monkeypatch):
+    """The whole op with this backend: at most 3 device ops forward, 4 backward, each op
+    of the backend one kernel launch with no device op of its own inside."""
+    from op_counter import OpCounter
+
+    from sigreg_kernels import fused
+    op = _import_op_module()
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: precision)
+    x, directions = _case((2,), 40, 8, 20, dtype=dtype, device=device)
+    inputs = [x.clone().requires_grad_(), directions.clone().requires_grad_()]
+    before = op.LAUNCHES.copy()
+    with OpCounter() as forward:
+        loss = fused.fused_sigreg("triton", *inputs, 17, 3.0, reduction, 0.01)
+    upstream = torch.ones_like(loss)
+    with OpCounter() as backward:
+        grads = torch.autograd.grad(loss, inputs, upstream)
+    assert forward.total <= 3 and backward.total <= 4, (forward.ops, backward.ops)
+    ours = {name: n for counter in (forward, backward) for name, n in counter.ops.items() if name.startswith("sigreg")}
+    assert dict(op.LAUNCHES - before) == {name.split("::")[1]: n for name, n in ours.items()}
+    # Inside the ops, nothing but (under the interpreter) its copies of the arguments to numpy and back.
+    interpreter_copies = {"aten::set_", "aten::copy_"} if device == "cpu" else set()
+    inside = {name for counter in (forward, backward) for inner in counter.inside.values() for name in inner}
+    assert inside <= interpreter_copies, inside
+    expected = fused.fused_sigreg("primitives", *[t.detach().double().requires_grad_() for t in inputs], 17, 3.0,
+                                  reduction, 0.01)
+    assert_relative_close("loss", loss, expected, 1e-4 if dtype == "fp32" else 2e-3)
+    assert all(g is not None and g.isfinite().all() for g in grads)
 
 
 def test_batch_beyond_grid_limit(device, monkeypatch):

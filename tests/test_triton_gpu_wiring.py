@@ -40,9 +40,11 @@ _PRELUDE = """
         partials = op.ecf_partials(x, directions, knots, 3.0)
         expected = primitives.ecf_partials(*exact, knots, 3.0)
         assert_relative_close("sums", partials.sum(1), expected.sum(1), tol)
-        stat, coef = op.statistic(partials, samples, knots, 3.0, "mean", None, 2.0)
-        expected_stat, expected_coef = primitives.statistic(partials.double(), samples, knots, 3.0, "mean", None, 2.0)
+        stat, coef, loss = op.statistic(partials, samples, knots, 3.0, "mean", None, 2.0)
+        expected_stat, _, expected_loss = primitives.statistic(partials.double(), samples, knots, 3.0, "mean", None,
+                                                               2.0)
         assert_relative_close("stat", stat, expected_stat, 1e-5)
+        assert_relative_close("loss", loss, expected_loss, 1e-5)
         scale = torch.randn(batch, partials.shape[3], generator=torch.Generator().manual_seed(3))
         grad = op.slice_gradient(coef, scale, x, directions, knots, 3.0)
         expected = primitives.slice_gradient(coef.double(), scale.double(), *exact, knots, 3.0)
@@ -78,8 +80,8 @@ _REGISTRATION = """
     check(3, 33, 5, 5, knots=5, projected=True)
     x, directions = random_case((2,), 40, 8, 20)
     projection = x @ directions
-    _, coef = primitives.statistic(primitives.ecf_partials(projection.double(), None, 17, 3.0), 40, 17, 3.0,
-                                   "sum", None, 1.0)
+    _, coef, _ = primitives.statistic(primitives.ecf_partials(projection.double(), None, 17, 3.0), 40, 17, 3.0,
+                                      "sum", None, 1.0)
     scale = torch.ones(1, 1).expand(2, 20)
     expected = primitives.slice_gradient(coef, scale.double(), projection.double(), None, 17, 3.0)
     op.slice_gradient_(projection, coef.float(), scale, 17, 3.0)

@@ -197,7 +197,8 @@ def launch_specs(cases=None):
                                  ecf_candidates=ecf_candidate and (ecf_candidate,),
                                  grad_candidates=grad_candidate and (grad_candidate,))
             partials = torch.empty(batch, ecf.splits, 2, slices, KNOTS, device=meta_device)
-            _, args, meta = op.ecf_partials_args(x, directions, partials, ecf, KNOTS, T_MAX, 0, batch)
+            arrivals = torch.empty(1, dtype=torch.int32, device=meta_device)  # as fused.py passes it
+            _, args, meta = op.ecf_partials_args(x, directions, partials, ecf, KNOTS, T_MAX, 0, batch, arrivals)
             add(ecf.kernel, args, dict(meta), (name, batch, samples, dim, slices), _resource_key(ecf, name))
             coef = torch.empty(batch, 2, slices, KNOTS, device=meta_device)
             scale = torch.empty(1, device=meta_device).expand(batch, slices)
@@ -206,7 +207,10 @@ def launch_specs(cases=None):
             add(grad.kernel, args, dict(meta), (name, batch, samples, dim, slices), _resource_key(grad, name))
             stat_plan = plan.plan_statistic(batch, ecf.splits, slices, KNOTS, H200_SMS)
             stat = torch.empty(batch, slices, device=meta_device)
-            _, args, meta = op.statistic_args(partials, stat, coef, stat_plan, samples, KNOTS, T_MAX, 1.0, None)
+            block_sums = torch.empty(stat_plan.grid[0], dtype=torch.float64, device=meta_device)
+            loss = torch.empty((), device=meta_device)
+            _, args, meta = op.statistic_args(partials, stat, coef, block_sums, loss, arrivals, stat_plan, samples,
+                                              KNOTS, T_MAX, 1.0, None, batch * slices)
             add("statistic_kernel", args, dict(meta), (name, batch, samples, dim, slices),
                 (plan.STAT_CONFIG.name, "fp32", "-"))
         finally:

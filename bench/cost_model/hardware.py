@@ -78,3 +78,6 @@ FMA_PROJECTION_SLOTS = 1.25     # per multiply-add of a float32 FMA projection t
 LIBRARY_GEMM_EFFICIENCY = {"bf16": 0.70, "fp16": 0.70, "tf32": 0.70, "fp32": 0.75}  # cuBLAS, of the peak
 LIBRARY_GEMM_TILE = (128, 128)  # output tile per CTA, for the blocks/waves columns (1 CTA per SM)
 LAUNCH_US = 2.0                 # per kernel: launch and drain, back to back in one stream
+# The statistic kernel's loss: after the other blocks, the last to arrive takes an L2
+# atomic round trip and sums the blocks' float64 partial losses (B K / 32 of them) alone.
+LAST_BLOCK_TAIL_US = 1.0        # assumption, to be checked by the first GPU run

@@ -37,7 +37,7 @@ class Case:
 @dataclass
 class Row:
     backend: str
-    kernel: str         # the role: ecf_partials, statistic, slice_gradient, gemm_*, loss_mean, cast_directions
+    kernel: str         # the role: ecf_partials, statistic, slice_gradient, gemm_*, cast_directions
     pass_: str
     batch: int
     N: int
@@ -141,7 +141,7 @@ def own_kernel(gpu, case: Case, pass_: str, role: str, plan, kernel: Kernel, spl
     tc_flops = floor_compute = floor_bytes = 0.0
     if role == "statistic":
         slots = b * k * t * (splits + hw.STATISTIC_SLOTS)
-        dram = b * splits * 2 * k * t * 4 + coef_bytes + b * k * 4
+        dram = b * splits * 2 * k * t * 4 + coef_bytes + b * k * 4 + plan.blocks * 8 * 2  # + partial losses
         l2 = dram
     else:
         slots, floor_slots = elementwise_slots(case, role)
@@ -182,6 +182,8 @@ def own_kernel(gpu, case: Case, pass_: str, role: str, plan, kernel: Kernel, spl
              "l2": l2 / (gpu.l2_tbs * 1e12)}
     bound = max(terms, key=terms.get)
     predicted = terms[bound] * 1e6 + hw.LAUNCH_US * plan.launches
+    if role == "statistic":  # the loss, reduced by the last block to arrive
+        predicted += hw.LAST_BLOCK_TAIL_US
     return Row(case.backend, role, pass_, b, n, d, k, case.dtype, blocks, per_sm, waves, tc_flops, dram, predicted,
                floor_us, plan.kernel, kernel.registers, smem, kernel.mma, bound, note)
 
@@ -203,7 +205,7 @@ def library_gemm(gpu, case: Case, pass_: str, role: str, m: int, n: int, k: int,
 
 
 def small_op(gpu, case: Case, pass_: str, role: str, elements: int, dram: float) -> Row:
-    """A small torch op (the loss's mean, the directions' cast): its bytes, and a launch."""
+    """A small torch op (the directions' cast): its bytes, and a launch."""
     blocks = max(1, math.ceil(elements / 1024))
     predicted = dram / (gpu.dram_tbs * 1e12 * gpu.dram_efficiency) * 1e6 + hw.LAUNCH_US
     return Row(case.backend, role, pass_, case.batch, case.N, case.D, case.K, case.dtype, blocks, 1,

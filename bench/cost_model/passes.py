@@ -117,8 +117,7 @@ def case_rows(gpu, backend, case: Case) -> list:
     rows.append(own_kernel(gpu, case, "fwd", "ecf_partials", plan, kernel))
     splits = plan.splits
     plan, kernel = backend.resolve(case, "statistic", splits)
-    rows.append(own_kernel(gpu, case, "fwd", "statistic", plan, kernel, splits=splits))
-    rows.append(small_op(gpu, case, "fwd", "loss_mean", b * k, b * k * 4))
+    rows.append(own_kernel(gpu, case, "fwd", "statistic", plan, kernel, splits=splits))  # and the loss
     # backward
     if case.sgemm_route:
         rows.append(library_gemm(gpu, case, "bwd", "gemm_projection", b * n, k, d, "fp32", x_bytes + a_bytes))

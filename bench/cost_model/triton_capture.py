@@ -135,14 +135,15 @@ def call_primitive(kernels, call: dict):
     scale = torch.empty(()).expand(b, k)
     x = torch.empty(b, n, d, dtype=dtype)
     directions = torch.empty(d, k, dtype=dtype)
+    arrivals = torch.empty(1, dtype=torch.int32)  # as fused.py passes it
     primitive = call["primitive"]
     if primitive == "ecf_partials":
         if call["projected"]:
-            return kernels.ecf_partials(torch.empty(b, n, k, dtype=dtype), None, knots, t_max)
-        return kernels.ecf_partials(x, directions, knots, t_max)
+            return kernels.ecf_partials(torch.empty(b, n, k, dtype=dtype), None, knots, t_max, arrivals)
+        return kernels.ecf_partials(x, directions, knots, t_max, arrivals)
     if primitive == "statistic":
         partials = torch.empty(b, call["splits"], 2, k, knots)
-        return kernels.statistic(partials, n, knots, t_max, "mean", None, 1.0)
+        return kernels.statistic(partials, n, knots, t_max, "mean", None, 1.0, arrivals)
     if primitive == "slice_gradient":
         if call["projected"]:
             return kernels.slice_gradient_(torch.empty(b, n, k, dtype=dtype), coef, scale, knots, t_max)
