@@ -10,10 +10,13 @@ TORCH_LIBRARY(sigreg, m) {
       "int knots, float t_max, bool need_grad_directions) -> (Tensor, Tensor)");
   // The GPU kernels of sigreg_kernels/primitives.py (the contract), strung
   // together with library GEMMs by sigreg_kernels/fused.py.
-  m.def("ecf_partials(Tensor x, Tensor? directions, int knots, float t_max) -> Tensor");
+  // arrivals: statistic's arrival counter (int32, one element), which ecf_partials
+  // zeroes and statistic leaves at 0 again (so statistic does not declare it mutated).
+  m.def(
+      "ecf_partials(Tensor x, Tensor? directions, int knots, float t_max, Tensor(a!)? arrivals=None) -> Tensor");
   m.def(
       "statistic(Tensor partials, int samples, int knots, float t_max, str reduction, float? clip_value, "
-      "float grad_factor) -> (Tensor, Tensor)");
+      "float grad_factor, Tensor? arrivals=None) -> (Tensor, Tensor, Tensor)");
   m.def(
       "slice_gradient(Tensor coef, Tensor scale, Tensor x, Tensor? directions, int knots, float t_max) -> Tensor");
   m.def("slice_gradient_(Tensor(a!) projection, Tensor coef, Tensor scale, int knots, float t_max) -> ()");

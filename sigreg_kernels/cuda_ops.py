@@ -12,14 +12,20 @@ import torch
 from . import ops  # noqa: F401  (loads the extension and registers the fake kernels)
 
 
-def ecf_partials(x, directions, knots: int, t_max: float):
-    """``partials [B, S, 2, K, T]`` float32; ``S`` row splits from ``cuda_plan.plan_ecf_partials``."""
-    return torch.ops.sigreg.ecf_partials(x, directions, knots, t_max)
+def ecf_partials(x, directions, knots: int, t_max: float, arrivals=None):
+    """``partials [B, S, 2, K, T]`` float32; ``S`` row splits from ``cuda_plan.plan_ecf_partials``.
+    ``arrivals`` (int32, one element, on x's device, or None): set to 0 by the kernel (one store),
+    ready for ``statistic``."""
+    return torch.ops.sigreg.ecf_partials(x, directions, knots, t_max, arrivals)
 
 
-def statistic(partials, samples: int, knots: int, t_max: float, reduction: str, clip_value, grad_factor: float):
-    """``(stat [B, K], coef [B, 2, K, T])`` float32."""
-    return torch.ops.sigreg.statistic(partials, samples, knots, t_max, reduction, clip_value, grad_factor)
+def statistic(partials, samples: int, knots: int, t_max: float, reduction: str, clip_value, grad_factor: float,
+              arrivals=None):
+    """``(stat [B, K], coef [B, 2, K, T], loss [])`` float32, one launch: ``loss`` is the mean
+    (``"mean"``) or the sum (``"sum"``, ``"none"``) of ``stat``, summed in double in a fixed order.
+    ``arrivals``: the counter ``ecf_partials`` zeroed, left at 0 again; None: the op zeroes one of
+    its own (one device op more)."""
+    return torch.ops.sigreg.statistic(partials, samples, knots, t_max, reduction, clip_value, grad_factor, arrivals)
 
 
 def slice_gradient(coef, scale, x, directions, knots: int, t_max: float):

@@ -35,7 +35,7 @@ def _num_sms(device: torch.device) -> int:
 
 
 @torch.library.register_fake("sigreg::ecf_partials")
-def _fake_ecf_partials(x, directions, knots, t_max):
+def _fake_ecf_partials(x, directions, knots, t_max, arrivals=None):
     batch, samples, dim = x.shape
     slices = dim if directions is None else directions.shape[1]
     plan = cuda_plan.plan_ecf_partials(batch, samples, dim, slices, knots, x.dtype, True, directions is None,
@@ -44,9 +44,9 @@ def _fake_ecf_partials(x, directions, knots, t_max):
 
 
 @torch.library.register_fake("sigreg::statistic")
-def _fake_statistic(partials, samples, knots, t_max, reduction, clip_value, grad_factor):
+def _fake_statistic(partials, samples, knots, t_max, reduction, clip_value, grad_factor, arrivals=None):
     batch, _, _, slices, _ = partials.shape
-    return partials.new_empty((batch, slices)), partials.new_empty((batch, 2, slices, knots))
+    return partials.new_empty((batch, slices)), partials.new_empty((batch, 2, slices, knots)), partials.new_empty(())
 
 
 @torch.library.register_fake("sigreg::slice_gradient")

@@ -35,9 +35,9 @@ univariate test of ``x``'s own columns (``P = x``, ``K = D``). ``T`` = ``knots``
    ``f = grad_factor`` for ``"sum"`` and ``"none"``. (The loss's gradient
    reaches the kernels as a ``[B, K]`` scale, an expanded view for a scalar loss,
    so the backward starts with no elementwise op of its own.)
-   ``loss = l * sum_{b,k} stat[b, k]`` over the returned (clipped, float32) statistics,
-   summed in float64 in an order fixed by the shapes and rounded once, with
-   ``l = 1 / (B * K)`` for ``"mean"`` and 1 for ``"sum"`` and ``"none"``: the reduced
+   ``loss = sum_{b,k} stat[b, k] / d`` over the returned (clipped, float32) statistics,
+   summed in float64 in an order fixed by the shapes, divided and rounded once, with
+   ``d = B * K`` for ``"mean"`` and 1 for ``"sum"`` and ``"none"``: the reduced
    loss in the same launch (the block that arrives last sums the blocks' partial sums
    in block order; one integer atomic, no float atomics). ``arrivals`` is the counter
    ``ecf_partials`` zeroed (int32, one element, holding 0); the kernel leaves it at 0
@@ -91,11 +91,9 @@ def loss_factor(reduction: str, batch: int, slices: int, grad_factor: float) -> 
     return grad_factor / (batch * slices) if reduction == "mean" else grad_factor
 
 
-def loss_scale(reduction: str, batch: int, slices: int) -> float:
-    """The factor that turns the sum of the statistics into the reduced loss (NaN: the mean of nothing)."""
-    if reduction != "mean":
-        return 1.0
-    return 1.0 / (batch * slices) if batch * slices > 0 else float("nan")
+def loss_divisor(reduction: str, batch: int, slices: int) -> int:
+    """What the sum of the statistics is divided by to give the reduced loss."""
+    return batch * slices if reduction == "mean" else 1
 
 
 def statistic(partials, samples: int, knots: int, t_max: float, reduction: str, clip_value, grad_factor: float,
@@ -110,7 +108,7 @@ def statistic(partials, samples: int, knots: int, t_max: float, reduction: str, 
         kept = ~(stat < clip_value)  # as stats[stats < clip_value] = 0: a NaN statistic stays NaN
         stat = torch.where(kept, stat, 0.0)
         coef = coef * kept[:, None, :, None]
-    loss = stat.to(torch.float64).sum() * loss_scale(reduction, stat.shape[0], stat.shape[1])
+    loss = stat.to(torch.float64).sum() / loss_divisor(reduction, stat.shape[0], stat.shape[1])  # 0 / 0: NaN
     return stat, coef, loss.to(stat.dtype)
 
 

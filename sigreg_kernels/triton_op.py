@@ -44,7 +44,7 @@ import torch
 import triton
 
 from . import triton_plan as plan
-from .primitives import loss_factor
+from .primitives import loss_divisor, loss_factor
 from .quadrature import knot_spacing
 from .triton_kernels import (
     ecf_partials_kernel,
@@ -317,9 +317,8 @@ def triton_statistic(partials: torch.Tensor, samples: int, knots: int, t_max: fl
     block_sums = partials.new_empty((kernel_plan.grid[0],), dtype=torch.float64)  # one partial loss per program
     if arrivals is None:
         arrivals = torch.zeros(1, dtype=torch.int32, device=partials.device)
-    loss_divisor = batch * slices if reduction == "mean" else 1
     grid, args, meta = statistic_args(partials, stat, coef, block_sums, loss, arrivals, kernel_plan, samples, knots,
-                                      t_max, factor, clip_value, loss_divisor)
+                                      t_max, factor, clip_value, loss_divisor(reduction, batch, slices))
     if grid[0] == 0:  # nothing to launch: the loss of no statistics
         return stat, coef, loss.fill_(float("nan") if reduction == "mean" else 0.0)
     with _device_guard(partials):

@@ -77,7 +77,8 @@ class GuardedOutput:
 
     def __init__(self, shape, dtype, initial=None):
         numel = math.prod(shape)
-        self.buffer = torch.full((numel + 2 * GUARD_ELEMENTS,), GUARD_VALUE, dtype=dtype)
+        self.guard = torch.tensor(GUARD_VALUE).to(dtype)  # (integer types: the value truncated)
+        self.buffer = self.guard.repeat(numel + 2 * GUARD_ELEMENTS)
         self.tensor = self.buffer[GUARD_ELEMENTS:GUARD_ELEMENTS + numel].view(shape)
         if initial is None:
             self.tensor.fill_(float("nan"))
@@ -86,7 +87,7 @@ class GuardedOutput:
 
     def checked(self, name):
         guards = torch.cat((self.buffer[:GUARD_ELEMENTS], self.buffer[GUARD_ELEMENTS + self.tensor.numel():]))
-        assert (guards == GUARD_VALUE).all(), f"the kernels wrote outside {name}"
+        assert (guards == self.guard).all(), f"the kernels wrote outside {name}"
         return self.tensor
 
 
@@ -102,8 +103,8 @@ class EmulatedKernels:
         self.num_sms = num_sms
         ptr, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
         lib = self.lib
-        lib.sigreg_emu_ecf_partials.argtypes = [i32, i32, ptr, ptr, ptr] + [i64] * 5 + [f64, i64]
-        lib.sigreg_emu_statistic.argtypes = [ptr, ptr, ptr] + [i64] * 5 + [f64, i32, i32, f64, f64]
+        lib.sigreg_emu_ecf_partials.argtypes = [i32, i32, ptr, ptr, ptr] + [i64] * 5 + [f64, i64, ptr]
+        lib.sigreg_emu_statistic.argtypes = [ptr, ptr, ptr] + [i64] * 5 + [f64, i32, i32, f64, f64, ptr, ptr, ptr]
         lib.sigreg_emu_slice_gradient.argtypes = [i32, i32, ptr, ptr, i64, i64, ptr, ptr, ptr] + [i64] * 5 + [f64, i64]
         lib.sigreg_emu_plan_ecf_partials.argtypes = [i64] * 4 + [i32, i64, ptr]
         lib.sigreg_emu_plan_slice_gradient.argtypes = [i64] * 4 + [i32, i64, ptr]
@@ -180,29 +181,51 @@ class EmulatedKernels:
     def _mode(directions, tensor_cores):
         return MODE_PROJECTED if directions is None else (MODE_TENSOR_CORES if tensor_cores else MODE_FMA)
 
-    def ecf_partials(self, x, directions, knots, t_max, *, tensor_cores=True, num_sms=None):
-        """``partials [B, S, 2, K, T]`` float32 of ``x [B, N, D]`` (contiguous)."""
+    @staticmethod
+    def _counter(arrivals):
+        """``arrivals`` (int32, one element) in a guarded buffer, or None."""
+        if arrivals is None:
+            return None
+        assert arrivals.dtype == torch.int32 and arrivals.numel() == 1, "arrivals: an int32 tensor of one element"
+        return GuardedOutput((1,), torch.int32, initial=arrivals.reshape(1))
+
+    def ecf_partials(self, x, directions, knots, t_max, arrivals=None, *, tensor_cores=True, num_sms=None):
+        """``partials [B, S, 2, K, T]`` float32 of ``x [B, N, D]`` (contiguous); sets ``arrivals`` to 0."""
         batch, samples, dim = x.shape
         slices = dim if directions is None else directions.shape[1]
         num_sms = num_sms or self.num_sms
         plan = self.plan_ecf_partials(batch, samples, slices, knots, directions is None, num_sms)
         partials = GuardedOutput((batch, plan["splits"], 2, slices, knots), torch.float32)
+        counter = self._counter(arrivals)
         self.check(self.lib.sigreg_emu_ecf_partials(
             DTYPE_CODES[x.dtype], self._mode(directions, tensor_cores), x.data_ptr(), _ptr(directions),
-            partials.tensor.data_ptr(), batch, samples, dim, slices, knots, t_max, num_sms))
+            partials.tensor.data_ptr(), batch, samples, dim, slices, knots, t_max, num_sms,
+            None if counter is None else counter.tensor.data_ptr()))
+        if counter is not None:
+            arrivals.copy_(counter.checked("arrivals").reshape(arrivals.shape))
         return partials.checked("partials")
 
-    def statistic(self, partials, samples, knots, t_max, reduction, clip_value, grad_factor):
-        """``(stat [B, K], coef [B, 2, K, T])`` float32."""
+    def statistic(self, partials, samples, knots, t_max, reduction, clip_value, grad_factor, arrivals=None):
+        """``(stat [B, K], coef [B, 2, K, T], loss [])`` float32; ``arrivals`` holds 0 (None: a zeroed
+        counter of its own) and is left at 0."""
         partials = partials.contiguous()
         batch, splits, _, slices, _ = partials.shape
         stat = GuardedOutput((batch, slices), torch.float32)
         coef = GuardedOutput((batch, 2, slices, knots), torch.float32)
+        loss = GuardedOutput((), torch.float32)
+        if batch * slices == 0:  # no launch, as in the ATen launcher
+            loss.tensor.fill_(float("nan") if reduction == "mean" else 0.0)
+        block_sums = GuardedOutput((self.plan_statistic(batch, slices, knots)["blocks"],), torch.float64)
+        counter = self._counter(torch.zeros(1, dtype=torch.int32) if arrivals is None else arrivals)
         self.check(self.lib.sigreg_emu_statistic(
             partials.data_ptr(), stat.tensor.data_ptr(), coef.tensor.data_ptr(), batch, splits, slices, knots,
             samples, t_max, REDUCTION_CODES[reduction], clip_value is not None,
-            0.0 if clip_value is None else clip_value, grad_factor))
-        return stat.checked("stat"), coef.checked("coef")
+            0.0 if clip_value is None else clip_value, grad_factor, counter.tensor.data_ptr(),
+            block_sums.tensor.data_ptr(), loss.tensor.data_ptr()))
+        block_sums.checked("block_sums")
+        if arrivals is not None:
+            arrivals.copy_(counter.checked("arrivals").reshape(arrivals.shape))
+        return stat.checked("stat"), coef.checked("coef"), loss.checked("loss")
 
     def _gradient(self, g, coef, scale, x, directions, knots, t_max, tensor_cores, num_sms):
         batch, samples, dim = x.shape
@@ -249,12 +272,12 @@ class _FusedKernels:
     def __init__(self, kernels: EmulatedKernels, tensor_cores: bool):
         self.kernels, self.tensor_cores = kernels, tensor_cores
 
-    def ecf_partials(self, x, directions, knots, t_max):
+    def ecf_partials(self, x, directions, knots, t_max, arrivals=None):
         return self.kernels.ecf_partials(x.contiguous(), None if directions is None else directions.contiguous(),
-                                         knots, t_max, tensor_cores=self.tensor_cores)
+                                         knots, t_max, arrivals, tensor_cores=self.tensor_cores)
 
-    def statistic(self, partials, samples, knots, t_max, reduction, clip_value, grad_factor):
-        return self.kernels.statistic(partials, samples, knots, t_max, reduction, clip_value, grad_factor)
+    def statistic(self, partials, samples, knots, t_max, reduction, clip_value, grad_factor, arrivals=None):
+        return self.kernels.statistic(partials, samples, knots, t_max, reduction, clip_value, grad_factor, arrivals)
 
     def slice_gradient(self, coef, scale, x, directions, knots, t_max):
         return self.kernels.slice_gradient(coef, scale, x.contiguous(),

@@ -1,6 +1,6 @@
-"""The CUDA backend on a GPU: each kernel against ``primitives.py`` in float64, the op
-(``sigreg(..., backend="cuda")``: fused.py around the kernels) against the float64
-oracle, one launch per kernel, opcheck and torch.compile.
+"""The CUDA backend on a GPU: each kernel against ``primitives.py`` in float64 (the
+statistic's loss too), the op (``sigreg(..., backend="cuda")``: fused.py around the
+kernels) against the float64 oracle, one launch per kernel, opcheck and torch.compile.
 
 Every test skips, with the reason, where there is no GPU or the extension was
 built without its CUDA kernels. Nothing touches the device at import time.
@@ -185,8 +185,8 @@ def test_kernels_match_the_contract(shape, dtype, with_directions, matmul, preci
     slices = slices if with_directions else dim
     partials = cuda_ops.ecf_partials(x, directions, 17, 3.0)
     truth = primitives.ecf_partials(f64(x), f64(directions), 17, 3.0)
-    stat, coef = cuda_ops.statistic(partials, samples, 17, 3.0, "mean", None, 2.0)
-    true_stat, true_coef = primitives.statistic(truth, samples, 17, 3.0, "mean", None, 2.0)
+    stat, coef, loss = cuda_ops.statistic(partials, samples, 17, 3.0, "mean", None, 2.0)
+    true_stat, true_coef, true_loss = primitives.statistic(truth, samples, 17, 3.0, "mean", None, 2.0)
     scale = torch.tensor(0.7, device="cuda").expand(batch, slices)
     g = cuda_ops.slice_gradient(true_coef.float(), scale, x, directions, 17, 3.0)
     true_g = primitives.slice_gradient(true_coef, f64(scale), f64(x), f64(directions), 17, 3.0)
@@ -198,11 +198,63 @@ def test_kernels_match_the_contract(shape, dtype, with_directions, matmul, preci
         stat_tol = grad_tol = 2e-2 if tf32 else max(1e-5, torch.finfo(torch.float32).eps * largest_angle)
     assert_relative_close("stat", stat, true_stat, stat_tol)
     assert_relative_close("coef", coef, true_coef, stat_tol)
+    assert_relative_close("loss", loss, true_loss, stat_tol)
     assert_relative_close("G", g, true_g, grad_tol)
     if directions is None:
         projection = x.clone()
         cuda_ops.slice_gradient_(projection, true_coef.float(), scale, 17, 3.0)
         assert torch.equal(projection, g)
+
+
+def loss_of(stat, reduction):
+    """The statistic kernel's loss, exactly: its float32 statistics summed in float64, scaled, rounded once."""
+    return (stat.double().sum() / primitives.loss_divisor(reduction, *stat.shape)).float()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("batch, slices, knots", [(3, 70, 17), (5, 3000, 17), (4, 700, 130), (1, 1, 17)])
+def test_statistic_reduces_the_loss(batch, slices, knots, reduction):
+    """The loss of the statistic launch (many blocks; the last to arrive sums): the float64 contract's,
+    the same on every rerun; the arrival counter, garbage before ecf_partials, is 0 after each kernel."""
+    from sigreg_kernels import cuda_ops
+
+    x, directions = random_case((batch,), 200, 24, slices, scale=1.5, device="cuda", seed=3)
+    x[..., :2] += 1.0  # some slices far from normal
+    arrivals = torch.full((1,), 12345, dtype=torch.int32, device="cuda")
+    partials = cuda_ops.ecf_partials(x, directions, knots, 3.0, arrivals)
+    assert arrivals.item() == 0, "ecf_partials zeroes the counter"
+    clip_value = 0.01
+    stat, coef, loss = cuda_ops.statistic(partials, 200, knots, 3.0, reduction, clip_value, 1.0, arrivals)
+    assert arrivals.item() == 0, "statistic leaves the counter at 0"
+    assert loss.shape == () and loss.dtype == torch.float32 and loss.device == x.device
+    assert torch.equal(loss, loss_of(stat, reduction))
+    _, _, true_loss = primitives.statistic(f64(partials), 200, knots, 3.0, reduction, clip_value, 1.0)
+    assert_relative_close("loss", loss, true_loss, 1e-6)
+    for _ in range(3):
+        again = cuda_ops.statistic(partials, 200, knots, 3.0, reduction, clip_value, 1.0, arrivals)
+        assert all(torch.equal(a, b) for a, b in zip((stat, coef, loss), again)), "bit-identical reruns"
+    own = cuda_ops.statistic(partials, 200, knots, 3.0, reduction, clip_value, 1.0)  # a counter of its own
+    assert torch.equal(own[2], loss)
+    partials[0, 0, 0, 0, 1] = float("nan")
+    assert cuda_ops.statistic(partials, 200, knots, 3.0, reduction, clip_value, 1.0, arrivals)[2].isnan()
+    assert arrivals.item() == 0
+
+
+def test_statistic_of_an_empty_batch():
+    partials = torch.zeros(0, 1, 2, 5, 17, device="cuda")
+    losses = {r: torch.ops.sigreg.statistic(partials, 10, 17, 3.0, r, None, 1.0)[2] for r in ("mean", "sum", "none")}
+    assert losses["mean"].isnan() and losses["sum"] == 0 and losses["none"] == 0
+
+
+def test_arrivals_is_checked():
+    x, directions, _ = case((2,), 37, 19, 65)
+    partials = torch.ops.sigreg.ecf_partials(x, directions, 17, 3.0)
+    for bad in (torch.zeros(1, dtype=torch.int64, device="cuda"), torch.zeros(2, dtype=torch.int32, device="cuda"),
+                torch.zeros(1, dtype=torch.int32)):
+        with pytest.raises(RuntimeError, match="arrivals must be an int32 tensor of one element"):
+            torch.ops.sigreg.ecf_partials(x, directions, 17, 3.0, bad)
+        with pytest.raises(RuntimeError, match="arrivals must be an int32 tensor of one element"):
+            torch.ops.sigreg.statistic(partials, 37, 17, 3.0, "mean", None, 1.0, bad)
 
 
 def test_fake_kernels_plan_the_real_splits():
@@ -225,12 +277,14 @@ def test_each_kernel_is_one_launch_and_nothing_else():
     from torch.profiler import ProfilerActivity, profile
 
     x, directions = random_case((2,), 3000, 64, 300, dtype=torch.bfloat16, device="cuda")
-    partials = torch.ops.sigreg.ecf_partials(x, directions, 17, 3.0)
-    _, coef = torch.ops.sigreg.statistic(partials, 3000, 17, 3.0, "mean", None, 1.0)
+    arrivals = torch.empty(1, dtype=torch.int32, device="cuda")  # zeroed by ecf_partials, as in fused.py
+    partials = torch.ops.sigreg.ecf_partials(x, directions, 17, 3.0, arrivals)
+    _, coef, _ = torch.ops.sigreg.statistic(partials, 3000, 17, 3.0, "mean", None, 1.0, arrivals)
     scale = torch.ones(2, 300, device="cuda")
     calls = {
-        "ecf_partials_kernel": lambda: torch.ops.sigreg.ecf_partials(x, directions, 17, 3.0),
-        "statistic_kernel": lambda: torch.ops.sigreg.statistic(partials, 3000, 17, 3.0, "mean", None, 1.0),
+        "ecf_partials_kernel": lambda: torch.ops.sigreg.ecf_partials(x, directions, 17, 3.0, arrivals),
+        "statistic_kernel": lambda: torch.ops.sigreg.statistic(partials, 3000, 17, 3.0, "mean", None, 1.0,
+                                                               arrivals),
         "slice_gradient_kernel": lambda: torch.ops.sigreg.slice_gradient(coef, scale, x, directions, 17, 3.0),
     }
     for name, call in calls.items():
@@ -245,6 +299,29 @@ def test_each_kernel_is_one_launch_and_nothing_else():
         assert len(kernels) == 1 and name in kernels[0], (name, kernels)
 
 
+@pytest.mark.parametrize("dtype, matmul", [(torch.bfloat16, "highest"), (torch.float32, "highest"),
+                                           (torch.float32, "high")])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fused_path_dispatches_few_ops(dtype, matmul, reduction, precision):
+    """The whole op: at most 3 device ops forward and 4 backward (tests/test_op_count.py's
+    bound, here through the registered CUDA ops), none dispatching another inside."""
+    from op_counter import OpCounter
+
+    from sigreg_kernels import fused
+    precision(matmul)
+    x, directions = random_case((2,), 3000, 64, 300, dtype=dtype, device="cuda")
+    inputs = [x.clone().requires_grad_(), directions.clone().requires_grad_()]
+    with OpCounter() as forward:
+        loss = fused.fused_sigreg("cuda", *inputs, 17, 3.0, reduction, 0.01)
+    upstream = torch.ones_like(loss)
+    with OpCounter() as backward:
+        torch.autograd.grad(loss, inputs, upstream)
+    assert forward.total <= 3 and backward.total <= 4, (forward.ops, backward.ops)
+    assert forward.ops["sigreg::ecf_partials"] == forward.ops["sigreg::statistic"] == 1, forward.ops
+    inside = {name for counter in (forward, backward) for inner in counter.inside.values() for name in inner}
+    assert not inside, inside
+
+
 def test_float64_is_rejected_with_a_clear_message():
     x, directions, _ = case((), 10, 4, 3)
     with pytest.raises(RuntimeError, match="float64"):
@@ -257,13 +334,16 @@ def test_opcheck(contiguous):
     if not contiguous:
         x, directions = x.transpose(1, 2).contiguous().transpose(1, 2), directions.t().contiguous().t()
     partials = torch.ops.sigreg.ecf_partials(x, directions, 17, 3.0)
-    _, coef = torch.ops.sigreg.statistic(partials, 37, 17, 3.0, "sum", 0.1, 1.0)
+    _, coef, _ = torch.ops.sigreg.statistic(partials, 37, 17, 3.0, "sum", 0.1, 1.0)
     scale = torch.randn(65, 2, device="cuda").t()
+    arrivals = torch.zeros(1, dtype=torch.int32, device="cuda")
     samples = [
         (torch.ops.sigreg.ecf_partials.default, (x, directions, 17, 3.0)),
         (torch.ops.sigreg.ecf_partials.default, (x, None, 5, 2.0)),
+        (torch.ops.sigreg.ecf_partials.default, (x, directions, 17, 3.0, arrivals)),
         (torch.ops.sigreg.statistic.default, (partials, 37, 17, 3.0, "mean", None, 2.0)),
         (torch.ops.sigreg.statistic.default, (partials, 37, 17, 3.0, "none", 0.5, 1.0)),
+        (torch.ops.sigreg.statistic.default, (partials, 37, 17, 3.0, "sum", 0.1, 1.0, arrivals)),
         (torch.ops.sigreg.slice_gradient.default, (coef, scale, x, directions, 17, 3.0)),
         (torch.ops.sigreg.slice_gradient_.default,
          ((x.contiguous() @ directions).contiguous(), coef, scale, 17, 3.0)),

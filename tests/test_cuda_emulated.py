@@ -8,6 +8,7 @@ function in ``sigreg_kernels/primitives.py`` evaluated in float64 on the same
 float64 oracle. ``test_cuda.py`` runs the same kinds of checks on a GPU.
 """
 
+import contextlib
 import itertools
 import math
 import shutil
@@ -67,13 +68,14 @@ def tolerances(x, directions, tensor_cores, knots, t_max, fp32_error):
 
 
 def contract_statistic(partials, samples, knots, t_max, reduction, clip_value, grad_factor):
-    """primitives.statistic, but a NaN statistic is not clipped (NaN < clip is false), as in the
-    reference (sigreg_reference: torch.where(stat < clip_value, 0, stat)) and the SPEC."""
-    stat, coef = primitives.statistic(partials, samples, knots, t_max, reduction, None, grad_factor)
-    if clip_value is None:
-        return stat, coef
-    clipped = stat < clip_value
-    return torch.where(clipped, 0.0, stat), coef * (~clipped)[:, None, :, None]
+    """primitives.statistic: ``(stat, coef, loss)``; a NaN statistic is not clipped (NaN < clip is
+    false), as in the reference (sigreg_reference: torch.where(stat < clip_value, 0, stat)) and the SPEC."""
+    return primitives.statistic(partials, samples, knots, t_max, reduction, clip_value, grad_factor)
+
+
+def loss_of(stat, reduction):
+    """The kernel's loss, exactly: its own (float32) statistics summed in float64, scaled, rounded once."""
+    return (stat.double().sum() / primitives.loss_divisor(reduction, *stat.shape)).float()
 
 
 def check_kernels(kernels, x, directions, *, tensor_cores, knots=17, t_max=3.0, reduction="mean", clip_value=None,
@@ -85,8 +87,9 @@ def check_kernels(kernels, x, directions, *, tensor_cores, knots=17, t_max=3.0, 
     plan = kernels.plan_ecf_partials(batch, samples, slices, knots, directions is None)
     assert partials.shape == (batch, plan["splits"], 2, slices, knots) and partials.dtype == torch.float32
     truth = primitives.ecf_partials(f64(x), f64(directions), knots, t_max)
-    stat, coef = kernels.statistic(partials, samples, knots, t_max, reduction, clip_value, grad_factor)
-    true_stat, true_coef = contract_statistic(truth, samples, knots, t_max, reduction, clip_value, grad_factor)
+    stat, coef, loss = kernels.statistic(partials, samples, knots, t_max, reduction, clip_value, grad_factor)
+    true_stat, true_coef, true_loss = contract_statistic(truth, samples, knots, t_max, reduction, clip_value,
+                                                         grad_factor)
     if scale is None:
         scale = torch.randn(batch, slices, generator=torch.Generator().manual_seed(5))
     g = kernels.slice_gradient(true_coef.float(), scale, x, directions, knots, t_max, tensor_cores=tensor_cores)
@@ -95,13 +98,15 @@ def check_kernels(kernels, x, directions, *, tensor_cores, knots=17, t_max=3.0, 
 
     def fp32_error():  # the contract itself run in float32: what float32 can do here
         p32 = primitives.ecf_partials(x, directions, knots, t_max)
-        s32, c32 = primitives.statistic(p32, samples, knots, t_max, reduction, clip_value, grad_factor)
+        s32, c32, _ = primitives.statistic(p32, samples, knots, t_max, reduction, clip_value, grad_factor)
         g32 = primitives.slice_gradient(true_coef.float(), scale, x, directions, knots, t_max)
         return max(relative_error(s32, true_stat), relative_error(c32, true_coef)), relative_error(g32, true_g)
 
     stat_tol, grad_tol = tolerances(x, directions, tensor_cores, knots, t_max, fp32_error)
     assert_relative_close("stat", stat, true_stat, stat_tol)
     assert_relative_close("coef", coef, true_coef, stat_tol)
+    assert loss.shape == () and loss.dtype == torch.float32 and torch.equal(loss, loss_of(stat, reduction))
+    assert_relative_close("loss", loss, true_loss, stat_tol)
     assert_relative_close("G", g, true_g, grad_tol)
     return partials, stat, coef, g
 
@@ -147,15 +152,22 @@ def test_statistic_reductions_and_clipping(kernels, reduction, clip_value):
     partials[:, :, 0, ::2] = phi * samples / 4 + partials[:, :, 0, ::2] / 1000  # nearly normal: below the clip
     partials[:, :, 1, ::2] /= 1000
     partials[1, 2, 0, 5, 3] = float("nan")
-    stat, coef = kernels.statistic(partials.float(), samples, knots, 3.0, reduction, clip_value, 0.5)
-    true_stat, true_coef = contract_statistic(f64(partials.float()), samples, knots, 3.0, reduction, clip_value, 0.5)
+    stat, coef, loss = kernels.statistic(partials.float(), samples, knots, 3.0, reduction, clip_value, 0.5)
+    true_stat, true_coef, true_loss = contract_statistic(f64(partials.float()), samples, knots, 3.0, reduction,
+                                                         clip_value, 0.5)
     assert torch.equal(stat.isnan(), true_stat.isnan()) and torch.equal(coef.isnan(), true_coef.isnan())
     if clip_value is not None:
         assert 0 < (true_stat == 0).sum() < true_stat.numel() - 1, "some slices clipped, some kept"
         assert stat[1, 5].isnan() and coef[1, :, 5].isnan().any(), "a NaN statistic is not clipped"
+    assert loss.isnan() and true_loss.isnan(), "a NaN statistic makes the loss NaN"
     finite = true_stat.isfinite()
     assert_relative_close("stat", stat[finite], true_stat[finite], 1e-6)
     assert_relative_close("coef", coef.nan_to_num(), true_coef.nan_to_num(), 1e-6)
+    partials[1, 2, 0, 5, 3] = 1.0  # all finite: the loss of the clipped statistics
+    stat, _, loss = kernels.statistic(partials.float(), samples, knots, 3.0, reduction, clip_value, 0.5)
+    _, _, true_loss = contract_statistic(f64(partials.float()), samples, knots, 3.0, reduction, clip_value, 0.5)
+    assert torch.equal(loss, loss_of(stat, reduction))
+    assert_relative_close("loss", loss, true_loss, 1e-6)
 
 
 def test_statistic_without_the_shared_memory_cache(kernels):
@@ -163,10 +175,11 @@ def test_statistic_without_the_shared_memory_cache(kernels):
     knots = 1100
     assert not kernels.plan_statistic(2, 3, knots)["cached"]
     partials = torch.rand(2, 3, 2, 3, knots, generator=torch.Generator().manual_seed(7)) * 10
-    stat, coef = kernels.statistic(partials, 20, knots, 3.0, "sum", None, 1.0)
-    true_stat, true_coef = primitives.statistic(f64(partials), 20, knots, 3.0, "sum", None, 1.0)
+    stat, coef, loss = kernels.statistic(partials, 20, knots, 3.0, "sum", None, 1.0)
+    true_stat, true_coef, true_loss = primitives.statistic(f64(partials), 20, knots, 3.0, "sum", None, 1.0)
     assert_relative_close("stat", stat, true_stat, 1e-6)
     assert_relative_close("coef", coef, true_coef, 1e-6)
+    assert_relative_close("loss", loss, true_loss, 1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -227,27 +240,53 @@ def test_op_without_directions_and_clipped(kernels, reduction):
     assert_relative_close("grad_x", ours[1], truth[1], 1e-5)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_op_reductions_with_batch_dims(kernels, reduction):
+    """The loss through fused.py (the statistic kernel's own reduction): value and both gradients
+    against the float64 oracle; the scalar is the float64 sum of the "none" statistics, rounded once."""
+    x, directions, weight = weighted_case((2, 3), 41, 33, 129, seed=18)
+
+    def value_and_grads(fn, a, b):
+        a, b = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+        out = fn(a, b, reduction=reduction, clip_value=0.01)
+        loss = 2 * (out * weight.to(out.dtype)).sum() if reduction == "none" else 2 * out
+        return (out.detach(), *torch.autograd.grad(loss, (a, b)))
+
+    ours = value_and_grads(kernels.sigreg, x, directions)
+    truth = value_and_grads(sigreg_reference, x.double(), directions.double())
+    assert ours[0].shape == truth[0].shape and ours[0].dtype == torch.float32
+    for name, actual, expected in zip(("value", "grad_x", "grad_directions"), ours, truth):
+        assert_relative_close(name, actual, expected, 1e-5)
+    if reduction != "none":
+        stat = kernels.sigreg(x, directions, reduction="none", clip_value=0.01).reshape(6, 129)
+        assert torch.equal(ours[0], loss_of(stat, reduction))
+
+
 # ---- Launches, thread order, the grid cap ----
 
-def run_all(kernels, x, directions, tensor_cores, knots=17):
-    """Each kernel once: its outputs and its launch count."""
+def run_all(kernels, x, directions, tensor_cores, knots=17, reduction="none"):
+    """Each kernel once, as fused.py strings them (the arrival counter starts as garbage):
+    {name: output} and each call's launch count."""
     batch, samples, _ = x.shape
     slices = x.shape[2] if directions is None else directions.shape[1]
-    outputs, launches = [], []
+    launches = []
+    arrivals = torch.tensor([12345], dtype=torch.int32)
     kernels.take_launches()
-    partials = kernels.ecf_partials(x, directions, knots, 3.0, tensor_cores=tensor_cores)
+    partials = kernels.ecf_partials(x, directions, knots, 3.0, arrivals, tensor_cores=tensor_cores)
     launches.append(kernels.take_launches())
-    stat, coef = kernels.statistic(partials, samples, knots, 3.0, "none", None, 1.0)
+    assert arrivals.item() == 0, "ecf_partials zeroes the arrival counter"
+    stat, coef, loss = kernels.statistic(partials, samples, knots, 3.0, reduction, None, 1.0, arrivals)
     launches.append(kernels.take_launches())
+    assert arrivals.item() == 0, "statistic leaves the arrival counter at 0"
     scale = torch.linspace(-1, 1, batch * slices).reshape(batch, slices)
     g = kernels.slice_gradient(coef, scale, x, directions, knots, 3.0, tensor_cores=tensor_cores)
     launches.append(kernels.take_launches())
-    outputs += [partials, stat, coef, g]
+    outputs = {"partials": partials, "stat": stat, "coef": coef, "loss": loss, "G": g}
     if directions is None:
         projection = x.clone()
         kernels.slice_gradient_(projection, coef, scale, knots, 3.0)
         launches.append(kernels.take_launches())
-        outputs.append(projection)
+        outputs["G in place"] = projection
     return outputs, launches
 
 
@@ -259,7 +298,8 @@ THREAD_ORDER_CASES = [("bf16-wmma", (2, 150, 70, 130)), ("bf16-wmma", (2, 300, 4
 @pytest.mark.parametrize("config,shape", THREAD_ORDER_CASES, ids=str)
 def test_one_launch_each_and_no_thread_order_dependence(kernels, config, shape):
     """A missing barrier, an unwaited copy or a cross-block race changes results when threads
-    and blocks run in reverse; poisoned shared memory shows as NaN."""
+    and blocks run in reverse; poisoned shared memory shows as NaN. The loss's last block is
+    then another block: the sum must not change."""
     dtype, tensor_cores, with_directions = CONFIGS[config]
     x, directions = flat_case((shape[0],), *shape[1:], dtype=dtype, seed=14)
     directions = directions if with_directions else None
@@ -267,22 +307,109 @@ def test_one_launch_each_and_no_thread_order_dependence(kernels, config, shape):
     assert launches == [1] * len(launches), "one launch per kernel"
     with kernels.descending():
         descending, _ = run_all(kernels, x, directions, tensor_cores)
-    for name, a, d in zip(("partials", "stat", "coef", "G", "G in place"), ascending, descending):
-        assert torch.equal(a, d), f"{name} depends on the order threads run in"
+    for name, a in ascending.items():
+        assert torch.equal(a, descending[name]), f"{name} depends on the order threads run in"
         assert a.isfinite().all(), f"{name} has NaN: a read of unwritten (poisoned) memory"
 
 
 def test_grids_beyond_the_cap_take_several_launches(kernels):
-    """Past the grid's x cap (lowered to 7 blocks) each kernel launches several times, same results."""
+    """Past the grid's x cap (lowered to 7 blocks) each kernel launches several times, same results
+    (the loss: the last block of the last launch sums; the counter ends at 0)."""
     x, directions = flat_case((3,), 70, 12, 65, seed=15)
-    single, _ = run_all(kernels, x, directions, False, knots=40)
+    single, _ = run_all(kernels, x, directions, False, knots=40, reduction="mean")
     with kernels.max_grid_x(7):
-        split, launches = run_all(kernels, x, directions, False, knots=40)
+        split, launches = run_all(kernels, x, directions, False, knots=40, reduction="mean")
         plans = [kernels.plan_ecf_partials(3, 70, 65, 40, False), kernels.plan_statistic(3, 65, 40),
                  kernels.plan_slice_gradient(3, 70, 65, 40, False)]
     assert launches == [p["launches"] for p in plans] and min(launches) > 1
-    for name, a, b in zip(("partials", "stat", "coef", "G"), single, split):
-        assert torch.equal(a, b), name
+    for name, a in single.items():
+        assert torch.equal(a, split[name]), name
+
+
+# ---- The loss: the statistics' mean or sum, reduced across blocks in the statistic launch ----
+
+def loss_partials(batch, slices, knots, samples, seed):
+    """Partials of 3 splits whose statistics spread over a few orders of magnitude."""
+    generator = torch.Generator().manual_seed(seed)
+    partials = torch.rand(batch, 3, 2, slices, knots, generator=generator, dtype=torch.float64) * (samples / 3)
+    _, phi, _ = quadrature(knots, 3.0, dtype=torch.float64)
+    near = torch.rand(batch, 1, slices, 1, generator=generator, dtype=torch.float64) < 0.5  # statistics ~0.005
+    partials[:, :, 0] = torch.where(near, phi * samples / 3 + partials[:, :, 0] / 100, partials[:, :, 0])
+    partials[:, :, 1] = torch.where(near, partials[:, :, 1] / 100, partials[:, :, 1])
+    return partials.float()
+
+
+# (B, K, knots): slices per block 7 (knots 17), 1 (knots 130: more blocks than a block's
+# threads, so the last block's threads each add several), 32 (knots 2).
+LOSS_SHAPES = [(3, 70, 17), (5, 300, 17), (4, 150, 130), (2, 1000, 2), (1, 1, 17)]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape", LOSS_SHAPES, ids=str)
+def test_loss_matches_the_contract_in_any_block_order(kernels, shape, reduction):
+    batch, slices, knots = shape
+    samples = 40
+    partials = loss_partials(batch, slices, knots, samples, seed=sum(shape))
+    plan = kernels.plan_statistic(batch, slices, knots)
+    assert plan["blocks"] == batch * math.ceil(slices / plan["slices_per_block"])
+    clip_value = 0.05
+    arrivals = torch.zeros(1, dtype=torch.int32)
+    kernels.take_launches()
+    stat, coef, loss = kernels.statistic(partials, samples, knots, 3.0, reduction, clip_value, 1.0, arrivals)
+    assert kernels.take_launches() == 1, "the loss in the statistic's own launch"
+    assert arrivals.item() == 0, "the counter is left at 0"
+    true_stat, _, true_loss = primitives.statistic(f64(partials), samples, knots, 3.0, reduction, clip_value, 1.0)
+    assert 0 < (true_stat == 0).sum() < true_stat.numel() or true_stat.numel() == 1, "some slices clipped"
+    assert loss.shape == () and loss.dtype == torch.float32
+    assert torch.equal(loss, loss_of(stat, reduction)), "the float32 statistics summed in float64, rounded once"
+    assert_relative_close("loss", loss, true_loss, 1e-6)
+    with kernels.descending():  # another block arrives last
+        again = kernels.statistic(partials, samples, knots, 3.0, reduction, clip_value, 1.0, arrivals)
+    assert arrivals.item() == 0
+    for name, a, b in zip(("stat", "coef", "loss"), (stat, coef, loss), again):
+        assert torch.equal(a, b), f"{name} depends on the order blocks arrive in"
+    kernels.take_launches()
+    with kernels.max_grid_x(3):  # several launches: the last block of the last one sums
+        split = kernels.statistic(partials, samples, knots, 3.0, reduction, clip_value, 1.0, arrivals)
+        assert kernels.take_launches() == kernels.plan_statistic(batch, slices, knots)["launches"]
+    assert arrivals.item() == 0
+    assert torch.equal(split[2], loss)
+    own = kernels.statistic(partials, samples, knots, 3.0, reduction, clip_value, 1.0)  # a counter of its own
+    assert torch.equal(own[2], loss)
+
+
+def test_loss_of_nan_statistics_is_nan(kernels):
+    partials = loss_partials(2, 40, 17, 40, seed=16)
+    partials[1, 0, 1, 33, 4] = float("nan")
+    for reduction in ("mean", "sum", "none"):
+        arrivals = torch.zeros(1, dtype=torch.int32)
+        stat, _, loss = kernels.statistic(partials, 40, 17, 3.0, reduction, 0.05, 1.0, arrivals)
+        assert stat[1, 33].isnan() and stat.isnan().sum() == 1 and loss.isnan(), reduction
+        assert arrivals.item() == 0, "a NaN loss still resets the counter"
+
+
+def test_loss_of_an_empty_problem(kernels):
+    """No launch: the mean of nothing is NaN, a sum 0."""
+    for batch, slices in ((0, 5), (3, 0)):
+        partials = torch.zeros(batch, 1, 2, slices, 17)
+        kernels.take_launches()
+        losses = {r: kernels.statistic(partials, 10, 17, 3.0, r, None, 1.0)[2] for r in ("mean", "sum", "none")}
+        assert kernels.take_launches() == 0
+        assert losses["mean"].isnan() and losses["sum"] == 0 and losses["none"] == 0
+
+
+def test_ecf_partials_zeroes_the_counter_once(kernels):
+    """Garbage in the counter: block 0 stores 0, once, in whichever launch holds it."""
+    x, directions = flat_case((3,), 70, 12, 65, seed=17)
+    expected = kernels.ecf_partials(x, directions, 40, 3.0, tensor_cores=False)
+    for limit in (2**31 - 1, 7):
+        for order in (contextlib.nullcontext(), kernels.descending()):
+            arrivals = torch.tensor([12345], dtype=torch.int32)
+            with kernels.max_grid_x(limit), order:
+                kernels.take_launches()
+                partials = kernels.ecf_partials(x, directions, 40, 3.0, arrivals, tensor_cores=False)
+                assert kernels.take_launches() == kernels.plan_ecf_partials(3, 70, 65, 40, False)["launches"]
+            assert arrivals.item() == 0 and torch.equal(partials, expected)
 
 
 # ---- The plans: C++ (the launchers') against cuda_plan.py (the fake kernels' and the cost model's) ----

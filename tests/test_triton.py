@@ -159,8 +159,8 @@ def test_statistic_matches(device, reduction, clip):
     assert_relative_close("stat", stat, expected_stat, 1e-5)
     assert_relative_close("coef", coef, expected_coef, 1e-5)
     # The loss is the float64 mean or sum of the statistics the kernel returned, rounded once.
-    scale = 1 / stat.numel() if reduction == "mean" else 1.0
-    assert loss.item() == float(torch.tensor(stat.double().sum().item() * scale, dtype=torch.float32))
+    divisor = primitives.loss_divisor(reduction, *stat.shape)
+    assert loss.item() == float(torch.tensor(stat.double().sum().item() / divisor, dtype=torch.float32))
     assert_relative_close("loss", loss, expected_loss, 1e-5)
     if clip_value is not None:
         clipped = expected_stat == 0

@@ -2,7 +2,8 @@
 // semantics: sigreg_kernels/primitives.py): argument checks, output
 // allocation, the plan, dtype dispatch, one launch on the current stream
 // under a device guard. No other device work: no zero-fill, no copy of a
-// contiguous input. The kernels themselves are torch-free (sigreg_cuda_kernels.cu).
+// contiguous input (but statistic zeroes an arrival counter of its own when
+// the caller passes none). The kernels themselves are torch-free (sigreg_cuda_kernels.cu).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -13,6 +14,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <tuple>
 
@@ -112,9 +114,18 @@ void check_coef(const at::Tensor& coef, const at::Tensor& scale, const cuda::Pro
               x.device());
 }
 
+// statistic's arrival counter: int32, one element, on `device`; as the kernels see it.
+unsigned int* arrivals_ptr(const at::Tensor& arrivals, const at::Device& device) {
+  TORCH_CHECK(arrivals.scalar_type() == at::kInt && arrivals.numel() == 1 && arrivals.device() == device,
+              "sigreg: arrivals must be an int32 tensor of one element on ", device, ", got ",
+              arrivals.scalar_type(), " ", arrivals.sizes(), " on ", arrivals.device());
+  return reinterpret_cast<unsigned int*>(arrivals.data_ptr<int32_t>());
+}
+
 at::Tensor ecf_partials_cuda(const at::Tensor& x_in, const std::optional<at::Tensor>& directions_in, int64_t knots,
-                             double t_max) {
+                             double t_max, const std::optional<at::Tensor>& arrivals) {
   const cuda::Problem p = check_x(x_in, directions_in, knots, t_max);
+  unsigned int* arrivals_out = arrivals.has_value() ? arrivals_ptr(*arrivals, x_in.device()) : nullptr;
   const bool projected = !directions_in.has_value();
   const c10::cuda::CUDAGuard guard(x_in.device());
   const DeviceInfo device = device_info(x_in);
@@ -129,16 +140,18 @@ at::Tensor ecf_partials_cuda(const at::Tensor& x_in, const std::optional<at::Ten
                                 p.batch, p.samples, p.dim, p.slices, p.knots, p.delta,
                                 plan.k_tiles, plan.passes, plan.splits, plan.rows_per_split,
                                 rows_of_vectors(x.const_data_ptr(), x.size(2), x),
-                                !projected && rows_of_vectors(directions_ptr, p.slices, directions), 0};
+                                !projected && rows_of_vectors(directions_ptr, p.slices, directions),
+                                arrivals_out, 0};
   C10_CUDA_CHECK(cuda::launch_ecf_partials(plan, args, kernel_dtype(x.scalar_type()),
                                            product_mode(x.scalar_type(), projected),
                                            c10::cuda::getCurrentCUDAStream()));
   return partials;
 }
 
-std::tuple<at::Tensor, at::Tensor> statistic_cuda(const at::Tensor& partials_in, int64_t samples, int64_t knots,
-                                                  double t_max, c10::string_view reduction,
-                                                  std::optional<double> clip_value, double grad_factor) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> statistic_cuda(const at::Tensor& partials_in, int64_t samples,
+                                                              int64_t knots, double t_max, c10::string_view reduction,
+                                                              std::optional<double> clip_value, double grad_factor,
+                                                              const std::optional<at::Tensor>& arrivals_in) {
   TORCH_CHECK(partials_in.dim() == 5 && partials_in.size(2) == 2 && partials_in.size(4) == knots &&
                   partials_in.size(1) > 0,
               "sigreg: partials must be (B, S, 2, K, knots) with S >= 1 and knots = ", knots, ", got ",
@@ -157,23 +170,33 @@ std::tuple<at::Tensor, at::Tensor> statistic_cuda(const at::Tensor& partials_in,
     TORCH_CHECK(reduction == "none", "sigreg: reduction must be 'mean', 'sum' or 'none', got '", reduction, "'");
     kind = cuda::Reduction::kNone;
   }
+  if (arrivals_in.has_value()) arrivals_ptr(*arrivals_in, partials_in.device());
   const int64_t batch = partials_in.size(0), slices = partials_in.size(3);
   const c10::cuda::CUDAGuard guard(partials_in.device());
   const at::TensorOptions options = partials_in.options();
   at::Tensor stat = at::empty({batch, slices}, options);
   at::Tensor coef = at::empty({batch, 2, slices, knots}, options);
-  if (batch == 0 || slices == 0) return {stat, coef};
+  const bool mean = kind == cuda::Reduction::kMean;
+  if (batch == 0 || slices == 0) {  // no launch; the mean of nothing is NaN
+    return {stat, coef, at::full({}, mean ? std::numeric_limits<double>::quiet_NaN() : 0.0, options)};
+  }
+  at::Tensor loss = at::empty({}, options);
   const at::Tensor partials = partials_in.contiguous();
   const cuda::StatisticPlan plan = cuda::plan_statistic(batch, slices, knots);
-  const double factor = kind == cuda::Reduction::kMean ? grad_factor / static_cast<double>(batch * slices)
-                                                       : grad_factor;
+  // A counter of its own (a fill: one device op more) for callers without ecf_partials' zeroed one.
+  const at::Tensor arrivals = arrivals_in.has_value() ? *arrivals_in : at::zeros({1}, options.dtype(at::kInt));
+  const at::Tensor block_sums = at::empty({plan.blocks}, options.dtype(at::kDouble));  // every block writes its own
+  const double elements = static_cast<double>(batch * slices);
+  const double factor = mean ? grad_factor / elements : grad_factor;
   const cuda::StatisticArgs args{partials.const_data_ptr<float>(), stat.data_ptr<float>(), coef.data_ptr<float>(),
                                  batch, partials.size(1), slices, knots, samples,
                                  knot_spacing(static_cast<int>(knots), t_max), factor,
                                  clip_value.has_value(), static_cast<float>(clip_value.value_or(0.0)),
-                                 plan.slices_per_block, plan.cached, 0};
+                                 plan.slices_per_block, plan.cached, block_sums.data_ptr<double>(),
+                                 arrivals_ptr(arrivals, partials_in.device()), loss.data_ptr<float>(),
+                                 mean ? elements : 1.0, plan.blocks, 0};
   C10_CUDA_CHECK(cuda::launch_statistic(plan, args, c10::cuda::getCurrentCUDAStream()));
-  return {stat, coef};
+  return {stat, coef, loss};
 }
 
 // G of coef and scale at x (with directions) or at the projection x (without), into g.

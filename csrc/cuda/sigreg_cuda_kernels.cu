@@ -26,6 +26,10 @@
 //   the lanes of a column are reduced by shuffles once per block; partials are
 //   [B, S, 2, K, T] (4.6 MB at the headline), summed in double, in split order,
 //   by the statistic kernel (B K T work; blocks over (b, 7 slices) for T = 17).
+// - The statistic kernel also reduces stat to the loss, so the forward needs no
+//   reduction op: each block stores its sum, and the block that draws the last
+//   arrival ticket adds the blocks' sums in block order (one launch, no memset:
+//   ecf_partials zeroes the counter, the last block resets it).
 // - slice_gradient keeps its column's 2 x 16 coefficients in registers (loaded
 //   once per block) and writes G through shared memory with 16-byte stores.
 // - The product: 16-byte cp.async copies in a two-stage pipeline with one
@@ -40,10 +44,12 @@
 //   spills, ptxas warnings fatal): ecf_partials 92-128 registers (capped at 128
 //   by __launch_bounds__(256, 2)), 5-38 KB shared memory: 2 blocks per SM;
 //   slice_gradient 72-80 registers (cap 80: __launch_bounds__(256, 3)), 7-46 KB:
-//   3 blocks per SM; statistic 62 registers, 16 KB. The 32-byte stack frame is
+//   3 blocks per SM; statistic 60 registers, 16.3 KB. The 32-byte stack frame is
 //   the library sincosf's (|t p| > 8192 only).
 //
-// Deterministic: no atomics; every sum has an order fixed by the shapes.
+// Deterministic: every sum has an order fixed by the shapes, never by the order
+// blocks run in. One integer atomic per statistic block (its arrival ticket,
+// which only picks the block that sums); no float atomics.
 // Building blocks (tiles, shared memory, products) are in sigreg_cuda_tiles.cuh.
 #include "sigreg_cuda_tiles.cuh"
 
@@ -176,6 +182,9 @@ __global__ void __launch_bounds__(kThreads, kPartialsMinBlocks) ecf_partials_ker
     sum_cos[q] = column_sum<G::kRowGroups>(sum_cos[q]);
     sum_sin[q] = column_sum<G::kRowGroups>(sum_sin[q]);
   }
+  // The statistic kernel's arrival counter, zeroed here because this kernel always
+  // runs first: one store instead of a memset launch.
+  if (a.arrivals != nullptr && linear == 0 && threadIdx.x == 0) *a.arrivals = 0u;
   const int64_t k = k0 + col;
   if (k >= a.slices) return;
   const int rg = G::row_group();
@@ -197,11 +206,20 @@ __global__ void __launch_bounds__(kThreads, kPartialsMinBlocks) ecf_partials_ker
 
 // stat[b, k] and coef[b, :, k, :] for block (b, group of slices_per_block slices):
 // sums over the splits in double, in split order; then, per slice, the statistic
-// (clipped) and d loss / d sums, all in double, rounded once.
+// (clipped) and d loss / d sums, all in double, rounded once. Then the loss: the
+// block's statistics summed in slice order (double) to block_sums, and the block
+// that arrives last sums block_sums in block order (a fixed order, whichever block
+// that is) and resets the counter for the next call.
 __global__ void __launch_bounds__(kStatisticThreads) statistic_kernel(StatisticArgs a) {
-  __shared__ __align__(16) unsigned char smem[kStatisticCache * sizeof(double) + kStatisticSlices * sizeof(float)];
+  constexpr int kKeptOffset = kStatisticCache * sizeof(double);
+  constexpr int kValuesOffset = kKeptOffset + kStatisticSlices * sizeof(float);
+  constexpr int kLastOffset = kValuesOffset + kStatisticSlices * sizeof(float);
+  static_assert(kStatisticThreads <= kStatisticCache, "the loss's tree reduction reuses the cache");
+  __shared__ __align__(16) unsigned char smem[kLastOffset + sizeof(int)];
   double* cache = reinterpret_cast<double*>(smem);
-  float* kept = reinterpret_cast<float*>(smem + kStatisticCache * sizeof(double));
+  float* kept = reinterpret_cast<float*>(smem + kKeptOffset);      // 1: the slice's statistic is kept
+  float* values = reinterpret_cast<float*>(smem + kValuesOffset);  // the statistics as written to stat
+  int* last = reinterpret_cast<int*>(smem + kLastOffset);          // this block arrived last
   const int64_t groups = (a.slices + a.slices_per_block - 1) / a.slices_per_block;
   const int64_t linear = a.block_offset + blockIdx.x;
   const int64_t b = linear / groups, k0 = linear % groups * a.slices_per_block;
@@ -240,9 +258,18 @@ __global__ void __launch_bounds__(kStatisticThreads) statistic_kernel(StatisticA
     const float stat = static_cast<float>(samples * sum);
     const bool keep = !(a.clip && stat < a.clip_value);  // a NaN statistic stays NaN, as in the reference
     a.stat[b * a.slices + k0 + kk] = keep ? stat : 0.0f;
+    values[kk] = keep ? stat : 0.0f;
     kept[kk] = keep ? 1.0f : 0.0f;
   }
   __syncthreads();
+  unsigned int ticket = 0;
+  if (threadIdx.x == 0) {  // the ticket is drawn early: its round trip overlaps the coef loop
+    double block_sum = 0.0;
+    for (int64_t kk = 0; kk < count; ++kk) block_sum += static_cast<double>(values[kk]);
+    a.block_sums[linear] = block_sum;
+    __threadfence();  // block_sum is visible device-wide before the ticket counts this block
+    ticket = atomicAdd(a.arrivals, 1u);
+  }
   for (int64_t e = threadIdx.x; e < 2 * per_part; e += kStatisticThreads) {
     const int64_t part = e / per_part, r = e % per_part, kk = r / a.knots, j = r % a.knots;
     const double mean = (a.cached ? cache[e] : total(e)) / samples;
@@ -251,6 +278,27 @@ __global__ void __launch_bounds__(kStatisticThreads) statistic_kernel(StatisticA
     const double d_sum = 2.0 * w * (part == 0 ? mean - phi : mean);  // d stat / d sum, times N
     a.coef[(b * 2 + part) * a.slices * a.knots + k0 * a.knots + r] =
         static_cast<float>(a.factor * d_sum * static_cast<double>(kept[kk]));  // NaN stays NaN when clipped
+  }
+  if (threadIdx.x == 0) *last = ticket == static_cast<unsigned int>(a.blocks - 1) ? 1 : 0;
+  __syncthreads();  // *last is set, and the cache is free: the coef loop is done with it
+  if (*last == 0) return;
+  // The last block: every block's sum is in block_sums (each fenced it before its
+  // ticket; this fence orders the reads after the ticket). __ldcg reads L2, not a
+  // stale L1 line. Thread t sums blocks t, t + 256, ... in order, then a tree.
+  __threadfence();
+  double* partial = cache;
+  double sum = 0.0;
+  for (int64_t i = threadIdx.x; i < a.blocks; i += kStatisticThreads) sum += __ldcg(a.block_sums + i);
+  partial[threadIdx.x] = sum;
+  __syncthreads();
+#pragma unroll
+  for (unsigned int width = kStatisticThreads / 2; width > 0; width /= 2) {
+    if (threadIdx.x < width) partial[threadIdx.x] += partial[threadIdx.x + width];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    a.loss[0] = static_cast<float>(partial[0] / a.loss_divisor);
+    *a.arrivals = 0u;  // left as found: the op does not mutate its counter
   }
 }
 
@@ -443,6 +491,7 @@ cudaError_t launch_ecf_partials(const PartialsPlan& plan, PartialsArgs args, DTy
 
 cudaError_t launch_statistic(const StatisticPlan& plan, StatisticArgs args, cudaStream_t stream,
                              int64_t max_grid_x) {
+  if (plan.blocks > int64_t{0xFFFFFFFF} || args.blocks != plan.blocks) return cudaErrorInvalidValue;  // 32-bit tickets
   return launch_blocks(plan.blocks, args, max_grid_x, [&](unsigned int blocks) {
     statistic_kernel<<<dim3(blocks), dim3(kStatisticThreads), 0, stream>>>(args);
   });

@@ -6,7 +6,9 @@
 // The kernels are those of sigreg_kernels/primitives.py, each one launch:
 //   ecf_partials    x [B, N, D] (+ directions [D, K], or none: P = x, K = D)
 //                   -> partials [B, S, 2, K, T] float
-//   statistic       partials -> stat [B, K], coef [B, 2, K, T] float
+//   statistic       partials -> stat [B, K], coef [B, 2, K, T] float, and the
+//                   reduced loss (a float scalar), with the arrival counter that
+//                   ecf_partials zeroes (unsigned int, one element)
 //   slice_gradient  coef, scale [B, K] (any strides), x (+ directions) -> G [B, N, K]
 //                   in x's type; with no directions G may overwrite x (slice_gradient_).
 // x, directions, partials and coef are contiguous.
@@ -153,7 +155,8 @@ struct PartialsArgs {
   float delta;
   int64_t k_tiles, passes, splits, rows_per_split;
   bool x_vec, directions_vec;
-  int64_t block_offset;  // first block of this launch
+  unsigned int* arrivals;  // set to 0 by block 0 (one store), or nullptr: statistic's arrival counter
+  int64_t block_offset;    // first block of this launch
 };
 cudaError_t launch_ecf_partials(const PartialsPlan& plan, PartialsArgs args, DType dtype, Mode mode,
                                 cudaStream_t stream, int64_t max_grid_x = kMaxGridX);
@@ -168,8 +171,17 @@ struct StatisticArgs {
   float clip_value;
   int64_t slices_per_block;
   bool cached;
+  // The loss: each block's sum of its statistics to block_sums[block] (plan.blocks
+  // doubles, uninitialized); the block that draws the last ticket from arrivals
+  // (holding 0; left at 0) writes loss[0] = their sum / loss_divisor, in block order.
+  double* block_sums;
+  unsigned int* arrivals;
+  float* loss;
+  double loss_divisor;  // B K for a mean, 1 for a sum
+  int64_t blocks;     // plan.blocks: over all launches
   int64_t block_offset;
 };
+// cudaErrorInvalidValue past 2^32 - 1 blocks (the arrival counter's range) or if args.blocks != plan.blocks.
 cudaError_t launch_statistic(const StatisticPlan& plan, StatisticArgs args, cudaStream_t stream,
                              int64_t max_grid_x = kMaxGridX);
 

@@ -21,6 +21,11 @@
 // another thread without a barrier after it, sees the old (poisoned) bytes.
 // Launches are counted (the tests check one launch per kernel call) and the
 // grid's x cap can be lowered (to test the multi-launch path).
+// Since one thread runs at a time, global memory is always coherent: atomicAdd
+// is a plain read-modify-write (no fiber switch inside it, so no race),
+// __threadfence only a fence, __ldcg a plain load. What the device's memory
+// model adds (a block that sees another's ticket before its data) is not
+// emulated; the order in which blocks arrive is (ascending or descending).
 //
 // The test rewrites the two constructs g++ cannot parse: `kernel<<<grid,
 // block, shared, stream>>>(args)` becomes `::emu::launch(grid, block, shared,
@@ -32,6 +37,7 @@
 #include <ucontext.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -379,6 +385,17 @@ inline void __stcg(uint4* address, uint4 value) {
     emu::report(emu::block_name() + ": a 16-byte store to an address that is not 16-byte aligned");
   std::memcpy(address, &value, sizeof(value));
 }
+
+// ---- Atomics, fences and cache-hinted loads: one thread runs at a time ----
+inline unsigned int atomicAdd(unsigned int* address, unsigned int value) {
+  const unsigned int old = *address;
+  *address = old + value;
+  return old;
+}
+
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+
+inline double __ldcg(const double* address) { return *address; }
 
 inline cudaError_t cudaGetLastError() {
   const cudaError_t error = emu::state.last_error;
