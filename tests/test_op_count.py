@@ -2,9 +2,10 @@
 
 Counted with a dispatch mode (tests/op_counter.py): every aten op and every op of
 the library counts, views and allocations do not. The CUDA kernels need a GPU, so
-the orchestration is counted with the contract's kernels registered as one op
-each (tests/contract_kernels.py); the emulated CUDA tests check that each CUDA op
-is one launch, and the Triton tests count the Triton backend itself.
+the orchestration is counted here with the contract's kernels registered as one
+op each (tests/contract_kernels.py); test_cuda_registered_ops.py counts it through
+the CUDA backend's registered ops (the emulated kernels as their CPU kernels),
+test_triton.py through the Triton backend's (interpreted), test_cuda.py on a GPU.
 """
 
 import pytest
