@@ -35,7 +35,7 @@ declare -A LIMIT=([build]=150 [parity]=75 [bench]=125 [sanitize]=45 [sweep]=80 [
 SHARE_LEFTOVER=" tests train step "
 declare -A WHAT=(
   [build]="versions, nvidia-smi; build for this GPU's arch only (FORCE_CUDA=1, MAX_JOBS=16), ptxas -v, cuobjdump"
-  [parity]="parity smoke: cuda, triton x fp32/bf16/fp16 vs a float64 oracle on the GPU, bit-identical rerun"
+  [parity]="parity smoke: cuda, triton x fp32/bf16/fp16 vs a float64 oracle on the GPU, bit-identical rerun, the losses = their statistics' sum"
   [bench]="headline N=4096 D=512 K=1024: reference, reference+compile, triton, cuda; bf16, fp32; memory, floor"
   [sanitize]="compute-sanitizer: memcheck cuda, memcheck triton, racecheck cuda, side by side"
   [sweep]="bf16 fwd+bwd at N=4096: K 256, 4096 at D=512; D 64, 2048 at K=1024 (the headline is the middle)"

@@ -12,8 +12,13 @@ tests/helpers.py ``assert_matches_oracle``: float32 inputs 1e-5, or where larger
 twice the float32 reference's own error or one float32 ulp of the largest angle;
 16-bit inputs 1e-4 for the statistics (exact products, float32 sums: a dropped row
 tile at large N and |x| ~ 10 moves them by ~2e-3) and 2e-2 for the gradients
-(returned in the input dtype). Public API only. Every case runs; the exit status
-is 1 if any failed.
+(returned in the input dtype). Then the scalar losses (``reduction="mean"`` and
+``"sum"``): on the fused backends, whose statistic kernel reduces them across its
+blocks (the last block to arrive sums the others' partial sums), each must equal
+the float64 sum of the case's own statistics, rounded once, bit for bit, in every
+one of several reruns (a block that read another's partial sum too early would
+show here); elsewhere within the value bound. Public API only. Every case runs;
+the exit status is 1 if any failed.
 """
 
 import argparse
@@ -29,6 +34,8 @@ import torch
 from sigreg_kernels import sigreg, sigreg_reference
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FUSED_BACKENDS = ("cuda", "triton")  # the statistic kernel reduces the loss itself
+LOSS_RERUNS = 5
 LOW_PRECISION_VALUE_TOL, LOW_PRECISION_GRAD_TOL = 1e-4, 2e-2
 T_MAX = 3.0  # the default quadrature, whose largest knot sets the largest angle
 
@@ -46,6 +53,7 @@ def cases(headline):
         ("single", (), 1, 1, 1, 1.0),
         ("D=1-x1e-3", (3,), 129, 1, 70, 1e-3),
         ("D>256", (), 130, 257, 67, 1.0),
+        ("many-blocks", (8,), 32, 8, 2048, 1.0),  # the statistic's loss over thousands of blocks
     ]
 
 
@@ -88,15 +96,33 @@ def tolerances(x, directions, weight, truth):
     return [max(1e-5, 2 * relative_error(r, t), angle_ulp) for r, t in zip(ref32, truth)]
 
 
-def check(fn, x, directions, weight):
-    """(passed, summary) of one case: errors against the oracle, dtypes, a bit-identical rerun."""
+def check_losses(backend, x, directions, stat, truth_stat, value_tol):
+    """(passed, summary parts) of the mean and sum losses of one case: see the module's docstring."""
+    passed, parts = True, []
+    for reduction in ("mean", "sum"):
+        divisor = stat.numel() if reduction == "mean" else 1
+        runs = [sigreg(x, directions, backend=backend, reduction=reduction) for _ in range(LOSS_RERUNS)]
+        if backend in FUSED_BACKENDS:
+            exact = (stat.double().sum() / divisor).float()
+            ok = all(torch.equal(run, exact) for run in runs)
+            parts.append(f"{reduction} {'= ' if ok else 'DIFFERS from '}its stats' sum x{LOSS_RERUNS}")
+        else:
+            err = relative_error(runs[0], truth_stat.sum() / divisor)
+            ok = err <= value_tol and all(torch.equal(run, runs[0]) for run in runs)
+            parts.append(f"{reduction} {err:.1e}{'<=' if ok else ' > '}{value_tol:.0e}")
+        passed &= ok
+    return passed, parts
+
+
+def check(fn, x, directions, weight, backend):
+    """(passed, summary) of one case: errors against the oracle, dtypes, a bit-identical rerun, the losses."""
     ours = values_and_grads(fn, x, directions, weight)
     # float64 leaves: the oracle's gradients are not rounded to a 16-bit input dtype.
     truth = values_and_grads(lambda a, b: sigreg_reference(a, b, reduction="none"),
                              x.double(), directions.double(), weight)
     passed, parts = True, []
-    for name, actual, expected, tol in zip(("value", "grad_x", "grad_dir"), ours, truth,
-                                           tolerances(x, directions, weight, truth)):
+    bounds = tolerances(x, directions, weight, truth)
+    for name, actual, expected, tol in zip(("value", "grad_x", "grad_dir"), ours, truth, bounds):
         if actual.shape != expected.shape:
             passed = False
             parts.append(f"{name} shape {tuple(actual.shape)} != {tuple(expected.shape)}")
@@ -112,7 +138,8 @@ def check(fn, x, directions, weight):
     identical = all(torch.equal(a, b) for a, b in zip(ours, again))
     passed &= identical
     parts.append("rerun bit-identical" if identical else "rerun DIFFERS")
-    return passed, "  ".join(parts)
+    losses_passed, loss_parts = check_losses(backend, x, directions, ours[0], truth[0], bounds[0])
+    return passed and losses_passed, "  ".join(parts + loss_parts)
 
 
 def run_cases(args):
@@ -127,7 +154,7 @@ def run_cases(args):
                 try:
                     x, directions, weight = make_case(batch_shape, samples, dim, slices, scale,
                                                       DTYPES[dtype_name], args.device, args.seed)
-                    passed, summary = check(loss_fn(backend), x, directions, weight)
+                    passed, summary = check(loss_fn(backend), x, directions, weight, backend)
                     if args.device == "cuda":
                         torch.cuda.synchronize()
                     status = "PASS" if passed else "FAIL"

@@ -112,10 +112,10 @@ def test_parity_smoke_self_test_on_cpu():
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = [line for line in result.stdout.splitlines() if line.startswith(("PASS", "FAIL", "ERROR"))]
-    assert len(lines) == 2 * 7 and all(line.startswith("PASS") for line in lines)
-    assert all("rerun bit-identical" in line for line in lines)
+    assert len(lines) == 2 * 8 and all(line.startswith("PASS") for line in lines)
+    assert all("rerun bit-identical" in line and "mean " in line and "sum " in line for line in lines)
     assert {line.split()[2] for line in lines} == {"float32", "bfloat16"}
-    assert "all groups: 14 cases, 14 passed, 0 failed" in result.stdout
+    assert "all groups: 16 cases, 16 passed, 0 failed" in result.stdout
 
 
 def test_parity_smoke_reports_every_failure_and_goes_on(monkeypatch, capsys):
@@ -135,11 +135,36 @@ def test_parity_smoke_reports_every_failure_and_goes_on(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert code == 1
     lines = [line for line in out.splitlines() if line.startswith(("PASS", "FAIL", "ERROR"))]
-    assert [line.split()[0] for line in lines] == ["FAIL"] * 4 + ["ERROR"] + ["FAIL"] * 2
+    assert [line.split()[0] for line in lines] == ["FAIL"] * 4 + ["ERROR"] + ["FAIL"] * 3
     assert "RuntimeError: kernel launch failed" in lines[4]
     for line in lines[:4] + lines[5:]:
         assert re.search(r"value 1\.0e-03 > 1e-04", line) and line.count("<=2e-02") == 2, line
-    assert "7 cases, 0 passed, 7 failed" in out
+    assert "8 cases, 0 passed, 8 failed" in out
+
+
+def test_parity_smoke_catches_a_loss_that_is_not_its_statistics_sum(monkeypatch, capsys):
+    """A fused backend's loss must be the float64 sum of its own statistics, rounded once, in every rerun:
+    one rerun one ulp off (a block that read another's partial sum too early) fails its case, and only it."""
+    smoke = load_parity_smoke()
+    calls = {"reduced": 0}
+
+    def fused_like(x, directions, backend, reduction):
+        stat = sigreg(x, directions, backend="cpu", reduction="none")
+        if reduction == "none":
+            return stat
+        loss = (stat.double().sum() / (stat.numel() if reduction == "mean" else 1)).float()
+        calls["reduced"] += 1
+        if calls["reduced"] == 3:
+            loss = torch.nextafter(loss, torch.tensor(float("inf")))
+        return loss
+
+    monkeypatch.setattr(smoke, "sigreg", fused_like)
+    monkeypatch.setattr(smoke, "FUSED_BACKENDS", ("cpu",))
+    code = smoke.main(["--device", "cpu", "--backends", "cpu", "--dtypes", "float32", "--headline", "64,8,16"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("PASS", "FAIL", "ERROR"))]
+    assert code == 1
+    assert [line.split()[0] for line in lines] == ["FAIL"] + ["PASS"] * 7, lines
+    assert "mean DIFFERS from its stats' sum" in lines[0] and "sum = its stats' sum" in lines[0]
 
 
 # ---- the 16-bit value bound of tests/helpers.py: the 2e-2 it replaced let a dropped row tile through
