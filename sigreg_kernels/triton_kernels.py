@@ -30,7 +30,7 @@ numbers are bench/cost_model.py's, from these kernels compiled for sm_90):
 - Grids (triton_plan.py): ecf_partials (K blocks x knot chunks, row splits S, B),
   slice_gradient (K blocks, row groups, B), S and the groups chosen for 2-4 nearly
   whole waves of the blocks per SM the compiled resources allow. Headline: forward
-  128 x 16 tiles, 127 registers, 176 KB shared (1 block of 8 warps per SM), 8 x 64 =
+  128 x 16 tiles, 126 registers, 176 KB shared (1 block of 8 warps per SM), 8 x 64 =
   512 blocks = 3.9 waves; backward 128 x 32, 128 registers, 196 KB, 512 blocks, 3.9
   waves. Model: 31 us each (element work + in-kernel MMA, 20 us floor each), fwd+bwd
   79 us against a 45 us floor (1.75x).
@@ -322,17 +322,38 @@ def _projection_t(a_res, a_ptr, x_b, rk, k_valid, rn, n_valid, D,
 
 
 @triton.jit
-def _store_partials(out, stride_oc, acc_c, acc_s, knot, k_valid, nan0, rows, KNOTS: tl.constexpr,
-                    KC: tl.constexpr, FIRST_CHUNK):
-    """Sum the lane partials [BK, L1, L2, KC] once, store knots [1 + q KC, ...) (and knot 0)."""
+def _accumulate_tile(acc_c, acc_s, acc_0, p, rows_valid, delta, t_first, KNOTS: tl.constexpr, KC: tl.constexpr,
+                     TILE: tl.constexpr, WARPS_N: tl.constexpr):
+    """Adds a tile of P to the sums: cos|sin(t_j p) at the chunk's knots, and 0 * p (NaN where p is not finite)."""
+    nan_p, _ = _cs_sums(p * 0.0, p, TILE, WARPS_N)
+    s1, c1 = _sincos(p * delta)
+    if KNOTS - 1 <= KC:  # one chunk: its first knot is t_1 = delta
+        s, c = s1, c1
+    else:
+        s, c = _sincos(p * t_first)
+    # Rows past the end (p = 0) start at 0 and stay 0 under rotation.
+    c = tl.where(rows_valid, c, 0.0)
+    s = tl.where(rows_valid, s, 0.0)
+    acc_c, acc_s = _knot_sums(acc_c, acc_s, c, s, c1, s1, KC, TILE, WARPS_N)
+    return acc_c, acc_s, acc_0 + nan_p
+
+
+@triton.jit
+def _store_partials(out_ptr, b, split, rk, k_valid, first_knot, rows, acc_c, acc_s, acc_0,
+                    stride_ob, stride_os, stride_oc, stride_ok, KNOTS: tl.constexpr, KC: tl.constexpr):
+    """Sum the lane partials [BK, L1, L2, KC] once, store the split's knots [first_knot, +KC)
+    (and knot 0 for the first chunk)."""
+    out = out_ptr + b * stride_ob + split.to(tl.int64) * stride_os + rk[:, None] * stride_ok
+    knot = first_knot + tl.arange(0, KC)[None, :]
     sums_c = _sum(_sum(acc_c, 2), 1)  # [BK, KC]
     sums_s = _sum(_sum(acc_s, 2), 1)
     mask = k_valid[:, None] & (knot < KNOTS)
     tl.store(out + knot, sums_c, mask=mask)
     tl.store(out + stride_oc + knot, sums_s, mask=mask)
-    if FIRST_CHUNK:
+    if first_knot == 1:
         # Knot 0: cos(0 p) = 1 per row, sin(0 p) = 0, NaN where p is NaN or infinite.
-        tl.store(out, rows + nan0, mask=k_valid[:, None])
+        nan0 = _sum(_sum(acc_0, 2), 1)[:, None]
+        tl.store(out, rows.to(tl.float32) + nan0, mask=k_valid[:, None])
         tl.store(out + stride_oc, nan0, mask=k_valid[:, None])
 
 
@@ -395,23 +416,10 @@ def ecf_partials_kernel(
         p = _projection_t(a_res, a_ptr, x_b, rk, k_valid, rn, n_valid, D,
                           stride_xn, stride_xd, stride_ad, stride_ak,
                           BLOCK_K, BLOCK_N, BLOCK_D, RESIDENT, PRECISION, DOT_UPCAST)
-        nan_p, _ = _cs_sums(p * 0.0, p, MMA_TILE, WARPS_N)
-        acc_0 += nan_p  # 0, or NaN where p is not finite
-        s1, c1 = _sincos(p * delta)
-        if KNOTS - 1 <= KC:  # one chunk: its first knot is t_1 = delta
-            s, c = s1, c1
-        else:
-            s, c = _sincos(p * t_first)
-        # Rows past the end (p = 0) start at 0 and stay 0 under rotation.
-        c = tl.where(n_valid[None, :], c, 0.0)
-        s = tl.where(n_valid[None, :], s, 0.0)
-        acc_c, acc_s = _knot_sums(acc_c, acc_s, c, s, c1, s1, KC, MMA_TILE, WARPS_N)
-
-    out = (out_ptr + b * stride_ob + split.to(tl.int64) * stride_os + rk[:, None] * stride_ok)
-    knot = first_knot + tl.arange(0, KC)[None, :]
-    nan0 = _sum(_sum(acc_0, 2), 1)
-    _store_partials(out, stride_oc, acc_c, acc_s, knot, k_valid, nan0[:, None],
-                    (row_end - row_start).to(tl.float32), KNOTS, KC, chunk == 0)
+        acc_c, acc_s, acc_0 = _accumulate_tile(acc_c, acc_s, acc_0, p, n_valid[None, :], delta, t_first,
+                                               KNOTS, KC, MMA_TILE, WARPS_N)
+    _store_partials(out_ptr, b, split, rk, k_valid, first_knot, row_end - row_start, acc_c, acc_s, acc_0,
+                    stride_ob, stride_os, stride_oc, stride_ok, KNOTS, KC)
 
 
 @triton.jit
@@ -465,22 +473,10 @@ def ecf_partials_projected_kernel(
     for n0 in range(row_start, row_end, BLOCK_N):
         offsets, mask, rows = _rows_tile(n0, row_end, pid_k * BLOCK_K, K, stride_pn, stride_pk, BLOCK_N, BLOCK_K)
         p = tl.reshape(tl.load(p_b + offsets, mask=mask, other=0.0), (BLOCK_N, BLOCK_K)).to(tl.float32)
-        nan_p, _ = _cs_sums(p * 0.0, p, ROWS_TILE, 1)
-        acc_0 += nan_p
-        s1, c1 = _sincos(p * delta)
-        if KNOTS - 1 <= KC:
-            s, c = s1, c1
-        else:
-            s, c = _sincos(p * t_first)
-        c = tl.where(rows, c, 0.0)
-        s = tl.where(rows, s, 0.0)
-        acc_c, acc_s = _knot_sums(acc_c, acc_s, c, s, c1, s1, KC, ROWS_TILE, 1)
-
-    out = (out_ptr + b * stride_ob + split.to(tl.int64) * stride_os + rk[:, None] * stride_ok)
-    knot = first_knot + tl.arange(0, KC)[None, :]
-    nan0 = _sum(_sum(acc_0, 2), 1)
-    _store_partials(out, stride_oc, acc_c, acc_s, knot, k_valid, nan0[:, None],
-                    (row_end - row_start).to(tl.float32), KNOTS, KC, chunk == 0)
+        acc_c, acc_s, acc_0 = _accumulate_tile(acc_c, acc_s, acc_0, p, rows, delta, t_first, KNOTS, KC,
+                                               ROWS_TILE, 1)
+    _store_partials(out_ptr, b, split, rk, k_valid, first_knot, row_end - row_start, acc_c, acc_s, acc_0,
+                    stride_ob, stride_os, stride_oc, stride_ok, KNOTS, KC)
 
 
 @triton.jit
@@ -573,13 +569,30 @@ def _load_gamma(coef_b, stride_cc, stride_ck, rk, k_valid, scale_k, knot, delta,
 
 
 @triton.jit
+def _program_gamma(coef_b, stride_cc, stride_ck, rk, k_valid, scale_k, delta, KNOTS: tl.constexpr,
+                   KC: tl.constexpr, BLOCK_K: tl.constexpr, TILE: tl.constexpr):
+    """A program's gamma, loaded once where all knots fit one chunk; else zeros (not read:
+    _gradient reloads gamma per chunk)."""
+    if KNOTS - 1 <= KC:
+        knot = 1 + tl.arange(0, KC)[None, None, :]
+        g_re, g_im = _load_gamma(coef_b, stride_cc, stride_ck, rk, k_valid, scale_k, knot, delta, KNOTS, TILE)
+    elif TILE == MMA_TILE:
+        g_re = tl.full([BLOCK_K, 1, KC], 0.0, tl.float32)
+        g_im = tl.full([BLOCK_K, 1, KC], 0.0, tl.float32)
+    else:
+        g_re = tl.full([1, BLOCK_K, KC], 0.0, tl.float32)
+        g_im = tl.full([1, BLOCK_K, KC], 0.0, tl.float32)
+    return g_re, g_im
+
+
+@triton.jit
 def _gradient(p, coef_b, stride_cc, stride_ck, rk, k_valid, scale_k, delta, g_re, g_im,
-              KNOTS: tl.constexpr, KC: tl.constexpr, ONE_CHUNK: tl.constexpr, TILE: tl.constexpr):
+              KNOTS: tl.constexpr, KC: tl.constexpr, TILE: tl.constexpr):
     """G on a tile of p: Re(sum_j gamma_j z^j), z = e^{i delta p}, Horner from the top knot."""
     s1, c1 = _sincos(p * delta)
     h_re = tl.full(p.shape, 0.0, tl.float32)
     h_im = tl.full(p.shape, 0.0, tl.float32)
-    if ONE_CHUNK:
+    if KNOTS - 1 <= KC:  # gamma as _program_gamma loaded it
         h_re, h_im = _horner(h_re, h_im, g_re, g_im, c1, s1, KC)
     else:
         # More than 16 knots: chunks of 16 from the top, gamma reloaded per chunk (L1).
@@ -622,13 +635,8 @@ def slice_gradient_kernel(
     scale_k = tl.load(scale_ptr + b * stride_sb + rk * stride_sk, mask=k_valid, other=0.0)
     row_start = group * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, N)
-    ONE_CHUNK: tl.constexpr = KNOTS - 1 <= KC
-    if ONE_CHUNK:
-        knot = 1 + tl.arange(0, KC)[None, None, :]
-        g_re, g_im = _load_gamma(coef_b, stride_cc, stride_ck, rk, k_valid, scale_k, knot, delta, KNOTS, MMA_TILE)
-    else:
-        g_re = tl.full([BLOCK_K, 1, KC], 0.0, tl.float32)
-        g_im = tl.full([BLOCK_K, 1, KC], 0.0, tl.float32)
+    g_re, g_im = _program_gamma(coef_b, stride_cc, stride_ck, rk, k_valid, scale_k, delta, KNOTS, KC, BLOCK_K,
+                                MMA_TILE)
     if RESIDENT:
         a_res = _load_directions_t(a_ptr, rk, k_valid, 0, D, stride_ad, stride_ak, BLOCK_D)
     else:
@@ -640,7 +648,7 @@ def slice_gradient_kernel(
                           stride_xn, stride_xd, stride_ad, stride_ak,
                           BLOCK_K, BLOCK_N, BLOCK_D, RESIDENT, PRECISION, DOT_UPCAST)
         grad = _gradient(p, coef_b, stride_cc, stride_ck, rk, k_valid, scale_k, delta, g_re, g_im,
-                         KNOTS, KC, ONE_CHUNK, MMA_TILE)
+                         KNOTS, KC, MMA_TILE)
         out = g_b + rn.to(tl.int64)[None, :] * stride_gn + rk.to(tl.int64)[:, None] * stride_gk
         tl.store(out, grad.to(g_ptr.dtype.element_ty), mask=k_valid[:, None] & n_valid[None, :])
 
@@ -671,18 +679,13 @@ def slice_gradient_projected_kernel(
     scale_k = tl.load(scale_ptr + b * stride_sb + rk * stride_sk, mask=k_valid, other=0.0)
     row_start = group * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, N)
-    ONE_CHUNK: tl.constexpr = KNOTS - 1 <= KC
-    if ONE_CHUNK:
-        knot = 1 + tl.arange(0, KC)[None, None, :]
-        g_re, g_im = _load_gamma(coef_b, stride_cc, stride_ck, rk, k_valid, scale_k, knot, delta, KNOTS, ROWS_TILE)
-    else:
-        g_re = tl.full([1, BLOCK_K, KC], 0.0, tl.float32)
-        g_im = tl.full([1, BLOCK_K, KC], 0.0, tl.float32)
+    g_re, g_im = _program_gamma(coef_b, stride_cc, stride_ck, rk, k_valid, scale_k, delta, KNOTS, KC, BLOCK_K,
+                                ROWS_TILE)
     for n0 in range(row_start, row_end, BLOCK_N):
         offsets, mask, _ = _rows_tile(n0, row_end, pid_k * BLOCK_K, K, stride_pn, stride_pk, BLOCK_N, BLOCK_K)
         p = tl.reshape(tl.load(p_b + offsets, mask=mask, other=0.0), (BLOCK_N, BLOCK_K)).to(tl.float32)
         grad = _gradient(p, coef_b, stride_cc, stride_ck, rk, k_valid, scale_k, delta, g_re, g_im,
-                         KNOTS, KC, ONE_CHUNK, ROWS_TILE)
+                         KNOTS, KC, ROWS_TILE)
         if SAME_STRIDES:  # in place, or G laid out as P: the same offsets
             out = g_b + offsets
         else:

@@ -240,11 +240,11 @@ def ecf_partials_args(x, directions, partials, kernel_plan, knots: int, t_max: f
 
 
 def statistic_args(partials, stat, coef, block_sums, loss, arrivals, kernel_plan, samples: int, knots: int,
-                   t_max: float, factor: float, clip_value: Optional[float], loss_divisor: int):
+                   t_max: float, factor: float, clip_value: Optional[float], divisor: int):
     _, splits, _, slices, _ = partials.shape
     tile = kernel_plan.tile
     args = (partials, stat, coef, block_sums, loss, arrivals, splits, slices, triton.cdiv(slices, tile["BLOCK_K"]),
-            kernel_plan.grid[0], loss_divisor, *partials.stride()[:4], *stat.stride(), *coef.stride()[:3],
+            kernel_plan.grid[0], divisor, *partials.stride()[:4], *stat.stride(), *coef.stride()[:3],
             float(samples), knot_spacing(knots, t_max), factor, 0.0 if clip_value is None else float(clip_value))
     meta = {"KNOTS": knots, "KNOTS_PAD": tile["KNOTS_PAD"], "HAS_CLIP": clip_value is not None,
             "BLOCK_K": tile["BLOCK_K"], "SUM_BLOCK": tile["SUM_BLOCK"], "num_warps": tile["num_warps"],
