@@ -65,6 +65,13 @@ def values_and_grads(fn, x, directions, weight):
     return stat.detach(), grad_x, grad_directions
 
 
+def loss_and_grads(fn, x, directions=None):
+    """``[loss, grad_x(, grad_directions)]`` of the scalar ``fn(x(, directions))``, on fresh leaf copies."""
+    inputs = [x.clone().requires_grad_()] + ([] if directions is None else [directions.clone().requires_grad_()])
+    loss = fn(*inputs)
+    return [loss, *torch.autograd.grad(loss, inputs)]
+
+
 # Bounds for 16-bit inputs (assert_matches_oracle says why they differ).
 LOW_PRECISION_VALUE_TOL = 1e-4
 LOW_PRECISION_GRAD_TOL = 2e-2

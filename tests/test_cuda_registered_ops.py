@@ -15,7 +15,7 @@ import shutil
 import pytest
 import torch
 from emulated_cuda import EmulatedKernels, build
-from helpers import assert_relative_close, random_case
+from helpers import assert_relative_close, loss_and_grads, random_case
 from op_counter import OpCounter
 
 from sigreg_kernels import fused
@@ -137,15 +137,10 @@ def test_torch_compile_fullgraph_matches_eager(with_directions):
     x, directions = random_case((2,), 50, 12, 30, dtype=torch.bfloat16)
     directions = directions if with_directions else None
 
-    def loss_and_grads(fn):
-        inputs = [x.clone().requires_grad_()] + ([directions.clone().requires_grad_()] if with_directions else [])
-        loss = fn(*inputs)
-        return [loss, *torch.autograd.grad(loss, inputs)]
-
     def sigreg_cuda(x, directions=None):
         return cuda_path(x, directions)
 
-    eager = loss_and_grads(sigreg_cuda)
-    compiled = loss_and_grads(torch.compile(sigreg_cuda, fullgraph=True))
+    eager = loss_and_grads(sigreg_cuda, x, directions)
+    compiled = loss_and_grads(torch.compile(sigreg_cuda, fullgraph=True), x, directions)
     for actual, expected in zip(compiled, eager):
         torch.testing.assert_close(actual, expected, rtol=0, atol=0)  # the same kernels, in the same order

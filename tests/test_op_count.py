@@ -10,7 +10,7 @@ test_triton.py through the Triton backend's (interpreted), test_cuda.py on a GPU
 
 import pytest
 import torch
-from helpers import random_case
+from helpers import loss_and_grads, random_case
 import contract_kernels
 from op_counter import OpCounter
 
@@ -90,15 +90,10 @@ def test_fused_path_compiles_whole_and_matches_eager(directions_given):
     x, directions = random_case((2,), 40, 8, 12, dtype=torch.bfloat16)
     directions = directions if directions_given else None
 
-    def loss_and_grads(fn):
-        inputs = [x.clone().requires_grad_()] + ([directions.clone().requires_grad_()] if directions_given else [])
-        loss = fn(*inputs)
-        return [loss, *torch.autograd.grad(loss, inputs)]
-
     def sigreg_contract(x, directions=None):
         return fused.fused_sigreg("contract", x, directions, 17, 3.0, "mean", 0.001)
 
-    eager = loss_and_grads(sigreg_contract)
-    compiled = loss_and_grads(torch.compile(sigreg_contract, fullgraph=True))
+    eager = loss_and_grads(sigreg_contract, x, directions)
+    compiled = loss_and_grads(torch.compile(sigreg_contract, fullgraph=True), x, directions)
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b)  # Inductor may sum the mean in another order
