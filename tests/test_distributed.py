@@ -65,6 +65,17 @@ def worker(rank, port, backend, results_path):
         out.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
     dist.all_reduce = real_all_reduce
     torch.save({"out": out, "calls": calls, "step": module.step.item()}, f"{results_path}.{rank}")
+    del ddp
+    shut_down()
+
+
+def shut_down():
+    """Destroys the process group once every rank is done (call it after the DDP modules are gone).
+
+    Without the barrier, and with DDP still alive (torn down at the worker's return), one rank
+    sometimes hung forever once the other had exited: about 1 run in 4 of this test.
+    """
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers import assert_relative_close, random_case
-from test_distributed import SAMPLES, SLICES, WORLD, free_port, make_problem
+from test_distributed import SAMPLES, SLICES, WORLD, free_port, make_problem, shut_down
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sigreg_kernels
@@ -445,7 +445,8 @@ def worker(rank, port, results_path):
         if variant != "univariate":
             results[variant + "_step"] = loss_fn.global_step.item()
     torch.save(results, f"{results_path}.{rank}")
-    dist.destroy_process_group()
+    del ddp
+    shut_down()
 
 
 def test_two_processes_match_one_process_on_the_global_batch(tmp_path):
