@@ -22,7 +22,7 @@ Time of one of the backend's kernels:
     t_mma  = 2 B N D K / (tensor-core peak x e_mma)    e_mma by the SASS: HGMMA 0.60, HMMA 0.40
     t_fp32 = slots / (issue rate x 0.80 x hide)         issue rate = SMs x 128 x clock
              slots per element p (B N K of them) = sincos 32 + (T-1) x (rotation 4 + accumulation 2)
-             + 4 (forward) or 6 (backward); hide = min(1, resident warps per scheduler / 2)
+             + 7 (forward) or 6 (backward); hide = min(1, resident warps per scheduler / 2)
     t_dram = bytes / (HBM peak x achievable fraction)   x and A once, G (backward), partials, coef
     t_l2   = tiles re-read / L2 bandwidth: x once per slice tile (B N D K / BLOCK_K x size), A once
              per row tile (B N K D / BLOCK_N x size; once per block where the plan keeps it resident)

@@ -40,12 +40,12 @@ GRADIENT_BLOCKS_PER_SM = {False: {"small": 3, "big": 3}, True: {"small": 3, "big
 # Registers / static shared memory (bytes) of every instance: ptxas -v, CUDA 13.0, sm_90a.
 _RESOURCE_TABLE = """
 kernel                 type           tile   tensor_cores  fma           projected
-ecf_partials_kernel    float          small  113 18944     119 18944     92 9216
-ecf_partials_kernel    float          big    128 37376     128 37376     106 36864
+ecf_partials_kernel    float          small  112 18944     116 18944     92 9216
+ecf_partials_kernel    float          big    128 37376     128 37376     112 36864
 ecf_partials_kernel    __half         small  96 19456      104 19456     92 5120
-ecf_partials_kernel    __half         big    122 37888     122 37888     92 18432
+ecf_partials_kernel    __half         big    122 37888     122 37888     95 18432
 ecf_partials_kernel    __nv_bfloat16  small  96 19456      107 19456     92 5120
-ecf_partials_kernel    __nv_bfloat16  big    128 37888     116 37888     92 18432
+ecf_partials_kernel    __nv_bfloat16  big    126 37888     116 37888     95 18432
 slice_gradient_kernel  float          small  72 18944      79 18944      72 9216
 slice_gradient_kernel  float          big    80 37376      79 37376      72 36864
 slice_gradient_kernel  __half         small  72 22016      72 22016      72 7168

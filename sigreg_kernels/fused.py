@@ -58,7 +58,7 @@ def projection_first(x: torch.Tensor) -> bool:
 
 class _FusedSigreg(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, directions, backend, knots, t_max, reduction, clip_value):
+    def forward(ctx, x, directions, backend, knots, t_max, reduction, clip_value, across_ranks):
         kernels = backend_kernels(backend)
         samples = x.shape[1]
         # Decided once per call: the backward takes the same route even if the precision changes meanwhile.
@@ -70,7 +70,7 @@ class _FusedSigreg(torch.autograd.Function):
         else:
             partials = kernels.ecf_partials(x, directions, knots, t_max, arrivals)
         grad_factor = 1.0
-        if is_distributed():
+        if across_ranks:
             # The statistic is that of the global batch (SPEC §2): one all-reduce of the sums.
             partials, samples, grad_factor = all_reduce_sums_and_count(partials.sum(dim=1, keepdim=True), samples)
         stat, coef, loss = kernels.statistic(partials, samples, knots, t_max, reduction, clip_value, grad_factor,
@@ -88,7 +88,7 @@ class _FusedSigreg(torch.autograd.Function):
         scale = grad_loss.to(coef.dtype)
         scale = scale.expand(batch, slices) if ctx.reduction != "none" else scale
         if directions is None:
-            return kernels.slice_gradient(coef, scale, x, None, knots, t_max), None, None, None, None, None, None
+            return kernels.slice_gradient(coef, scale, x, None, knots, t_max), None, None, None, None, None, None, None
         if ctx.projection_first:
             g = torch.matmul(x, directions)
             kernels.slice_gradient_(g, coef, scale, knots, t_max)
@@ -98,9 +98,12 @@ class _FusedSigreg(torch.autograd.Function):
         grad_directions = None
         if ctx.needs_input_grad[1]:  # sum over the batch: one GEMM over all B·N rows, no atomics
             grad_directions = torch.matmul(x.reshape(-1, x.shape[-1]).mT, g.reshape(-1, slices))
-        return grad_x, grad_directions, None, None, None, None, None
+        return grad_x, grad_directions, None, None, None, None, None, None
 
 
-def fused_sigreg(backend: str, x, directions, knots: int, t_max: float, reduction: str, clip_value):
-    """SIGReg of ``x: [B, N, D]`` with ``backend``'s kernels: a scalar, or ``[B, K]`` for "none"."""
-    return _FusedSigreg.apply(x, directions, backend, knots, t_max, reduction, clip_value)
+def fused_sigreg(backend: str, x, directions, knots: int, t_max: float, reduction: str, clip_value,
+                 across_ranks: bool | None = None):
+    """SIGReg of ``x: [B, N, D]`` with ``backend``'s kernels: a scalar, or ``[B, K]`` for "none".
+    ``across_ranks``: the statistic of the global batch (None: whenever torch.distributed is up)."""
+    across_ranks = is_distributed() if across_ranks is None else across_ranks
+    return _FusedSigreg.apply(x, directions, backend, knots, t_max, reduction, clip_value, across_ranks)

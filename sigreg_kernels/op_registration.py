@@ -5,8 +5,10 @@ Contract of every ``ecf_sums``-style op (the C++ one and the Triton one):
         directions=None: the columns of x are the projections (P = x, K = D), no
               product; where the op supports it (the C++ CPU op).
         sums: [B, 2, K, knots] in the accumulation dtype (float64 for float64
-              inputs, else float32): sums[:, 0] = sum_n cos(t_j p_nk),
+              inputs, else float32): sums[:, 0] = sum_n (cos(t_j p_nk) - 1),
               sums[:, 1] = sum_n sin(t_j p_nk), t_j = j * t_max / (knots - 1).
+              (cos - 1, not cos: at small angles C - phi is a small difference
+              of two numbers near 1, and only cos - 1 keeps its digits.)
         projection: [B, N, K] (accumulation dtype) where the backend keeps the
               projection for its backward (CPU, with directions), else an empty
               [0] tensor (the GPU kernels recompute it; without directions it is x).

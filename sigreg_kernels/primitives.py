@@ -12,13 +12,15 @@ univariate test of ``x``'s own columns (``P = x``, ``K = D``). ``T`` = ``knots``
 
 1. ``ecf_partials(x, directions, knots, t_max, arrivals=None) -> partials [B, S, 2, K, T]`` (float32):
    the ECF sums over the rows of each of ``S`` row splits,
-   ``partials[b, s, 0, k, j] = sum_{n in split s} cos(t_j P[b, n, k])`` and ``[.., 1, ..]``
-   the same with sin, ``P = x_b @ directions`` (16-bit inputs: exact products,
+   ``partials[b, s, 0, k, j] = sum_{n in split s} (cos(t_j P[b, n, k]) - 1)`` and ``[.., 1, ..]``
+   the sum of ``sin(t_j P[b, n, k])``; ``cos - 1`` to full relative precision (a
+   kernel carries ``cos - 1`` through its angle-addition recurrence, not ``cos``),
+   so that ``C - phi`` keeps its digits where both are near 1 (small ``t |P|``), ``P = x_b @ directions`` (16-bit inputs: exact products,
    float32 accumulation; float32 inputs: TF32 only where
    ``torch.get_float32_matmul_precision() != "highest"``). Split ``s`` holds rows
    ``[s * R, min((s + 1) * R, N))``; ``S`` and ``R`` are the backend's choice, a
    function of the shapes (and the device) only, so reruns sum in the same order.
-   Knot 0 is ``sum cos(0 * p)``: ``N`` for finite ``p``, NaN where ``p`` is NaN or
+   Knot 0 is ``sum (cos(0 * p) - 1)``: 0 for finite ``p``, NaN where ``p`` is NaN or
    infinite, as the reference computes it. ``arrivals``: None, or an int32 tensor of
    one element that the kernel sets to 0 (one store): the statistic kernel's arrival
    counter, zeroed by this kernel because it always runs first, so that the
@@ -26,7 +28,8 @@ univariate test of ``x``'s own columns (``P = x``, ``K = D``). ``T`` = ``knots``
 
 2. ``statistic(partials, samples, knots, t_max, reduction, clip_value, grad_factor, arrivals=None)
    -> (stat [B, K], coef [B, 2, K, T], loss [])`` (float32): with ``sums = partials.sum(1)``
-   (a fixed order over splits), ``C = sums[:, 0] / samples``, ``S = sums[:, 1] / samples``:
+   (a fixed order over splits), ``C - phi = sums[:, 0] / samples - (phi - 1)`` with
+   ``phi - 1 = expm1(-t^2 / 2)`` (``quadrature.phi_minus_one``), ``S = sums[:, 1] / samples``:
    ``stat_k = samples * sum_j w_j ((C_kj - phi_j)^2 + S_kj^2)``, set to 0 where
    ``stat_k < clip_value`` (``clip_value`` None: no clipping; a NaN statistic stays NaN). ``coef`` is the
    derivative of the reduced loss with respect to ``sums``, times ``grad_factor``:
@@ -59,7 +62,7 @@ The gradients are then ``grad_x = G @ directions.T`` (``G`` itself when
 import torch
 
 from .op_registration import accumulation_dtype
-from .quadrature import quadrature
+from .quadrature import phi_minus_one, quadrature
 
 REDUCTION_FACTORS = ("mean", "sum", "none")
 
@@ -80,7 +83,8 @@ def ecf_partials(x, directions, knots: int, t_max: float, arrivals=None):
         arrivals.zero_()
     t, _, _ = quadrature(knots, t_max, dtype=accumulation_dtype(x.dtype), device=x.device)
     angles = projection(x, directions).unsqueeze(-1) * t  # [B, N, K, T]
-    sums = torch.stack((angles.cos().sum(dim=1), angles.sin().sum(dim=1)), dim=1)  # [B, 2, K, T]
+    cos_minus_one = -2 * (angles / 2).sin().square()  # full relative precision near 0
+    sums = torch.stack((cos_minus_one.sum(dim=1), angles.sin().sum(dim=1)), dim=1)  # [B, 2, K, T]
     return sums.unsqueeze(1)  # one split
 
 
@@ -98,12 +102,13 @@ def loss_divisor(reduction: str, batch: int, slices: int) -> int:
 
 def statistic(partials, samples: int, knots: int, t_max: float, reduction: str, clip_value, grad_factor: float,
               arrivals=None):
-    _, phi, w = quadrature(knots, t_max, dtype=partials.dtype, device=partials.device)
+    _, _, w = quadrature(knots, t_max, dtype=partials.dtype, device=partials.device)
+    phi_m1 = phi_minus_one(knots, t_max, dtype=partials.dtype, device=partials.device)
     sums = partials.sum(dim=1)
-    ecf_cos, ecf_sin = sums[:, 0] / samples, sums[:, 1] / samples  # [B, K, T]
-    stat = ((ecf_cos - phi).square() + ecf_sin.square()) @ w * samples  # [B, K]
+    ecf_cos_minus_phi, ecf_sin = sums[:, 0] / samples - phi_m1, sums[:, 1] / samples  # [B, K, T]
+    stat = (ecf_cos_minus_phi.square() + ecf_sin.square()) @ w * samples  # [B, K]
     factor = loss_factor(reduction, sums.shape[0], sums.shape[2], grad_factor)
-    coef = torch.stack((2 * w * (ecf_cos - phi), 2 * w * ecf_sin), dim=1) * factor
+    coef = torch.stack((2 * w * ecf_cos_minus_phi, 2 * w * ecf_sin), dim=1) * factor
     if clip_value is not None:
         kept = ~(stat < clip_value)  # as stats[stats < clip_value] = 0: a NaN statistic stays NaN
         stat = torch.where(kept, stat, 0.0)

@@ -39,9 +39,9 @@ numbers are bench/cost_model.py's, from these kernels compiled for sm_90):
   warps along K, each thread owns one slice, every sum over samples is in the thread.
 
 Math per batch index b, slice k, knot t_j = j * delta:
-    partials[b, s, 0|1, k, j] = sum_{n in split s} cos|sin(t_j p_nk),  p = x_b @ A
+    partials[b, s, 0|1, k, j] = sum_{n in split s} cos(t_j p_nk) - 1 | sin(t_j p_nk),  p = x_b @ A
     G[b, n, k] = scale[b, k] * sum_{j>=1} t_j (coef[b, 1, k, j] cos(t_j p) - coef[b, 0, k, j] sin(t_j p))
-Knot 0 is sum cos(0 * p): the split's row count plus sum(0 * p), NaN where p is.
+Knot 0 is sum (cos(0 * p) - 1) = sum(0 * p): 0, NaN where p is.
 
 Offsets into x, P and G are int64 (a D-major x puts d * stride past 2^31 once N * D
 does); batch indices are int64; offsets inside [D, K] directions, partials and
@@ -64,8 +64,8 @@ ROWS_TILE: tl.constexpr = tl.constexpr(1)  # [BLOCK_N, BLOCK_K] loaded projectio
 
 
 @triton.jit
-def _sincos(x):
-    """(sin x, cos x) in fp32: csrc/sigreg_math.h's sincos_poly.
+def _sincos_cosm1(x):
+    """(sin x, cos x, cos x - 1) in fp32: csrc/sigreg_math.h's sincos_cosm1_poly.
 
     Cody-Waite reduction by pi/2 in three parts (the first ones have few mantissa
     bits, so q * part is exact), then minimax polynomials on [-pi/4, pi/4] (Cephes
@@ -81,14 +81,25 @@ def _sincos(x):
     r = r - q * 7.54978995489188216e-8
     r2 = r * r
     sin_r = r + r * r2 * (-1.6666654611e-1 + r2 * (8.3321608736e-3 + r2 * -1.9515295891e-4))
-    cos_r = 1.0 - 0.5 * r2 + r2 * r2 * (4.166664568298827e-2 + r2 * (-1.388731625493765e-3
-                                                                     + r2 * 2.443315711809948e-5))
+    cosm1_r = -0.5 * r2 + r2 * r2 * (4.166664568298827e-2 + r2 * (-1.388731625493765e-3
+                                                                 + r2 * 2.443315711809948e-5))
+    cos_r = 1.0 + cosm1_r
     quadrant = q.to(tl.int32) & 3
     # quadrant 0: ( sin,  cos)   1: ( cos, -sin)   2: (-sin, -cos)   3: (-cos,  sin)
     odd = (quadrant & 1) != 0
     s = tl.where(odd, cos_r, sin_r)
     c = tl.where(odd, sin_r, cos_r)
-    return tl.where((quadrant & 2) != 0, -s, s), tl.where(((quadrant + 1) & 2) != 0, -c, c)
+    c = tl.where(((quadrant + 1) & 2) != 0, -c, c)
+    # cos - 1 to full relative precision: the polynomial without its 1 in quadrant 0;
+    # elsewhere |cos - 1| >= 1 - cos(pi/4) and the subtraction loses nothing.
+    return tl.where((quadrant & 2) != 0, -s, s), c, tl.where(quadrant == 0, cosm1_r, c - 1.0)
+
+
+@triton.jit
+def _sincos(x):
+    """(sin x, cos x) in fp32 (the compiler drops the unused cos - 1)."""
+    s, c, _ = _sincos_cosm1(x)
+    return s, c
 
 
 @triton.jit
@@ -124,87 +135,105 @@ def _cs_sums(c, s, TILE: tl.constexpr, WARPS_N: tl.constexpr):
 # Forward knot trees. A chunk's accumulators are [BK, L1, L2, 2, ..., 2], one axis per
 # bit of the knot index, lowest bit first: splitting the last axis halves the chunk
 # (knots [0, KC/2) and [KC/2, KC)), the leaves are single knots [BK, L1, L2], and every
-# split and join stays inside the thread. (c, s) enters at the chunk's first knot and
-# is rotated by (c1, s1) after each.
+# split and join stays inside the thread. (u, s) = (cos - 1, sin) enters at the chunk's
+# first knot and is rotated after each by the angle whose cos, cos - 1 and sin are
+# (c1, u1, s1): u' = u c1 + u1 - s s1, s' = s c1 + (u s1 + s1), two FMAs each as the
+# rotation of cos itself, but rounded relative to cos - 1 (csrc/sigreg_math.h's
+# rotate_cosm1): the sums of cos - 1 keep the digits C - phi needs at small angles.
+# LEAN: the same from (u1, s1) alone, c1 = 1 + u1 folded in (6 ops instead of 4, one
+# register less per element held): for tiles that hold many samples per thread, where
+# the projection's MMA, not the element loop, sets the time.
 @triton.jit
-def _knots4(acc_c, acc_s, c, s, c1, s1, TILE: tl.constexpr, WARPS_N: tl.constexpr):
+def _rotate_cosm1(u, s, c1, u1, s1, LEAN: tl.constexpr):
+    """(u, s) = (cos - 1, sin) rotated by the angle whose cos, cos - 1 and sin are (c1, u1, s1)."""
+    if LEAN:
+        return u + (u * u1 + u1 - s * s1), s + (s * u1 + (u * s1 + s1))
+    return u * c1 + u1 - s * s1, s * c1 + (u * s1 + s1)
+
+
+@triton.jit
+def _knots4(acc_c, acc_s, u, s, c1, u1, s1, TILE: tl.constexpr, WARPS_N: tl.constexpr,
+             LEAN: tl.constexpr):
     c01, c23 = tl.split(acc_c)
     s01, s23 = tl.split(acc_s)
     c0, c1_ = tl.split(c01)
     s0, s1_ = tl.split(s01)
     c2, c3 = tl.split(c23)
     s2, s3 = tl.split(s23)
-    sum_c, sum_s = _cs_sums(c, s, TILE, WARPS_N)
+    sum_c, sum_s = _cs_sums(u, s, TILE, WARPS_N)
     c0, s0 = c0 + sum_c, s0 + sum_s
-    c, s = c * c1 - s * s1, s * c1 + c * s1
-    sum_c, sum_s = _cs_sums(c, s, TILE, WARPS_N)
+    u, s = _rotate_cosm1(u, s, c1, u1, s1, LEAN)
+    sum_c, sum_s = _cs_sums(u, s, TILE, WARPS_N)
     c1_, s1_ = c1_ + sum_c, s1_ + sum_s
-    c, s = c * c1 - s * s1, s * c1 + c * s1
-    sum_c, sum_s = _cs_sums(c, s, TILE, WARPS_N)
+    u, s = _rotate_cosm1(u, s, c1, u1, s1, LEAN)
+    sum_c, sum_s = _cs_sums(u, s, TILE, WARPS_N)
     c2, s2 = c2 + sum_c, s2 + sum_s
-    c, s = c * c1 - s * s1, s * c1 + c * s1
-    sum_c, sum_s = _cs_sums(c, s, TILE, WARPS_N)
+    u, s = _rotate_cosm1(u, s, c1, u1, s1, LEAN)
+    sum_c, sum_s = _cs_sums(u, s, TILE, WARPS_N)
     c3, s3 = c3 + sum_c, s3 + sum_s
-    c, s = c * c1 - s * s1, s * c1 + c * s1
+    u, s = _rotate_cosm1(u, s, c1, u1, s1, LEAN)
     acc_c = tl.join(tl.join(c0, c1_), tl.join(c2, c3))
     acc_s = tl.join(tl.join(s0, s1_), tl.join(s2, s3))
-    return acc_c, acc_s, c, s
+    return acc_c, acc_s, u, s
 
 
 @triton.jit
-def _knots8(acc_c, acc_s, c, s, c1, s1, TILE: tl.constexpr, WARPS_N: tl.constexpr):
+def _knots8(acc_c, acc_s, u, s, c1, u1, s1, TILE: tl.constexpr, WARPS_N: tl.constexpr,
+             LEAN: tl.constexpr):
     lo_c, hi_c = tl.split(acc_c)
     lo_s, hi_s = tl.split(acc_s)
-    lo_c, lo_s, c, s = _knots4(lo_c, lo_s, c, s, c1, s1, TILE, WARPS_N)
-    hi_c, hi_s, c, s = _knots4(hi_c, hi_s, c, s, c1, s1, TILE, WARPS_N)
-    return tl.join(lo_c, hi_c), tl.join(lo_s, hi_s), c, s
+    lo_c, lo_s, u, s = _knots4(lo_c, lo_s, u, s, c1, u1, s1, TILE, WARPS_N, LEAN)
+    hi_c, hi_s, u, s = _knots4(hi_c, hi_s, u, s, c1, u1, s1, TILE, WARPS_N, LEAN)
+    return tl.join(lo_c, hi_c), tl.join(lo_s, hi_s), u, s
 
 
 @triton.jit
-def _knots16(acc_c, acc_s, c, s, c1, s1, TILE: tl.constexpr, WARPS_N: tl.constexpr):
+def _knots16(acc_c, acc_s, u, s, c1, u1, s1, TILE: tl.constexpr, WARPS_N: tl.constexpr,
+             LEAN: tl.constexpr):
     lo_c, hi_c = tl.split(acc_c)
     lo_s, hi_s = tl.split(acc_s)
-    lo_c, lo_s, c, s = _knots8(lo_c, lo_s, c, s, c1, s1, TILE, WARPS_N)
-    hi_c, hi_s, c, s = _knots8(hi_c, hi_s, c, s, c1, s1, TILE, WARPS_N)
-    return tl.join(lo_c, hi_c), tl.join(lo_s, hi_s), c, s
+    lo_c, lo_s, u, s = _knots8(lo_c, lo_s, u, s, c1, u1, s1, TILE, WARPS_N, LEAN)
+    hi_c, hi_s, u, s = _knots8(hi_c, hi_s, u, s, c1, u1, s1, TILE, WARPS_N, LEAN)
+    return tl.join(lo_c, hi_c), tl.join(lo_s, hi_s), u, s
 
 
 @triton.jit
-def _knot_sums(acc_c, acc_s, c, s, c1, s1, KC: tl.constexpr, TILE: tl.constexpr, WARPS_N: tl.constexpr):
-    """acc [BK, L1, L2, KC] += the chunk's knot sums of one tile, (c, s) at its first knot.
+def _knot_sums(acc_c, acc_s, u, s, c1, u1, s1, KC: tl.constexpr, TILE: tl.constexpr, WARPS_N: tl.constexpr,
+               LEAN: tl.constexpr):
+    """acc [BK, L1, L2, KC] += the chunk's knot sums of one tile, (u, s) = (cos - 1, sin) at its first knot.
 
     The knot axis is viewed as one axis per bit (lowest first) for the tree, then back.
     """
     shape: tl.constexpr = acc_c.shape
     if KC == 1:
-        sum_c, sum_s = _cs_sums(c, s, TILE, WARPS_N)
+        sum_c, sum_s = _cs_sums(u, s, TILE, WARPS_N)
         acc_c += sum_c[:, :, :, None]
         acc_s += sum_s[:, :, :, None]
     elif KC == 2:
         c0, c1_ = tl.split(acc_c)
         s0, s1_ = tl.split(acc_s)
-        sum_c, sum_s = _cs_sums(c, s, TILE, WARPS_N)
+        sum_c, sum_s = _cs_sums(u, s, TILE, WARPS_N)
         c0, s0 = c0 + sum_c, s0 + sum_s
-        c, s = c * c1 - s * s1, s * c1 + c * s1
-        sum_c, sum_s = _cs_sums(c, s, TILE, WARPS_N)
+        u, s = _rotate_cosm1(u, s, c1, u1, s1, LEAN)
+        sum_c, sum_s = _cs_sums(u, s, TILE, WARPS_N)
         acc_c, acc_s = tl.join(c0, c1_ + sum_c), tl.join(s0, s1_ + sum_s)
     elif KC == 4:
         acc_c = tl.permute(tl.reshape(acc_c, (shape[0], shape[1], shape[2], 2, 2)), (0, 1, 2, 4, 3))
         acc_s = tl.permute(tl.reshape(acc_s, (shape[0], shape[1], shape[2], 2, 2)), (0, 1, 2, 4, 3))
-        acc_c, acc_s, c, s = _knots4(acc_c, acc_s, c, s, c1, s1, TILE, WARPS_N)
+        acc_c, acc_s, u, s = _knots4(acc_c, acc_s, u, s, c1, u1, s1, TILE, WARPS_N, LEAN)
         acc_c = tl.reshape(tl.permute(acc_c, (0, 1, 2, 4, 3)), (shape[0], shape[1], shape[2], KC))
         acc_s = tl.reshape(tl.permute(acc_s, (0, 1, 2, 4, 3)), (shape[0], shape[1], shape[2], KC))
     elif KC == 8:
         acc_c = tl.permute(tl.reshape(acc_c, (shape[0], shape[1], shape[2], 2, 2, 2)), (0, 1, 2, 5, 4, 3))
         acc_s = tl.permute(tl.reshape(acc_s, (shape[0], shape[1], shape[2], 2, 2, 2)), (0, 1, 2, 5, 4, 3))
-        acc_c, acc_s, c, s = _knots8(acc_c, acc_s, c, s, c1, s1, TILE, WARPS_N)
+        acc_c, acc_s, u, s = _knots8(acc_c, acc_s, u, s, c1, u1, s1, TILE, WARPS_N, LEAN)
         acc_c = tl.reshape(tl.permute(acc_c, (0, 1, 2, 5, 4, 3)), (shape[0], shape[1], shape[2], KC))
         acc_s = tl.reshape(tl.permute(acc_s, (0, 1, 2, 5, 4, 3)), (shape[0], shape[1], shape[2], KC))
     else:
         tl.static_assert(KC == 16, "knot chunks hold 1, 2, 4, 8 or 16 knots")
         acc_c = tl.permute(tl.reshape(acc_c, (shape[0], shape[1], shape[2], 2, 2, 2, 2)), (0, 1, 2, 6, 5, 4, 3))
         acc_s = tl.permute(tl.reshape(acc_s, (shape[0], shape[1], shape[2], 2, 2, 2, 2)), (0, 1, 2, 6, 5, 4, 3))
-        acc_c, acc_s, c, s = _knots16(acc_c, acc_s, c, s, c1, s1, TILE, WARPS_N)
+        acc_c, acc_s, u, s = _knots16(acc_c, acc_s, u, s, c1, u1, s1, TILE, WARPS_N, LEAN)
         acc_c = tl.reshape(tl.permute(acc_c, (0, 1, 2, 6, 5, 4, 3)), (shape[0], shape[1], shape[2], KC))
         acc_s = tl.reshape(tl.permute(acc_s, (0, 1, 2, 6, 5, 4, 3)), (shape[0], shape[1], shape[2], KC))
     return acc_c, acc_s
@@ -323,23 +352,27 @@ def _projection_t(a_res, a_ptr, x_b, rk, k_valid, rn, n_valid, D,
 
 @triton.jit
 def _accumulate_tile(acc_c, acc_s, acc_0, p, rows_valid, delta, t_first, KNOTS: tl.constexpr, KC: tl.constexpr,
-                     TILE: tl.constexpr, WARPS_N: tl.constexpr):
-    """Adds a tile of P to the sums: cos|sin(t_j p) at the chunk's knots, and 0 * p (NaN where p is not finite)."""
+                     TILE: tl.constexpr, WARPS_N: tl.constexpr, LEAN: tl.constexpr):
+    """Adds a tile of P to the sums: cos(t_j p) - 1 | sin(t_j p) at the chunk's knots, and 0 * p
+    (NaN where p is not finite)."""
     nan_p, _ = _cs_sums(p * 0.0, p, TILE, WARPS_N)
-    s1, c1 = _sincos(p * delta)
+    s1, c1, u1 = _sincos_cosm1(p * delta)
     if KNOTS - 1 <= KC:  # one chunk: its first knot is t_1 = delta
-        s, c = s1, c1
+        s, u = s1, u1
     else:
-        s, c = _sincos(p * t_first)
-    # Rows past the end (p = 0) start at 0 and stay 0 under rotation.
-    c = tl.where(rows_valid, c, 0.0)
-    s = tl.where(rows_valid, s, 0.0)
-    acc_c, acc_s = _knot_sums(acc_c, acc_s, c, s, c1, s1, KC, TILE, WARPS_N)
+        s, _, u = _sincos_cosm1(p * t_first)
+    # Rows past the end: their p is 0 (masked loads), so (cos - 1, sin) starts at (0, 0) and the
+    # rotation by angle 0 keeps it there. The selects on MMA tiles are for the compiler: without
+    # them ptxas allocates ~40 more registers there (with them, the rows tiles' ~30 more).
+    if TILE == MMA_TILE:
+        u = tl.where(rows_valid, u, 0.0)
+        s = tl.where(rows_valid, s, 0.0)
+    acc_c, acc_s = _knot_sums(acc_c, acc_s, u, s, c1, u1, s1, KC, TILE, WARPS_N, LEAN)
     return acc_c, acc_s, acc_0 + nan_p
 
 
 @triton.jit
-def _store_partials(out_ptr, b, split, rk, k_valid, first_knot, rows, acc_c, acc_s, acc_0,
+def _store_partials(out_ptr, b, split, rk, k_valid, first_knot, acc_c, acc_s, acc_0,
                     stride_ob, stride_os, stride_oc, stride_ok, KNOTS: tl.constexpr, KC: tl.constexpr):
     """Sum the lane partials [BK, L1, L2, KC] once, store the split's knots [first_knot, +KC)
     (and knot 0 for the first chunk)."""
@@ -351,9 +384,9 @@ def _store_partials(out_ptr, b, split, rk, k_valid, first_knot, rows, acc_c, acc
     tl.store(out + knot, sums_c, mask=mask)
     tl.store(out + stride_oc + knot, sums_s, mask=mask)
     if first_knot == 1:
-        # Knot 0: cos(0 p) = 1 per row, sin(0 p) = 0, NaN where p is NaN or infinite.
+        # Knot 0: cos(0 p) - 1 = 0 and sin(0 p) = 0 per row, NaN where p is NaN or infinite.
         nan0 = _sum(_sum(acc_0, 2), 1)[:, None]
-        tl.store(out, rows.to(tl.float32) + nan0, mask=k_valid[:, None])
+        tl.store(out, nan0, mask=k_valid[:, None])
         tl.store(out + stride_oc, nan0, mask=k_valid[:, None])
 
 
@@ -377,9 +410,9 @@ def ecf_partials_kernel(
     KNOTS: tl.constexpr, KC: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     WARPS_N: tl.constexpr, RESIDENT: tl.constexpr,
-    PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, ZERO_ARRIVALS: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, ZERO_ARRIVALS: tl.constexpr, LEAN: tl.constexpr,
 ):
-    """partials[b, split, 0|1, k, j] = sum of cos|sin(t_j p_nk) over the rows of one split.
+    """partials[b, split, 0|1, k, j] = sum of cos(t_j p_nk) - 1 | sin(t_j p_nk) over the rows of one split.
 
     Grid: (K blocks x knot chunks, splits, batch indices from batch_start). A program
     owns slices rk and knots [1 + q KC, 1 + (q + 1) KC) (and knot 0 for q = 0) for the
@@ -417,8 +450,8 @@ def ecf_partials_kernel(
                           stride_xn, stride_xd, stride_ad, stride_ak,
                           BLOCK_K, BLOCK_N, BLOCK_D, RESIDENT, PRECISION, DOT_UPCAST)
         acc_c, acc_s, acc_0 = _accumulate_tile(acc_c, acc_s, acc_0, p, n_valid[None, :], delta, t_first,
-                                               KNOTS, KC, MMA_TILE, WARPS_N)
-    _store_partials(out_ptr, b, split, rk, k_valid, first_knot, row_end - row_start, acc_c, acc_s, acc_0,
+                                               KNOTS, KC, MMA_TILE, WARPS_N, LEAN)
+    _store_partials(out_ptr, b, split, rk, k_valid, first_knot, acc_c, acc_s, acc_0,
                     stride_ob, stride_os, stride_oc, stride_ok, KNOTS, KC)
 
 
@@ -474,8 +507,8 @@ def ecf_partials_projected_kernel(
         offsets, mask, rows = _rows_tile(n0, row_end, pid_k * BLOCK_K, K, stride_pn, stride_pk, BLOCK_N, BLOCK_K)
         p = tl.reshape(tl.load(p_b + offsets, mask=mask, other=0.0), (BLOCK_N, BLOCK_K)).to(tl.float32)
         acc_c, acc_s, acc_0 = _accumulate_tile(acc_c, acc_s, acc_0, p, rows, delta, t_first, KNOTS, KC,
-                                               ROWS_TILE, 1)
-    _store_partials(out_ptr, b, split, rk, k_valid, first_knot, row_end - row_start, acc_c, acc_s, acc_0,
+                                               ROWS_TILE, 1, False)
+    _store_partials(out_ptr, b, split, rk, k_valid, first_knot, acc_c, acc_s, acc_0,
                     stride_ob, stride_os, stride_oc, stride_ok, KNOTS, KC)
 
 
@@ -515,14 +548,18 @@ def statistic_kernel(
         base += stride_ps
 
     t = j.to(tl.float64) * delta  # float64: the knots as quadrature.py rounds them
-    phi64 = tl.exp(-0.5 * t * t)
+    half_t2 = -0.5 * t * t
+    phi64 = tl.exp(half_t2)
+    # phi - 1 = expm1(-t^2 / 2) (quadrature.phi_minus_one): its series where exp - 1 would
+    # cancel (error < x^5 / 120), exp - 1 in float64 elsewhere; rounded once to float32.
+    series = half_t2 * (1.0 + half_t2 * (0.5 + half_t2 * (1.0 / 6.0 + half_t2 * (1.0 / 24.0))))
+    phi_m1 = tl.where(half_t2 > -1e-3, series, phi64 - 1.0).to(tl.float32)[None, :]
     trapezoid = tl.where((j == 0) | (j == KNOTS - 1), 1.0, 2.0).to(tl.float64) * delta
-    phi = phi64.to(tl.float32)[None, :]
     w = tl.where(j < KNOTS, trapezoid * phi64, 0.0).to(tl.float32)[None, :]
-    ecf_cos = sums_c / samples
+    ecf_cos_minus_phi = sums_c / samples - phi_m1  # sums of cos - 1: both terms keep their digits
     ecf_sin = sums_s / samples
-    stat = _sum(((ecf_cos - phi) * (ecf_cos - phi) + ecf_sin * ecf_sin) * w, 1) * samples
-    coef_c = (2.0 * w) * (ecf_cos - phi) * factor
+    stat = _sum((ecf_cos_minus_phi * ecf_cos_minus_phi + ecf_sin * ecf_sin) * w, 1) * samples
+    coef_c = (2.0 * w) * ecf_cos_minus_phi * factor
     coef_s = (2.0 * w) * ecf_sin * factor
     if HAS_CLIP:
         # Statistics below clip_value are 0 and pass no gradient; NaN is below nothing, so a

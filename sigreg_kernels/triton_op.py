@@ -235,7 +235,7 @@ def ecf_partials_args(x, directions, partials, kernel_plan, knots: int, t_max: f
         args = (x, directions, partials, arrivals, samples, dim, slices, *common, *x.stride(), *directions.stride(),
                 *partials.stride()[:4], knot_spacing(knots, t_max))
         meta.update(BLOCK_D=tile["BLOCK_D"], WARPS_N=tile["WARPS_N"], RESIDENT=tile["RESIDENT"],
-                    PRECISION=dot_precision(x.dtype), DOT_UPCAST=INTERPRET)
+                    PRECISION=dot_precision(x.dtype), DOT_UPCAST=INTERPRET, LEAN=tile["LEAN"])
     return grid, args, meta
 
 

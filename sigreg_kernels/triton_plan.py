@@ -53,6 +53,7 @@ class TileConfig:
     num_stages: int            # software pipelining of the loads (loop over D, or over rows)
     warps_n: int = 1           # warps along the samples axis of the MMA layout (dot kernels)
     resident_stages: int = 0   # num_stages when the directions are resident (0: num_stages)
+    lean_rotation: bool = False  # forward: rotate cos - 1 from (u1, s1) alone (one register less per element)
 
     @property
     def threads(self) -> int:
@@ -67,7 +68,9 @@ class TileConfig:
 # thread holds 2 slices and block_n / 4 samples: the forward keeps 64 accumulator
 # registers plus ~5 per element held.
 ECF_128x16 = TileConfig("ecf_128x16", 128, 16, num_warps=8, num_stages=3)
-ECF_128x32 = TileConfig("ecf_128x32", 128, 32, num_warps=8, num_stages=3)
+# 32 samples per thread: the third rotation constant of the cos - 1 recurrence would not fit
+# 255 registers; this tile serves large D, where the projection's MMA sets the time.
+ECF_128x32 = TileConfig("ecf_128x32", 128, 32, num_warps=8, num_stages=3, lean_rotation=True)
 ECF_64x16 = TileConfig("ecf_64x16", 64, 16, num_warps=4, num_stages=3)
 GRAD_128x32 = TileConfig("grad_128x32", 128, 32, num_warps=8, num_stages=3, resident_stages=2)
 GRAD_128x16 = TileConfig("grad_128x16", 128, 16, num_warps=8, num_stages=3, resident_stages=2)
@@ -96,41 +99,41 @@ GRAD_PROJECTED_CANDIDATES = ((GRAD_P_16x128, "projected"), (GRAD_P_2x128, "proje
 # the projected kernels. Measured by `python tests/test_triton_plan.py`: triton 3.9
 # compiling for sm_90a, ptxas 13.x -v, 17 knots, contiguous inputs with shapes divisible
 # by 16 (the benchmark grid). What fills the registers: the forward's 64 accumulators
-# (2 slices x 16 knots x cos/sin) and ~5 per element (p, c, s, c1, s1); the backward's 64
+# (2 slices x 16 knots x cos/sin) and ~6 per element (p, u = cos - 1, s, c1, u1, s1); the backward's 64
 # gamma registers and ~4 per element (h_re, h_im, c1, s1). Shared memory: the resident
 # A^T tile plus the pipelined x^T tiles. An entry missing here (other knots, fp16 P, ...)
 # falls back to the config's heaviest entry.
 RESOURCES_TRITON = "3.9"  # the triton that compiled them (3.6 was within a few registers, same occupancy)
 RESOURCES = {
-    ("ecf_128x16", "16", "512"): (126, 180224),   # 1 block/SM (shared memory)
-    ("ecf_128x16", "16", "64"): (119, 22528),     # 2 blocks/SM
-    ("ecf_128x16", "16", "s64"): (152, 55296),    # 1 block/SM (registers)
-    ("ecf_128x16", "tf32", "64"): (120, 45056),
-    ("ecf_128x16", "tf32", "s32"): (154, 55296),
-    ("ecf_128x32", "16", "s64"): (193, 61440),
-    ("ecf_128x32", "tf32", "s32"): (195, 61440),
-    ("ecf_64x16", "16", "512"): (168, 114688),
-    ("ecf_64x16", "16", "64"): (125, 14336),
-    ("ecf_64x16", "16", "s64"): (148, 30720),
-    ("ecf_64x16", "tf32", "64"): (119, 28672),
-    ("ecf_64x16", "tf32", "s32"): (152, 30720),
-    ("ecf_p_8x128", "fp32", "p"): (128, 4096),
-    ("ecf_p_4x128", "fp32", "p"): (105, 4096),
-    ("grad_128x32", "16", "512"): (128, 200704),  # 2 x-tile stages
-    ("grad_128x32", "16", "64"): (128, 28672),
-    ("grad_128x32", "16", "s64"): (192, 61440),
-    ("grad_128x32", "tf32", "64"): (128, 65536),
-    ("grad_128x32", "tf32", "s32"): (194, 61440),
-    ("grad_128x16", "16", "s64"): (164, 55296),
-    ("grad_128x16", "tf32", "s32"): (166, 55296),
-    ("grad_64x16", "16", "512"): (180, 116736),
-    ("grad_64x16", "16", "64"): (128, 16384),
-    ("grad_64x16", "16", "s64"): (160, 30720),
-    ("grad_64x16", "tf32", "64"): (128, 32768),
-    ("grad_64x16", "tf32", "s32"): (163, 30720),
-    ("grad_p_16x128", "fp32", "p"): (138, 8192),
-    ("grad_p_2x128", "fp32", "p"): (64, 8192),
-    ("stat_32", "fp32", "-"): (56, 128),
+    ('ecf_128x16', '16', '512'): (156, 180224),   # 1 block/SM (shared memory)
+    ('ecf_128x16', '16', '64'): (128, 22528),     # 2 blocks/SM
+    ('ecf_128x16', '16', 's64'): (170, 55296),    # 1 block/SM (registers)
+    ('ecf_128x16', 'tf32', '64'): (127, 45056),
+    ('ecf_128x16', 'tf32', 's32'): (170, 55296),
+    ('ecf_128x32', '16', 's64'): (192, 61440),    # lean rotation
+    ('ecf_128x32', 'tf32', 's32'): (189, 61440),
+    ('ecf_64x16', '16', '512'): (180, 114688),
+    ('ecf_64x16', '16', '64'): (127, 14336),
+    ('ecf_64x16', '16', 's64'): (167, 30720),
+    ('ecf_64x16', 'tf32', '64'): (126, 28672),
+    ('ecf_64x16', 'tf32', 's32'): (167, 30720),
+    ('ecf_p_8x128', 'fp32', 'p'): (128, 4096),
+    ('ecf_p_4x128', 'fp32', 'p'): (106, 4096),
+    ('grad_128x32', '16', '512'): (128, 200704),  # 2 x-tile stages
+    ('grad_128x32', '16', '64'): (128, 28672),
+    ('grad_128x32', '16', 's64'): (192, 61440),
+    ('grad_128x32', 'tf32', '64'): (128, 65536),
+    ('grad_128x32', 'tf32', 's32'): (190, 61440),
+    ('grad_128x16', '16', 's64'): (163, 55296),
+    ('grad_128x16', 'tf32', 's32'): (166, 55296),
+    ('grad_64x16', '16', '512'): (180, 116736),
+    ('grad_64x16', '16', '64'): (96, 16384),
+    ('grad_64x16', '16', 's64'): (159, 30720),
+    ('grad_64x16', 'tf32', '64'): (128, 32768),
+    ('grad_64x16', 'tf32', 's32'): (163, 30720),
+    ('grad_p_16x128', 'fp32', 'p'): (136, 8192),
+    ('grad_p_2x128', 'fp32', 'p'): (64, 8192),
+    ('stat_32', 'fp32', '-'): (56, 128),
 }
 
 
@@ -278,6 +281,7 @@ def plan_ecf_partials(batch: int, samples: int, dim: int, slices: int, knots: in
     default = ECF_PROJECTED_CANDIDATES if projected else ECF_CANDIDATES
     choice = _choose(candidates or default, batch, samples, dim, slices, operands, chunks, num_sms, min_waves)
     tile = _tile(choice, knots)
+    tile["LEAN"] = choice.config.lean_rotation
     if not projected:
         tile["WARPS_N"] = choice.config.warps_n
     return KernelPlan(kernel="ecf_partials_projected_kernel" if projected else "ecf_partials_kernel",

@@ -24,28 +24,52 @@ oracle's statistics, far enough from each that rounding cannot decide which
 slices are clipped. Non-finite entries must sit where the oracle has them;
 the finite ones must be within the tolerance.
 
-Tolerances (norm-wise relative error, each quantity), the largest of:
-- SPEC §4's bar: 1e-5 for float32 inputs; 1e-4 for the value and 2e-2 for
-  the gradients with 16-bit inputs (gradients come back rounded to 16 bits);
-  1e-10 for float64;
-- twice the error of the formula evaluated in float32 by ``sigreg_reference``
-  on the same inputs (upcast): what float32 arithmetic itself loses on this case;
-- three times the expected error of a float32 evaluation under a rounding model
-  (``RoundingModel``), honest for large arguments and ill-conditioned cases:
-  each sin/cos at knot ``j`` errs by about ``eps * (t_j * rms(p) + sqrt(j))``
-  (the float32 rounding of the angle ``t_j p``, ``eps * |t_j p|``, and the random
-  walk of the angle-addition recurrence), the gradient coefficients ``G`` may be
-  held in the input dtype (SPEC §3), and these errors are carried through the
-  formulas and the GEMMs and divided by the exact results, so the tolerance
-  widens where cancellation makes any float32 result fragile: nearly Gaussian
-  samples (``C - phi`` ~ 1/sqrt(N)), small ``t_max``, one sample or identical
-  rows, shifted data. At ``rms |x . a|`` ~ 1e3 this allows ~5e-4 on the
-  gradient (kernels and float32 reference measure ~1e-4:
-  ``bench/accuracy_envelope.py``). Where the angles' error reaches 1, only the
-  non-finite entries are checked (counted in the summary).
-Plus an absolute allowance of half the output dtype's subnormal spacing per
-element (an fp16 gradient of 1e-7 is rounded to a multiple of 6e-8). Where a
-gradient overflows its 16-bit dtype, infinity is the right answer.
+The tolerance model. Each quantity (the value, each gradient) is compared norm-wise,
+``||ours - oracle|| / ||oracle||``, against the largest of three terms, after two
+allowances; ``test_fuzz.py`` plants a bug of each kind to show the term still
+catches it:
+1. SPEC §4's bar: 1e-5 for float32 inputs; 1e-4 for the value and 2e-2 for the
+   gradients with 16-bit inputs (gradients come back rounded to 16 bits); 1e-10 for
+   float64. (Planted: the value off by 3e-5.)
+2. Twice the error of the formula evaluated in float32 by ``sigreg_reference`` on the
+   same inputs (upcast): what float32 arithmetic itself loses on this case, e.g. ``x``
+   rounded near a huge shift. (Planted: on a case where this term is the tolerance,
+   an error ten times the float32 reference's.)
+3. Three times the expected error of a float32 evaluation under a rounding model
+   (``RoundingModel``), honest for large arguments and ill-conditioned cases: the
+   angle ``t_j p`` errs by the rounding of the product ``t_j p`` (``eps |t_j p|``,
+   independent per knot), by ``t_j dp`` where ``dp`` is the rounding of the projection
+   ``p = x . a``, a length-``D`` float32 dot product (``projection_error``; one error
+   per sample, so it adds up over the knots, and its effect on the statistic is
+   ``sum_n G_nk dp_nk`` with ``G`` the exact gradient), and by the random walk of the
+   angle-addition recurrence (``eps sqrt(j)`` times the size of ``(cos - 1, sin)``,
+   ``min(1, |t_j p|)``: the kernels rotate ``cos - 1``); the gradient coefficients ``G`` may
+   be held in the input dtype (SPEC §3). These errors are carried through the
+   formulas and the GEMMs and divided by the exact results, so the tolerance widens
+   where cancellation makes any float32 result fragile: nearly Gaussian samples
+   (``C - phi`` ~ 1/sqrt(N)), one sample or identical rows, shifted data, a long
+   product that cancels. At ``rms |x . a|`` ~ 1e3 this allows ~5e-4 on the gradient
+   (kernels and float32 reference measure ~1e-4: ``bench/accuracy_envelope.py``).
+   Where the angles' error reaches 1, only the non-finite entries are checked
+   (counted in the summary). Small angles (small ``t_max`` or scale) get no
+   allowance: the kernels sum ``cos - 1`` and form ``C - phi`` from ``phi - 1``, so
+   cancellation near ``cos = 1`` costs them nothing. (Planted: angles from a
+   projection ten times less precise than float32's; the angle-addition walk with
+   its unit rotation off by a few ulps too many; ``C`` formed from sums of ``cos``.)
+Allowance A, output rounding: a gradient returned in 16 bits is rounded there, to
+within half a subnormal spacing in the subnormal range (relative rounding is in the
+bar of term 1); autograd sums the gradient of an expanded input over its copies,
+and their roundings with them (identical copies round identically, so the
+allowances add: ``copies_per_element``). Each element's error is reduced by its
+allowance before the norm. (Planted: a gradient flushed to zero where it is
+subnormal.)
+Allowance B, overflow: a value whose exact magnitude rounds to infinity in the
+output dtype (through the dtype it is computed in: an fp16 gradient of bf16
+directions) must be infinite, with the exact value's sign, as a cast gives it (SPEC
+§2); one within the tolerance of that threshold may come back finite or infinite.
+Elsewhere non-finite entries must sit exactly where the oracle has them. (Planted:
+a gradient clamped to the largest finite value; infinity where the exact value is
+half the threshold.)
 
 The CUDA kernels run through the host emulation (``emulated_cuda.py``) by one
 adapter, ``cuda_emulated_sigreg``: the only place that knows its API.
@@ -457,9 +481,27 @@ def floor(case: Case, quantity: str) -> float:
     return 1e-5 if computed == returned == torch.float32 else 2e-2
 
 
-def compare(name, actual, expected, dtype, tol, problems, via=None):
+def overflow_threshold(dtype: torch.dtype) -> float:
+    """The smallest magnitude that rounds to infinity in ``dtype``: its largest finite value plus
+    half the spacing there."""
+    info = torch.finfo(dtype)
+    exponent = math.frexp(info.max)[1] - 1  # max = (2 - eps) * 2^exponent
+    try:
+        return math.ldexp(2.0 - info.eps / 2, exponent)
+    except OverflowError:  # float64: beyond every float64 value
+        return math.inf
+
+
+def rounded(expected: torch.Tensor, dtype, via=None) -> torch.Tensor:
+    """``expected`` as the op returns it: rounded to ``via`` (the dtype it computes in), then to ``dtype``."""
+    return expected.to(via or dtype).to(dtype)
+
+
+def compare(name, actual, expected, dtype, tol, problems, via=None, copies=None):
     """Appends to ``problems`` what is wrong with ``actual`` (returned in ``dtype``, computed through
-    ``via``); returns err / tol (0 when not checked)."""
+    ``via``); returns err / tol (0 when not checked). ``copies``: per element of ``actual``, how many
+    of the op's output elements autograd summed into it (an expanded input's gradient sums its
+    copies; 1 elsewhere)."""
     if actual is None or expected is None:
         if (actual is None) != (expected is None):
             problems.append(f"{name}: {'no gradient' if actual is None else 'a gradient where none is expected'}")
@@ -469,21 +511,30 @@ def compare(name, actual, expected, dtype, tol, problems, via=None):
         return 0.0
     if actual.dtype != dtype:
         problems.append(f"{name}: dtype {actual.dtype}, expected {dtype}")
-    # What overflows the output dtype (an fp16 gradient above 65504) is infinite there.
-    bad_actual, bad_expected = ~actual.isfinite(), ~expected.to(dtype).isfinite()
-    if not torch.equal(bad_actual, bad_expected):
-        extra, missing = (bad_actual & ~bad_expected).sum().item(), (bad_expected & ~bad_actual).sum().item()
+    # A value beyond the output's range is infinite there, as a cast gives it (SPEC §2); one within
+    # the tolerance of the overflow threshold may come back either way.
+    threshold = min(overflow_threshold(d) for d in (dtype, via or dtype))
+    magnitude = expected.double().abs()
+    either_way = (magnitude >= threshold / (1 + tol)) & (magnitude <= threshold * (1 + tol))
+    bad_actual, bad_expected = ~actual.isfinite(), ~rounded(expected, dtype, via).isfinite()
+    same_sign = (actual.double().sign() == expected.double().sign()) | actual.isnan()
+    mismatch = (bad_actual != bad_expected) & ~(either_way & same_sign)
+    if mismatch.any():
+        extra, missing = (mismatch & bad_actual).sum().item(), (mismatch & bad_expected).sum().item()
         problems.append(f"{name}: {extra} non-finite entries where the oracle is finite, "
                         f"{missing} finite where it is not")
         return math.inf
-    keep = ~bad_expected
+    keep = ~bad_expected & ~bad_actual
     a, e = actual[keep].double(), expected[keep].double()
     if tol >= 1 or e.numel() == 0:
         return 0.0
-    # Rounding to subnormals (of the output dtype, or of x's on the way: an fp16 gradient of bf16
-    # directions) errs by up to half their spacing, whatever the tolerance.
+    # Rounding to the output dtype (through via's on the way: an fp16 gradient of bf16 directions)
+    # errs by up to half a subnormal spacing per element of the op's output, whatever the
+    # tolerance; autograd sums an expanded input's copies, and their roundings with them (alike
+    # copies round alike: the allowances add).
     subnormal = max(torch.finfo(d).smallest_normal * torch.finfo(d).eps for d in (dtype, via or dtype))
-    excess = ((a - e).norm() - 0.5 * subnormal * e.numel() ** 0.5).clamp_min(0)
+    allowance = 0.5 * subnormal * (1.0 if copies is None else copies[keep].double())
+    excess = ((a - e).abs() - allowance).clamp_min(0).norm()
     err = (excess / e.norm().clamp_min(1e-300)).item()
     if not err <= tol:
         problems.append(f"{name}: relative error {err:.2e} > tolerance {tol:.1e}")
@@ -498,6 +549,7 @@ class Result:
     ratio: float  # largest err / tol of the checked quantities
     unchecked: bool  # the angle bound made the tolerance vacuous
     seconds: float
+    terms: dict = dataclasses.field(default_factory=dict)  # {quantity: {term: tolerance}} (the docstring's 1-3)
 
     def reproducer(self) -> str:
         return f"python tests/fuzz_backends.py --backends {self.backend} --case '{self.case.to_json()}'"
@@ -519,23 +571,50 @@ def ecf_means(x, a, knots, t_max):
     return torch.cat(cos, dim=-2), torch.cat(sin, dim=-2)
 
 
+def slice_derivatives(x, a, C, S, knots, t_max):
+    """``G = d stat_k / d P_nk`` (SPEC §1) and ``H = dG / dP_nk``, ``[*B, N, K]`` in float64
+    (slice chunk by slice chunk); NaN and Inf count as 0."""
+    from sigreg_kernels import quadrature
+
+    t, phi, w = quadrature(knots, t_max, dtype=torch.float64)
+    c = 2 * w * t
+    slices = x.shape[-1] if a is None else a.shape[1]
+    chunk = max(1, ORACLE_CHUNK // max(1, x[..., 0].numel() * knots))
+    g, h = [], []
+    for k0 in range(0, slices, chunk):
+        p = x[..., k0:k0 + chunk] if a is None else x @ a[:, k0:k0 + chunk]
+        angles = p.unsqueeze(-1) * t  # [*B, N, k, T]
+        cos, sin = angles.cos(), angles.sin()
+        dc = (C[..., k0:k0 + chunk, :] - phi).nan_to_num(0.0).unsqueeze(-3)
+        s = S[..., k0:k0 + chunk, :].nan_to_num(0.0).unsqueeze(-3)
+        g.append(((s * cos - dc * sin) * c).sum(dim=-1))
+        h.append(((-s * sin - dc * cos) * (c * t)).sum(dim=-1))
+    return torch.cat(g, dim=-1).nan_to_num(0.0), torch.cat(h, dim=-1).nan_to_num(0.0)
+
+
 class RoundingModel:
     """Expected (rms) error of a float32 (float64) evaluation of the formula, from float64 quantities.
 
-    Each sin/cos value at knot ``j`` errs by about ``eps * t_j * rms(p)`` (the rounding
-    of the angle ``t_j p``; that of ``p = x . a`` itself, large where the product
-    cancels, is in the float32 reference's error) and ``eps * sqrt(j)`` (the random
-    walk of ``j`` steps of the angle-addition recurrence). The ECF means ``C``, ``S``
-    average the first over the ``N`` samples (not when the rows are copies of one),
-    not the second (alike angles drift alike). ``G = dloss/dP = s_k sum_j c_j [S cos -
-    (C - phi) sin]``, ``c_j = 2 w_j t_j`` (SPEC §1), errs per element through cos and
-    sin, through ``C`` and ``S``, and by ``u`` (unit roundoff of the input dtype, in
-    which SPEC §3 lets a backend hold ``G`` for its GEMMs). Independent errors add in
-    quadrature through the sums over knots and the GEMMs (``G A^T``, ``x^T G``);
-    divided by the exact results, the estimate widens where cancellation makes the
-    float32 result fragile: ``C - phi`` ~ 1/sqrt(N) (nearly Gaussian samples) or a
-    small ``t_max``, ``G``'s own terms cancelling (one sample, identical rows), ``x^T G``
-    cancelling (shifted data). ``run_case`` allows three times this estimate.
+    The angle ``t_j p`` at knot ``j`` errs by about ``eps * t_j * rms(p)`` (the rounding
+    of the product ``t_j p``) and by ``t_j dp``, ``dp`` the rounding of the projection
+    ``p = x . a`` itself (``projection_error``: largest where the product cancels); the
+    angle-addition recurrence adds ``eps * sqrt(j)`` (a random walk of ``j`` steps) times the
+    size of what it rotates, ``(cos - 1, sin)``, about ``min(1, |t_j p|)``.
+    The ECF means ``C``, ``S`` average the angles' errors over the ``N`` samples (not
+    when the rows are copies of one), not the walk's (alike angles drift alike). The
+    rounding of ``t_j p`` is independent from knot to knot; ``dp`` is one error per
+    sample, shared by all its knots, so it adds up linearly over the knots.
+    ``G = dloss/dP = s_k sum_j c_j [S cos - (C - phi) sin]``, ``c_j = 2 w_j t_j`` (SPEC §1),
+    errs per element through cos and sin, through ``C`` and ``S``, and by ``u`` (unit
+    roundoff of the input dtype, in which SPEC §3 lets a backend hold ``G`` for its
+    GEMMs). Independent errors add in quadrature through the GEMMs (``G A^T``, ``x^T G``)
+    and over the slices of the reduced value, alike slices (expanded directions or
+    batch) linearly; divided by the exact results, the estimate widens where
+    cancellation makes the float32 result fragile: ``C - phi`` ~ 1/sqrt(N) (nearly
+    Gaussian samples), ``G``'s own terms cancelling (one sample, identical rows),
+    ``x^T G`` cancelling (shifted data). ``run_case`` allows three times this estimate.
+    (Small ``t |p|`` is not among them: the kernels sum ``cos - 1``, whose rounding is
+    relative to ``cos - 1``, and form ``C - phi`` from ``phi - 1``.)
     """
 
     def __init__(self, case: Case, inputs, weight, C, S):
@@ -549,21 +628,57 @@ class RoundingModel:
         eps = torch.finfo(torch.float64 if case.dtype == "float64" else torch.float32).eps
         t, phi, w = quadrature(case.knots, case.t_max, dtype=torch.float64)
         self.t, self.w = t, w
-        angle, walk = eps * t * p.square().mean().sqrt(), eps * torch.arange(case.knots).sqrt()  # [T]
-        self.e = (angle.square() + walk.square()).sqrt()
-        copies = case.x_layout == "expanded" and not case.batch  # every row the same sample
-        # The means average the angles' rounding; the recurrence's, alike for alike angles, need not.
-        self.e_mean = (angle.square() / (1 if copies else case.n) + walk.square()).sqrt()
+        rounding = eps * t * p.square().mean().sqrt()  # [T], independent over knots and samples
+        # The recurrence rounds (cos - 1, sin) relative to their size, ~min(1, |t_j p|) (alike for alike angles).
+        walk = eps * torch.arange(case.knots).sqrt() * (t * p.square().mean().sqrt()).clamp(max=1.0)  # [T]
+        self.dp = self.projection_error(eps / 2)  # [*B, N, K], one error per sample and slice
+        projection = t * self.dp.square().mean().sqrt()  # [T]
+        self.e = (rounding.square() + walk.square() + projection.square()).sqrt()  # all of it, per value
+        self.copies = case.x_layout == "expanded" and not case.batch  # every row the same sample
+        averaged = 1 if self.copies else case.n
+        self.e_values = (rounding.square() + walk.square()).sqrt()  # per value, the parts independent over knots
+        self.e_means = (rounding.square() / averaged + walk.square()).sqrt()  # of C and S
+        self.e_means_linear = projection / averaged ** 0.5  # dp through C and S: summed over knots
+        # dp through each value: d stat / dp = G and dG / dp = H, exactly (slice_derivatives).
+        self.g, self.h = slice_derivatives(self.x, self.a, C, S, case.knots, case.t_max)
         self.u = torch.finfo(DTYPES[case.dtype]).eps / 2
         self.dc, self.s = (C - phi).nan_to_num(0.0), S.nan_to_num(0.0)  # [*B, K, T]
         self.weight = weight
 
+    def projection_error(self, unit_roundoff: float) -> torch.Tensor:
+        """Expected (rms) rounding error of each ``p = x . a``, a dot product of length ``D``
+        summed in the accumulation dtype, in whatever order the backend sums it.
+
+        A sequential sum rounds each partial sum ``S_d``: its error is about ``u sqrt(sum_d
+        S_d^2)``; in expectation over the order of the terms, ``sum_d S_d^2 ~ D (sum_d (x_d a_d)^2
+        / 2 + p^2 / 3)`` (a random walk of the terms that drifts to ``p``). Blocked and pairwise
+        sums (GEMMs, tensor cores) err less. Without directions there is no product.
+        """
+        if self.a is None:
+            return torch.zeros_like(self.x)
+        terms = self.x.square() @ self.a.square()  # sum_d (x_d a_d)^2
+        p = self.x @ self.a
+        return unit_roundoff * (self.x.shape[-1] * (terms / 2 + p.square() / 3)).sqrt()
+
     def value(self, stats, kept) -> float:
-        """Relative error of the value: ``stat_k`` errs by ``2 N sum_j w_j ((C - phi) dC + S dS)``."""
-        rms = 2 * self.case.n * ((self.dc.square() + self.s.square()) @ (self.w * self.e_mean).square()).sqrt()
+        """Relative error of the value: ``stat_k`` errs by ``2 N sum_j w_j ((C - phi) dC + S dS)``,
+        and by ``sum_n G_nk dp_nk`` through the projection's rounding."""
+        size = (self.dc.square() + self.s.square())  # [*B, K, T]
+        independent = (2 * self.case.n) ** 2 * (size @ (self.w * self.e_means).square())
+        if self.copies:  # one sample's error, N times
+            projection = (self.g.sum(dim=-2) * self.dp[..., 0, :]).square()
+        else:
+            projection = (self.g * self.dp).square().sum(dim=-2)
+        rms = (independent + projection).sqrt()
         rms, exact = torch.where(kept, rms, 0.0), torch.where(kept, stats, 0.0).nan_to_num(0.0)
         if self.case.reduction == "none":
             return (rms.norm() / exact.norm().clamp_min(1e-300)).item()
+        # Copies of one slice err alike: their errors add (expanded directions: the slices of a batch
+        # index; x expanded: the first batch dim), distinct slices' in quadrature.
+        if self.case.a_layout == "expanded":
+            rms = rms.sum(dim=-1)
+        if self.case.x_layout == "expanded" and self.case.batch:
+            rms = rms.sum(dim=0)
         return (rms.norm() / exact.sum().abs().clamp_min(1e-300)).item()
 
     def gradients(self, kept, truth: dict) -> dict:
@@ -571,15 +686,17 @@ class RoundingModel:
         case, c = self.case, 2 * self.w * self.t  # d stat / d P = sum_j c_j [S cos - (C - phi) sin]
         factor = 1.0 / kept.numel() if case.reduction == "mean" else 1.0
         scale = (factor * self.weight.abs() * kept).nan_to_num(0.0)  # |s_k|, [*B, K]
-        through_values = ((self.dc.square() + self.s.square()) @ (c * self.e).square()).sqrt()  # [*B, K]
-        through_means = (2 * (c * self.e_mean).square().sum()).sqrt()
-        g_rms = scale * (through_values + through_means + self.u * ((self.dc.abs() + self.s.abs()) @ c))
+        size = self.dc.square() + self.s.square()
+        through_values = ((size @ (c * self.e_values).square()).unsqueeze(-2)
+                          + (self.h * self.dp).square()).sqrt()  # [*B, N, K]
+        through_means = (2 * (c * self.e_means).square().sum() + 2 * (c * self.e_means_linear).sum().square()).sqrt()
+        held = self.u * self.g.abs()  # G rounded to the input dtype for the GEMMs: relative to G
+        g_rms = scale.unsqueeze(-2) * (through_values + through_means + held)  # [*B, N, K]
         rms = {}
-        if "x" in truth:  # G A^T: quadrature over the slices; the same for every sample of a batch index
-            per_row = g_rms if self.a is None else (g_rms.square() @ self.a.mT.square()).sqrt()
-            rms["x"] = per_row.unsqueeze(-2).expand(self.x.shape)
+        if "x" in truth:  # G A^T: quadrature over the slices
+            rms["x"] = g_rms if self.a is None else (g_rms.square() @ self.a.mT.square()).sqrt()
         if "directions" in truth:  # x^T G: quadrature over the samples and batch indices
-            rms["directions"] = torch.einsum("...nd,...k->dk", self.x.square(), g_rms.square()).sqrt()
+            rms["directions"] = torch.einsum("...nd,...nk->dk", self.x.square(), g_rms.square()).sqrt()
         result = {}
         for name, bound in rms.items():
             leaf, view = self.inputs[0] if name == "x" else self.inputs[1]
@@ -588,6 +705,14 @@ class RoundingModel:
             (leaf_rms,) = torch.autograd.grad(view(leaf), leaf, grad_outputs=bound)
             result[name] = (leaf_rms.norm() / truth[name].nan_to_num(0.0).norm().clamp_min(1e-300)).item()
         return result
+
+
+def copies_per_element(inputs, name: str) -> torch.Tensor:
+    """Per element of leaf ``name``, how many elements of the view the op sees it stands for."""
+    leaf, view = inputs[0] if name == "x" else inputs[1]
+    leaf = torch.zeros_like(leaf, requires_grad=True)
+    (copies,) = torch.autograd.grad(view(leaf), leaf, grad_outputs=torch.ones_like(view(leaf)))
+    return copies
 
 
 def run_case(case: Case, backend: Backend) -> Result:
@@ -624,8 +749,12 @@ def run_case(case: Case, backend: Backend) -> Result:
     value_bound = 3 * model.value(stats, kept)
     grad_bounds = {name: 3 * bound for name, bound in model.gradients(kept, truth[1]).items()}
 
+    terms = {}
+
     def tolerance(name, ours32, exact, bound):
-        return max(floor(case, name), 2 * relative_error(ours32.nan_to_num(), exact.nan_to_num()), bound)
+        terms[name] = {"floor": floor(case, name),
+                       "reference": 2 * relative_error(ours32.nan_to_num(), exact.nan_to_num()), "model": bound}
+        return max(terms[name].values())
 
     problems, ratios = [], []
     value_dtype = torch.float64 if case.dtype == "float64" else torch.float32
@@ -635,8 +764,9 @@ def run_case(case: Case, backend: Backend) -> Result:
         tol = tolerance(name, fp32[1][name], expected, grad_bounds[name])
         grad_dtype = DTYPES[case.dtype if name == "x" else case.a_dtype]
         ratios.append(compare(f"grad_{name}", ours[1].get(name), expected, grad_dtype, tol, problems,
-                              via=DTYPES[case.dtype]))
-    return Result(case, backend.name, problems, max(ratios), model.e[-1].item() >= 1, time.perf_counter() - start)
+                              via=DTYPES[case.dtype], copies=copies_per_element(inputs, name)))
+    return Result(case, backend.name, problems, max(ratios), model.e[-1].item() >= 1, time.perf_counter() - start,
+                  terms)
 
 
 # ----------------------------------------------------------------------------- the driver

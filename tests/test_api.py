@@ -38,6 +38,7 @@ BAD_CALLS = [
     ("reduction", dict(reduction="avg"), ValueError, "reduction must be one of"),
     ("backend", dict(backend="fast"), ValueError, "backend must be 'auto' or one of"),
     ("unavailable backend", dict(backend="cuda"), RuntimeError, "backend 'cuda' is not available"),
+    ("distributed", dict(distributed="no"), TypeError, "distributed must be a bool or None"),
 ]
 
 

@@ -149,7 +149,8 @@ def test_statistic_reductions_and_clipping(kernels, reduction, clip_value):
     samples, knots, slices = 50, 17, 70
     partials = torch.rand(3, 4, 2, slices, knots, generator=generator, dtype=torch.float64) * (samples / 4)
     _, phi, _ = quadrature(knots, 3.0, dtype=torch.float64)
-    partials[:, :, 0, ::2] = phi * samples / 4 + partials[:, :, 0, ::2] / 1000  # nearly normal: below the clip
+    # Nearly normal (the partials sum cos - 1: phi - 1 per sample): below the clip.
+    partials[:, :, 0, ::2] = (phi - 1) * samples / 4 + partials[:, :, 0, ::2] / 1000
     partials[:, :, 1, ::2] /= 1000
     partials[1, 2, 0, 5, 3] = float("nan")
     stat, coef, loss = kernels.statistic(partials.float(), samples, knots, 3.0, reduction, clip_value, 0.5)
@@ -334,7 +335,7 @@ def loss_partials(batch, slices, knots, samples, seed):
     partials = torch.rand(batch, 3, 2, slices, knots, generator=generator, dtype=torch.float64) * (samples / 3)
     _, phi, _ = quadrature(knots, 3.0, dtype=torch.float64)
     near = torch.rand(batch, 1, slices, 1, generator=generator, dtype=torch.float64) < 0.5  # statistics ~0.005
-    partials[:, :, 0] = torch.where(near, phi * samples / 3 + partials[:, :, 0] / 100, partials[:, :, 0])
+    partials[:, :, 0] = torch.where(near, (phi - 1) * samples / 3 + partials[:, :, 0] / 100, partials[:, :, 0])
     partials[:, :, 1] = torch.where(near, partials[:, :, 1] / 100, partials[:, :, 1])
     return partials.float()
 

@@ -141,7 +141,7 @@ def test_cpu_op_contract():
     assert projection.shape == (0,), "without directions the forward keeps nothing (the backward reads x)"
     t = torch.linspace(0, 2.0, 9, dtype=torch.float64)
     angles = x.double().unsqueeze(-1) * t
-    expected = torch.stack((angles.cos().sum(dim=1), angles.sin().sum(dim=1)), dim=1)
+    expected = torch.stack(((angles.cos() - 1).sum(dim=1), angles.sin().sum(dim=1)), dim=1)  # cos - 1 (contract)
     assert_relative_close("sums", sums, expected, 1e-6)
     grad_sums = torch.randn(2, 2, 7, 9)
     grad_x, grad_directions = torch.ops.sigreg.ecf_sums_backward(grad_sums, x, None, projection, 9, 2.0, False)

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from sigreg_kernels import SIGReg
+from sigreg_kernels import SIGReg, sigreg
 
 WORLD = 2
 VIEWS, SAMPLES, FEATURES, EMBED, SLICES = 3, 24, 10, 7, 33
@@ -63,8 +63,13 @@ def worker(rank, port, backend, results_path):
         phase[0] = "backward"
         loss.backward()
         out.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    # distributed=False: this rank's own statistic, and no collective.
+    phase[0] = "backward"  # (any call now would show up as a backward collective)
+    local_x, local_directions = local_problem()
+    local = sigreg(local_x[rank], local_directions, backend=backend, distributed=False)
     dist.all_reduce = real_all_reduce
-    torch.save({"out": out, "calls": calls, "step": module.step.item()}, f"{results_path}.{rank}")
+    torch.save({"out": out, "calls": calls, "step": module.step.item(), "local": local},
+               f"{results_path}.{rank}")
     del ddp
     shut_down()
 
@@ -79,6 +84,11 @@ def shut_down():
     dist.destroy_process_group()
 
 
+def local_problem():
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(WORLD, 16, 5, generator=generator), torch.randn(5, 9, generator=generator)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -90,6 +100,10 @@ def test_two_processes_match_one_process_on_the_global_batch(backend, tmp_path):
     results_path = str(tmp_path / "rank")
     mp.spawn(worker, args=(free_port(), backend, results_path), nprocs=WORLD, join=True)
     check_against_one_process(results_path, single_process(backend))
+    local_x, local_directions = local_problem()
+    for rank in range(WORLD):
+        local = torch.load(f"{results_path}.{rank}")["local"]
+        torch.testing.assert_close(local, sigreg(local_x[rank], local_directions, backend=backend), rtol=1e-6, atol=0)
 
 
 def check_against_one_process(results_path, expected):

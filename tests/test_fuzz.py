@@ -7,6 +7,7 @@ Each run is a subprocess: the Triton interpreter must be chosen before
 """
 
 import dataclasses
+import math
 import os
 import shutil
 import subprocess
@@ -93,6 +94,137 @@ def test_a_wrong_kernel_is_caught(name, wrong, case, report):
     assert any(report in problem for problem in result.problems), result.problems
     assert result.reproducer().startswith("python tests/fuzz_backends.py --backends mutant --case '{")
     assert Case.from_json(result.reproducer().split("--case ")[1].strip("'")) == case
+
+
+# ----------------------------------------------------------------------------- each tolerance term still bites
+# (the terms and allowances of fuzz_backends' docstring: a bug of each kind, on a case where that
+# term is the tolerance, is caught; the same computation done right passes)
+
+
+def perturbed_value(factor):
+    """The cpu backend, its value multiplied by ``1 + factor`` (gradients untouched)."""
+    def fn(case, x, a, weight, clip_value):
+        value, _ = public_api("cpu")(case, x, a, weight, clip_value)
+        value = value + (value * factor).detach()
+        return value, (value * weight.to(value.dtype)).sum()
+    return Backend("mutant", fn, CPU.budget, CPU.dtypes)
+
+
+def recurrence_kernel(carry_cosm1=True, unit_error=0.0):
+    """The forward in float32 as a kernel computes it, value only: ``p = x @ a``, the unit rotation
+    by ``delta p``, the angle-addition recurrence over the knots, sums over the samples, the
+    statistic. ``carry_cosm1=False`` rotates and sums ``cos`` and forms ``C - phi`` from ``phi``
+    (the kernels before they carried ``cos - 1``); ``unit_error`` adds to the unit rotation's sine
+    (a rotation off by that much at every step)."""
+    from sigreg_kernels import quadrature
+    from sigreg_kernels.quadrature import phi_minus_one
+
+    def fn(case, x, a, weight, clip_value):
+        batch = x.shape[:-2]
+        x = x.reshape(-1, *x.shape[-2:]).float()
+        p = x if a is None else x @ a.float()  # [B, N, K]
+        theta = p * (case.t_max / (case.knots - 1))
+        c1, s1, u1 = theta.cos(), theta.sin() + unit_error, -2 * (theta / 2).sin().square()
+        state, rotated = (u1 if carry_cosm1 else c1), s1
+        sums_c, sums_s = [torch.zeros_like(p[:, 0]) if carry_cosm1 else torch.full_like(p[:, 0], x.shape[1])], \
+            [torch.zeros_like(p[:, 0])]
+        for _ in range(1, case.knots):
+            sums_c.append(state.sum(dim=1))
+            sums_s.append(rotated.sum(dim=1))
+            if carry_cosm1:
+                state, rotated = state * c1 + u1 - rotated * s1, rotated * c1 + (state * s1 + s1)
+            else:
+                state, rotated = state * c1 - rotated * s1, rotated * c1 + state * s1
+        _, phi, w = quadrature(case.knots, case.t_max)
+        target = phi_minus_one(case.knots, case.t_max) if carry_cosm1 else phi
+        mean_c, mean_s = torch.stack(sums_c, -1) / x.shape[1], torch.stack(sums_s, -1) / x.shape[1]
+        stat = (((mean_c - target).square() + mean_s.square()) @ w * x.shape[1]).reshape(*batch, -1)
+        value = {"mean": stat.mean, "sum": stat.sum, "none": lambda: stat}[case.reduction]()
+        return value, (value * weight.to(value.dtype)).sum()
+    return Backend("mutant", fn, CPU.budget, ("float32",))
+
+
+class _Gradient(torch.autograd.Function):
+    """Identity forward; the backward applies ``wrong`` to the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, t, wrong):
+        ctx.wrong = wrong
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.wrong(grad), None
+
+
+def binding_term(result, quantity):
+    terms = result.terms[quantity]
+    return max(terms, key=terms.get)
+
+
+# A small-angle case (issue: the fused kernels were less accurate than the float32 reference
+# there): the float32 reference's error is the value's tolerance.
+SMALL_ANGLES = Case(seed=1154944647, batch=[2], n=489, d=4, k=129, t_max=0.1312, scale=0.00593, dist="shifted",
+                    x_layout="expanded", a_layout="transposed", grad="none")
+# A long product of shifted data that cancels: the projection's rounding is the gradient's tolerance.
+LONG_PRODUCT = Case(seed=5, batch=[], n=8, d=600, k=16, dist="shifted", scale=30.0, grad="x", reduction="none")
+# fp16 gradients, most of them subnormal.
+SUBNORMAL = Case(seed=3, batch=[], n=64, d=16, k=16, t_max=0.5, scale=0.002, dtype="float16", a_dtype="float16",
+                 a_layout="none", grad="x", reduction="sum")
+# fp16 gradients of the directions, some beyond the largest finite fp16.
+OVERFLOW = Case(seed=9, batch=[], n=15, d=127, k=135, scale=50000.0, dist="heavy", dtype="float16",
+                a_dtype="float16", grad="directions", reduction="sum")
+
+
+def test_reference_term_catches_ten_times_the_float32_references_error():
+    correct = run_case(SMALL_ANGLES, CPU)
+    assert not correct.problems and binding_term(correct, "value") == "reference"
+    error = 10 * correct.terms["value"]["reference"] / 2  # the float32 reference's own error, times 10
+    assert any("value: relative error" in p for p in run_case(SMALL_ANGLES, perturbed_value(error)).problems)
+
+
+def test_small_angles_sums_of_cos_are_caught():
+    """Rotating and summing cos near 1 loses the digits C - phi keeps at small angles."""
+    assert not run_case(SMALL_ANGLES, recurrence_kernel(carry_cosm1=True)).problems
+    result = run_case(SMALL_ANGLES, recurrence_kernel(carry_cosm1=False))
+    assert any("value: relative error" in p for p in result.problems), result.problems
+
+
+def test_a_drifting_recurrence_is_caught():
+    case = dataclasses.replace(BASE, grad="none", reduction="sum", n=200)
+    assert not run_case(case, recurrence_kernel()).problems
+    result = run_case(case, recurrence_kernel(unit_error=64 * torch.finfo(torch.float32).eps))
+    assert any("value: relative error" in p for p in result.problems), result.problems
+
+
+def test_projection_term_catches_a_tf32_projection():
+    correct = run_case(LONG_PRODUCT, CPU)
+    assert not correct.problems and binding_term(correct, "x") == "model"
+
+    def tf32(t):  # float32 rounded to TF32's 10 mantissa bits (what "highest" must not do); same gradient
+        rounded = t.detach().view(torch.int32).add(1 << 12).bitwise_and(~((1 << 13) - 1)).view(torch.float32)
+        return t + (rounded - t).detach()
+
+    result = run_case(LONG_PRODUCT, mutant(lambda x, a, c: (tf32(x), tf32(a))))
+    assert any("grad_x: relative error" in p for p in result.problems), result.problems
+
+
+def test_output_rounding_allowance_catches_a_flushed_subnormal_gradient():
+    assert not run_case(SUBNORMAL, CPU).problems
+    tiny = torch.finfo(torch.float16).smallest_normal
+    flush = lambda x, a, c: (_Gradient.apply(x, lambda g: torch.where(g.abs() < tiny, 0.0, g)), a)  # noqa: E731
+    result = run_case(SUBNORMAL, mutant(flush))
+    assert any("grad_x: relative error" in p for p in result.problems), result.problems
+
+
+@pytest.mark.parametrize("wrong, report", [
+    (lambda g: g.clamp(-65504, 65504), "finite where it is not"),
+    (lambda g: torch.where(g.abs() > 32760, g.sign() * math.inf, g), "non-finite entries where the oracle is finite"),
+], ids=["clamped-to-finite", "infinite-too-early"])
+def test_overflow_allowance_catches_a_wrong_threshold(wrong, report):
+    assert not run_case(OVERFLOW, CPU).problems
+    result = run_case(OVERFLOW, mutant(lambda x, a, c: (x, _Gradient.apply(a, wrong))))
+    assert any(report in p for p in result.problems), result.problems
 
 
 def test_ignoring_clip_value_is_caught():

@@ -60,9 +60,12 @@ MAX_THREADS_PER_SM = 2048
 # degree-3/4 polynomials, quadrant selects) is ~25 instructions, 2 of them
 # conversions on the quarter-rate pipe (counted 4 slots each): 32 slots for the pair.
 SINCOS_SLOTS = 32
-ROTATION_SLOTS = 4              # c' = c c1 - s s1, s' = s c1 + c s1: 2 FMUL + 2 FFMA
+ROTATION_SLOTS = 4              # c' = c c1 - s s1, s' = s c1 + c s1: 2 FMUL + 2 FFMA (the forward's
+                                # u = cos - 1 form, u' = u c1 + u1 - s s1, s' = s c1 + (u s1 + s1): 4 FFMA)
+LEAN_ROTATION_SLOTS = 6         # the forward's lean tiles: u' = u + (u u1 + u1 - s s1), s' = s + (s u1 + (u s1 + s1))
 ACCUMULATE_SLOTS = 2            # forward: 2 FADD into the knot's sums; backward: 2 FFMA into g
-FORWARD_EXTRA_SLOTS = 4         # delta * p, knot 0's 0 * p, masking, the per-thread reduction's share
+FORWARD_EXTRA_SLOTS = 7         # delta * p, knot 0's 0 * p, masking, the per-thread reduction's share,
+                                # cos - 1 (FADD, compare, select: the polynomial's own in quadrant 0)
 BACKWARD_EXTRA_SLOTS = 6        # delta * p, scale, conversion to the output dtype, the store
 STATISTIC_SLOTS = 24            # per (b, k, j) besides the S partial adds: C, S, weights, coef, clip
 

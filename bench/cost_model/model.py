@@ -123,13 +123,15 @@ def plan_disagrees(plan, kernel: Kernel, per_sm: int) -> str:
     return f"{plan.kernel}<{name}>: {', '.join(found)}" if found else ""
 
 
-def elementwise_slots(case: Case, role: str) -> tuple:
-    """Issue slots of the element loop (hardware.py's counts), and its floor (without the extras)."""
+def elementwise_slots(case: Case, role: str, lean_rotation: bool = False) -> tuple:
+    """Issue slots of the element loop (hardware.py's counts), and its floor (without the extras:
+    the floor counts the 4-slot rotation whatever the tile does)."""
     elements = case.batch * case.N * case.K
-    per_knot = hw.ROTATION_SLOTS + hw.ACCUMULATE_SLOTS
-    floor = elements * (hw.SINCOS_SLOTS + (case.knots - 1) * per_knot)
+    floor = elements * (hw.SINCOS_SLOTS + (case.knots - 1) * (hw.ROTATION_SLOTS + hw.ACCUMULATE_SLOTS))
+    rotation = hw.LEAN_ROTATION_SLOTS if lean_rotation else hw.ROTATION_SLOTS
+    slots = elements * (hw.SINCOS_SLOTS + (case.knots - 1) * (rotation + hw.ACCUMULATE_SLOTS))
     extra = hw.FORWARD_EXTRA_SLOTS if role == "ecf_partials" else hw.BACKWARD_EXTRA_SLOTS
-    return floor + elements * extra, floor
+    return slots + elements * extra, floor
 
 
 def own_kernel(gpu, case: Case, pass_: str, role: str, plan, kernel: Kernel, splits: int = 1) -> Row:
@@ -144,7 +146,7 @@ def own_kernel(gpu, case: Case, pass_: str, role: str, plan, kernel: Kernel, spl
         dram = b * splits * 2 * k * t * 4 + coef_bytes + b * k * 4 + plan.blocks * 8 * 2  # + partial losses
         l2 = dram
     else:
-        slots, floor_slots = elementwise_slots(case, role)
+        slots, floor_slots = elementwise_slots(case, role, plan.tile.get("LEAN", False))
         if projected:
             dram = b * n * k * 4 * (1 if role == "ecf_partials" else 2)  # read P (and write G over it)
             l2 = dram

@@ -1,7 +1,8 @@
 // Fused SIGReg kernels for the CPU.
 //
 // Forward: P = x_b A with at::matmul (the product torch.matmul would compute,
-// same precision rules), then the ECF sums at every knot in one pass over P.
+// same precision rules), then the ECF sums at every knot in one pass over P:
+// sums of cos(t_j p) - 1 and sin(t_j p) (op_registration.py's contract).
 // The projection is kept for the backward: it saves a third matmul, and its
 // N x K floats are far below the N x K x T tensors the reference builds.
 // Backward: G (dstat/dP) row tile by row tile, each tile turned into its rows
@@ -43,11 +44,12 @@ namespace {
 constexpr int64_t kSliceBlock = 64;  // slices per vector loop: the accumulators stay in L1
 constexpr int64_t kRowBlock = 128;   // rows summed in the working dtype before joining the float64 total
 
-// sin/cos of `angle[0..width)` (width <= kSliceBlock): a vectorized polynomial,
-// then std::sin/std::cos for the rare elements outside its range (huge, Inf or
-// NaN). Inlined into each clone of its callers, so it is compiled for each
-// instruction set too.
-SIGREG_INLINE void sincos_block(const float* angle, int64_t width, float* sin_out, float* cos_out) {
+// sin, cos and cos - 1 of `angle[0..width)` (width <= kSliceBlock): a vectorized
+// polynomial, then std::sin/std::cos for the rare elements outside its range
+// (huge, Inf or NaN). Inlined into each clone of its callers, so it is compiled
+// for each instruction set too. cosm1_out may be null (the backward needs no cos - 1).
+SIGREG_INLINE void sincos_block(const float* angle, int64_t width, float* sin_out, float* cos_out,
+                                float* cosm1_out) {
   // Out-of-range elements (overwritten below) go through the polynomial as 0:
   // its float-to-int conversion of a NaN, Inf or huge quadrant is undefined
   // behaviour (UBSan's float-cast-overflow), not merely a wrong value. A
@@ -61,22 +63,33 @@ SIGREG_INLINE void sincos_block(const float* angle, int64_t width, float* sin_ou
     safe[i] = in_range ? angle[i] : 0.0f;
     out_of_range |= !in_range;
   }
+  if (cosm1_out != nullptr) {
 #pragma omp simd
-  for (int64_t i = 0; i < width; ++i) sincos_poly(safe[i], &sin_out[i], &cos_out[i]);
+    for (int64_t i = 0; i < width; ++i) sincos_cosm1_poly(safe[i], &sin_out[i], &cos_out[i], &cosm1_out[i]);
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < width; ++i) sincos_poly(safe[i], &sin_out[i], &cos_out[i]);
+  }
   if (out_of_range) {
     for (int64_t i = 0; i < width; ++i) {
       if (!(std::fabs(angle[i]) <= kPolySinCosMaxArg)) {
         sin_out[i] = std::sin(angle[i]);
         cos_out[i] = std::cos(angle[i]);
+        if (cosm1_out != nullptr) cosm1_out[i] = cos_out[i] - 1.0f;  // (the angle's own error is larger)
       }
     }
   }
 }
 
-inline void sincos_block(const double* angle, int64_t width, double* sin_out, double* cos_out) {
+inline void sincos_block(const double* angle, int64_t width, double* sin_out, double* cos_out,
+                         double* cosm1_out) {
   for (int64_t i = 0; i < width; ++i) {
     sin_out[i] = std::sin(angle[i]);
     cos_out[i] = std::cos(angle[i]);
+    if (cosm1_out != nullptr) {
+      const double half_sin = std::sin(0.5 * angle[i]);
+      cosm1_out[i] = -2.0 * half_sin * half_sin;  // cos - 1, full relative precision near 0
+    }
   }
 }
 
@@ -101,40 +114,43 @@ SIGREG_INLINE void store_lanes(T* p, const lanes_t<T>& v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
-// cos/sin(delta * p) for up to kRows rows of one slice block; lanes past `width`
-// get angle 0 so every vector loop runs over whole kSliceBlock lanes.
+// cos/sin (and cos - 1 unless cosm1 is null) of delta * p for up to kRows rows of one slice block; lanes
+// past `width` get angle 0 so every vector loop runs over whole kSliceBlock lanes.
 constexpr int kRows = 2;  // rows per pass: they share the accumulator / coefficient traffic
 template <typename scalar_t>
 SIGREG_INLINE void unit_rotations(const scalar_t* p, int64_t stride, int rows, int64_t width, scalar_t delta,
-                           scalar_t (&cos1)[kRows][kSliceBlock], scalar_t (&sin1)[kRows][kSliceBlock]) {
+                           scalar_t (&cos1)[kRows][kSliceBlock], scalar_t (&sin1)[kRows][kSliceBlock],
+                           scalar_t (*cosm1)[kSliceBlock]) {
   scalar_t angle[kSliceBlock];
   for (int r = 0; r < rows; ++r) {
     for (int64_t i = 0; i < kSliceBlock; ++i) angle[i] = i < width ? delta * p[r * stride + i] : scalar_t(0);
-    sincos_block(angle, kSliceBlock, sin1[r], cos1[r]);
+    sincos_block(angle, kSliceBlock, sin1[r], cos1[r], cosm1 == nullptr ? nullptr : cosm1[r]);
   }
 }
 
-// acc_cos/acc_sin [knots][kSliceBlock] += cos/sin(t_j p) summed over `rows` (<= kRows) rows.
+// acc_cos/acc_sin [knots][kSliceBlock] += cos(t_j p) - 1 / sin(t_j p) summed over `rows` (<= kRows)
+// rows. Knot 0 (cos 0 - 1 = 0, sin 0 = 0) adds nothing.
 template <int ROWS, typename scalar_t>
 SIGREG_INLINE void accumulate_ecf(const scalar_t (&cos1)[kRows][kSliceBlock], const scalar_t (&sin1)[kRows][kSliceBlock],
-                           int64_t knots, scalar_t* acc_cos, scalar_t* acc_sin) {
+                           const scalar_t (&cosm1)[kRows][kSliceBlock], int64_t knots, scalar_t* acc_cos,
+                           scalar_t* acc_sin) {
   using V = lanes_t<scalar_t>;
   for (int64_t l0 = 0; l0 < kSliceBlock; l0 += kLanes) {
-    V c1[ROWS], s1[ROWS], c[ROWS], s[ROWS];
+    V c1[ROWS], s1[ROWS], u1[ROWS], u[ROWS], s[ROWS];
     for (int r = 0; r < ROWS; ++r) {
       c1[r] = load_lanes(&cos1[r][l0]);
       s1[r] = load_lanes(&sin1[r][l0]);
-      c[r] = c1[r];  // knot 1; knot 0 (cos 1, sin 0) is added below
+      u1[r] = load_lanes(&cosm1[r][l0]);
+      u[r] = u1[r];  // knot 1
       s[r] = s1[r];
     }
-    store_lanes(acc_cos + l0, load_lanes(acc_cos + l0) + scalar_t(ROWS));
     for (int64_t j = 1; j < knots; ++j) {
       if (j > 1) {
-        for (int r = 0; r < ROWS; ++r) rotate(c[r], s[r], c1[r], s1[r]);
+        for (int r = 0; r < ROWS; ++r) rotate_cosm1(u[r], s[r], c1[r], u1[r], s1[r]);
       }
-      V sum_c = c[0], sum_s = s[0];
+      V sum_c = u[0], sum_s = s[0];
       for (int r = 1; r < ROWS; ++r) {
-        sum_c += c[r];
+        sum_c += u[r];
         sum_s += s[r];
       }
       scalar_t* pc = acc_cos + j * kSliceBlock + l0;
@@ -148,14 +164,14 @@ SIGREG_INLINE void accumulate_ecf(const scalar_t (&cos1)[kRows][kSliceBlock], co
 template <typename scalar_t>
 SIGREG_CPU_CLONES void accumulate_ecf_rows(const scalar_t* p, int64_t stride, int64_t rows, int64_t width,
                                            int64_t knots, scalar_t delta, scalar_t* acc_cos, scalar_t* acc_sin) {
-  scalar_t cos1[kRows][kSliceBlock], sin1[kRows][kSliceBlock];
+  scalar_t cos1[kRows][kSliceBlock], sin1[kRows][kSliceBlock], cosm1[kRows][kSliceBlock];
   for (int64_t n = 0; n < rows; n += kRows) {
     const int pass_rows = static_cast<int>(std::min<int64_t>(kRows, rows - n));
-    unit_rotations(p + n * stride, stride, pass_rows, width, delta, cos1, sin1);
+    unit_rotations(p + n * stride, stride, pass_rows, width, delta, cos1, sin1, cosm1);
     if (pass_rows == kRows) {
-      accumulate_ecf<kRows>(cos1, sin1, knots, acc_cos, acc_sin);
+      accumulate_ecf<kRows>(cos1, sin1, cosm1, knots, acc_cos, acc_sin);
     } else {
-      accumulate_ecf<1>(cos1, sin1, knots, acc_cos, acc_sin);
+      accumulate_ecf<1>(cos1, sin1, cosm1, knots, acc_cos, acc_sin);
     }
   }
 }
@@ -211,7 +227,7 @@ void ecf_sums_from_projection(const at::Tensor& projection, int64_t knots, doubl
                             acc.data(), acc.data() + knots * kSliceBlock);
         for (size_t i = 0; i < acc.size(); ++i) total[i] += static_cast<double>(acc[i]);
       }
-      for (int64_t part = 0; part < 2; ++part) {  // 0: cos, 1: sin
+      for (int64_t part = 0; part < 2; ++part) {  // 0: cos - 1, 1: sin
         for (int64_t i = 0; i < width; ++i) {
           for (int64_t j = 0; j < knots; ++j) {
             out[((b * 2 + part) * slices + k0 + i) * knots + j] =
@@ -231,7 +247,7 @@ SIGREG_CPU_CLONES void gradient_of_rows(const scalar_t* p, int rows, int64_t sli
   scalar_t cos1[kRows][kSliceBlock], sin1[kRows][kSliceBlock], g[kRows][kSliceBlock];
   for (int64_t k0 = 0; k0 < slices; k0 += kSliceBlock) {
     const int64_t width = std::min(kSliceBlock, slices - k0);
-    unit_rotations(p + k0, slices, rows, width, delta, cos1, sin1);
+    unit_rotations(p + k0, slices, rows, width, delta, cos1, sin1, static_cast<scalar_t (*)[kSliceBlock]>(nullptr));
     if (rows == kRows) {
       gradient_rows<kRows>(cos1, sin1, knots, coef_cos + k0, coef_sin + k0, coef_stride, g);
     } else {

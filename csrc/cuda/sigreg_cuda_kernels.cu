@@ -87,7 +87,8 @@ struct GradientSmem {
 };
 
 // Adds the elements of one tile (rows < valid) to this thread's column sums of
-// knots j_first .. j_first + 15; zero_terms += 0 * p keeps NaN/Inf for knot 0.
+// cos - 1 and sin at knots j_first .. j_first + 15 (the rotation carries cos - 1:
+// rotate_cosm1); zero_terms += 0 * p keeps NaN/Inf for knot 0.
 template <Tile TILE, typename Read>
 __device__ __forceinline__ void accumulate_tile(const Read& read, int valid, float delta, int j_first,
                                                 float (&sum_cos)[kKnotsPerPass], float (&sum_sin)[kKnotsPerPass],
@@ -101,19 +102,19 @@ __device__ __forceinline__ void accumulate_tile(const Read& read, int valid, flo
     if (row >= valid) break;
     const float p = read(row);
     zero_terms += 0.0f * p;
-    float s1, c1, s, c;
-    sincos_accurate(delta * p, &s1, &c1);
+    float s1, c1, u1, s, c, u;
+    sincos_cosm1_accurate(delta * p, &s1, &c1, &u1);
     if (j_first == 1) {
       s = s1;
-      c = c1;
+      u = u1;
     } else {
-      sincos_accurate(t_first * p, &s, &c);
+      sincos_cosm1_accurate(t_first * p, &s, &c, &u);
     }
 #pragma unroll
     for (int q = 0; q < kKnotsPerPass; ++q) {  // knots past the last are summed but never written
-      sum_cos[q] += c;
+      sum_cos[q] += u;
       sum_sin[q] += s;
-      if (q + 1 < kKnotsPerPass) rotate(c, s, c1, s1);
+      if (q + 1 < kKnotsPerPass) rotate_cosm1(u, s, c1, u1, s1);
     }
   }
 }
@@ -198,8 +199,8 @@ __global__ void __launch_bounds__(kThreads, kPartialsMinBlocks) ecf_partials_ker
       out_sin[j] = sum_sin[q];
     }
   }
-  if (pass == 0 && rg == 0) {  // knot 0: cos(0 p) = 1 + 0 p, sin(0 p) = 0 p
-    out_cos[0] = static_cast<float>(row_end - row_begin) + zero_terms;
+  if (pass == 0 && rg == 0) {  // knot 0: cos(0 p) - 1 = 0 p, sin(0 p) = 0 p
+    out_cos[0] = zero_terms;
     out_sin[0] = zero_terms;
   }
 }
@@ -235,10 +236,13 @@ __global__ void __launch_bounds__(kStatisticThreads) statistic_kernel(StatisticA
     for (int64_t s = 0; s < a.splits; ++s) sum += static_cast<double>(from[s * split_stride]);
     return sum;
   };
-  auto weight = [&](int64_t j, double* phi) {  // trapezoid weight times the window, SPEC §1
+  // The trapezoid weight times the window (SPEC §1), and phi - 1 = expm1(-t^2 / 2): the
+  // partials are sums of cos - 1, so C - phi = mean(cos - 1) - (phi - 1), both terms
+  // with their digits where C and phi are both near 1.
+  auto weight = [&](int64_t j, double* phi_m1) {
     const double t = static_cast<double>(j) * a.delta;
-    *phi = exp(-0.5 * t * t);
-    return (j == 0 || j == a.knots - 1 ? a.delta : 2.0 * a.delta) * *phi;
+    *phi_m1 = expm1(-0.5 * t * t);
+    return (j == 0 || j == a.knots - 1 ? a.delta : 2.0 * a.delta) * (1.0 + *phi_m1);  // phi, within an ulp
   };
   if (a.cached) {
     for (int64_t e = threadIdx.x; e < 2 * per_part; e += kStatisticThreads) cache[e] = total(e);
@@ -249,11 +253,11 @@ __global__ void __launch_bounds__(kStatisticThreads) statistic_kernel(StatisticA
     double sum = 0.0;
     for (int64_t j = 0; j < a.knots; ++j) {
       const int64_t e = kk * a.knots + j;
-      const double c = (a.cached ? cache[e] : total(e)) / samples;
+      const double u = (a.cached ? cache[e] : total(e)) / samples;  // mean of cos - 1
       const double s = (a.cached ? cache[per_part + e] : total(per_part + e)) / samples;
-      double phi;
-      const double w = weight(j, &phi);
-      sum += w * ((c - phi) * (c - phi) + s * s);
+      double phi_m1;
+      const double w = weight(j, &phi_m1);
+      sum += w * ((u - phi_m1) * (u - phi_m1) + s * s);
     }
     const float stat = static_cast<float>(samples * sum);
     const bool keep = !(a.clip && stat < a.clip_value);  // a NaN statistic stays NaN, as in the reference
@@ -273,9 +277,9 @@ __global__ void __launch_bounds__(kStatisticThreads) statistic_kernel(StatisticA
   for (int64_t e = threadIdx.x; e < 2 * per_part; e += kStatisticThreads) {
     const int64_t part = e / per_part, r = e % per_part, kk = r / a.knots, j = r % a.knots;
     const double mean = (a.cached ? cache[e] : total(e)) / samples;
-    double phi;
-    const double w = weight(j, &phi);
-    const double d_sum = 2.0 * w * (part == 0 ? mean - phi : mean);  // d stat / d sum, times N
+    double phi_m1;
+    const double w = weight(j, &phi_m1);
+    const double d_sum = 2.0 * w * (part == 0 ? mean - phi_m1 : mean);  // d stat / d sum, times N
     a.coef[(b * 2 + part) * a.slices * a.knots + k0 * a.knots + r] =
         static_cast<float>(a.factor * d_sum * static_cast<double>(kept[kk]));  // NaN stays NaN when clipped
   }

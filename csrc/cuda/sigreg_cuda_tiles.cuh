@@ -323,6 +323,18 @@ __device__ __forceinline__ void sincos_accurate(float a, float* s, float* c) {
   }
 }
 
+// The same, with cos - 1 to full relative precision (sincos_cosm1_poly) for the forward's sums.
+__device__ __forceinline__ void sincos_cosm1_accurate(float a, float* s, float* c, float* cosm1) {
+  if (fabsf(a) <= kPolySinCosMaxArg) {
+    sincos_cosm1_poly(a, s, c, cosm1);
+  } else {
+    const float2 sc = sincos_library(a);
+    *s = sc.x;
+    *c = sc.y;
+    *cosm1 = sc.y - 1.0f;  // (the angle's own error is larger than what this loses)
+  }
+}
+
 // Sum over the lanes of a column (adjacent lanes), the same order on every run;
 // every lane gets the total.
 template <int ROW_GROUPS>
