@@ -1,11 +1,11 @@
 """Builds sigreg_kernels and its compiled extension sigreg_kernels._C: the CPU kernels
 always, the CUDA kernels when CUDA is there. Metadata and extras are in pyproject.toml.
 
-The extension is compiled against the torch of the build environment, and must run
-with that same torch: build with ``pip install --no-build-isolation``. Without torch
-at build time (pip's default build isolation hides it), a C++ compiler or Python's
-headers, the package installs without the extension (backends ``reference``, and
-``triton`` on GPUs) and says why in ``available_backends`` and ``python -m sigreg_kernels``.
+The extension is compiled against the torch it will run with: the one installed in the
+environment pip runs in (under pip's default build isolation, found in the interpreter's
+own site-packages; ``--no-build-isolation`` also works). Without torch, a C++ compiler
+or Python's headers, the package installs without the extension (backends ``reference``,
+and ``triton`` on GPUs) and says why in ``available_backends`` and ``python -m sigreg_kernels``.
 
 Switches (environment variables):
   SIGREG_BUILD_EXTENSION  unset: build the extension where it can be built; 1: require it
@@ -20,6 +20,7 @@ Switches (environment variables):
 import glob
 import os
 import shutil
+import site
 import sysconfig
 
 from setuptools import setup
@@ -46,8 +47,15 @@ def missing_prerequisite():
     try:
         import torch
     except ImportError:
-        return ("torch was not importable at build time (pip's build isolation hides the installed torch: "
-                "build with --no-build-isolation)")
+        # pip's default build isolation hides the environment's packages, torch among them. The
+        # extension must be compiled against the torch it will run with, which is the one in this
+        # interpreter's own site-packages (not one pip would fetch into the isolated environment):
+        # look there, appended after the isolated environment's paths.
+        site.addsitedir(sysconfig.get_paths()["purelib"])
+        try:
+            import torch
+        except ImportError:
+            return "torch was not importable at build time (install torch first, then sigreg_kernels)"
     from torch.utils.cpp_extension import get_cxx_compiler
 
     build_info["TORCH"] = torch.__version__

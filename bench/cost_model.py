@@ -111,6 +111,9 @@ def parse_args(argv=None):
     parser.add_argument("--batch", nargs="+", type=int, default=list(GRID_BATCH))
     parser.add_argument("--dtypes", nargs="+", default=list(GRID_DTYPES), choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--grad-directions", action="store_true", help="directions need a gradient: x^T@G too")
+    parser.add_argument("--weights", action="store_true",
+                        help="with sample weights (a padding mask): the kernels' extra work, the weights' sums, "
+                             "the mask on grad_x (the weighted kernels modelled with the unweighted ones' resources)")
     parser.add_argument("--check", action="store_true", help="exit 1 unless the criteria of issue 11 hold")
     parser.add_argument("--quiet", action="store_true", help="totals, headline and checks only")
     parser.add_argument("--measured", help="a CSV of bench/bench_sigreg.py to print beside the prediction")
@@ -121,8 +124,8 @@ def main(argv=None):
     args = parse_args(argv)
     gpu = hw.GPUS[args.gpu]
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else None
-    cases = grid_cases(args.backends, shapes, args.batch, args.dtypes, args.grad_directions)
-    headline = headline_cases(args.backends, args.grad_directions)
+    cases = grid_cases(args.backends, shapes, args.batch, args.dtypes, args.grad_directions, args.weights)
+    headline = headline_cases(args.backends, args.grad_directions, args.weights)
     try:
         rows = model_rows(gpu, cases)
         missing = [c for c in headline if c not in cases]

@@ -8,7 +8,8 @@ from sigreg_kernels import sigreg, sigreg_reference
 
 
 def provider_names(device: str):
-    """The reference, its compiled form, then every fused backend built for the device."""
+    """The reference, its compiled form, then every fused backend built for the device.
+    (``<backend>+weights``, asked for by name, is that backend with a padding mask.)"""
     fused = [b for b in sigreg_kernels.available_backends(device) if b != "reference"]
     return ["reference", "reference+compile", *fused]
 
@@ -33,6 +34,15 @@ def make_provider(name: str, device: str, dtype: torch.dtype, replays_backward: 
         torch._functorch.config.donated_buffer = not replays_backward
         torch._dynamo.reset()  # one compiled graph per size, never the recompile limit
         fn = torch.compile(sigreg_reference, dynamic=False)
+    elif name.endswith("+weights"):  # a padding mask: 10% of the rows left out (the cost of weights)
+        backend, masks = name[:-len("+weights")], {}
+
+        def fn(x, directions):
+            key = (tuple(x.shape[:-1]), x.device)
+            if key not in masks:
+                generator = torch.Generator().manual_seed(1)
+                masks[key] = (torch.rand(key[0], generator=generator) > 0.1).to(x.device)
+            return sigreg(x, directions, backend=backend, weights=masks[key])
     else:
         fn = lambda x, directions: sigreg(x, directions, backend=name)  # noqa: E731
     if dtype == torch.float32:

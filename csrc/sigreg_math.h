@@ -75,11 +75,18 @@ SIGREG_HD void sincos_poly(float x, float* sin_out, float* cos_out) {
 // s themselves. Rotating cos itself rounds to an ulp of 1 per knot, and for small
 // angles those ulps are all of C - phi that is left after the cancellation. Same
 // operation count: two FMAs each.
+// Sample weights scale the state, (w u, w s); the rotation is linear in (1 + u, s), so the
+// weighted state rotates with the additive constants scaled alike: (w u1, w s1) as u1, ws1.
+template <typename T>
+SIGREG_HD void rotate_cosm1(T& u, T& s, T c1, T u1, T s1, T ws1) {
+  const T u_next = (u * c1 + u1) - s * s1;  // (1 + u) c1 - s s1 - 1
+  s = s * c1 + (u * s1 + ws1);              // s c1 + (1 + u) s1
+  u = u_next;
+}
+
 template <typename T>
 SIGREG_HD void rotate_cosm1(T& u, T& s, T c1, T u1, T s1) {
-  const T u_next = (u * c1 + u1) - s * s1;  // (1 + u) c1 - s s1 - 1
-  s = s * c1 + (u * s1 + s1);               // s c1 + (1 + u) s1
-  u = u_next;
+  rotate_cosm1(u, s, c1, u1, s1, s1);
 }
 
 // Gradient of the per-slice statistic w.r.t. the ECF sums (SPEC §1):

@@ -65,3 +65,28 @@ def check_quadrature_args(knots, t_max) -> None:
         raise TypeError(f"t_max must be a float, got {type(t_max).__name__}")
     if not math.isfinite(t_max) or t_max <= 0:
         raise ValueError(f"t_max must be finite and > 0, got {t_max}")
+
+
+def check_weights(weights, x) -> None:
+    """Sample weights ``[*B, N]``, broadcastable to ``x.shape[:-1]``: bool or floating point, on x's
+    device. Negative, NaN and infinite weights are errors too, but only checked for CPU tensors:
+    on a GPU the check would wait for the device (a host sync per call)."""
+    if weights is None:
+        return
+    if not isinstance(weights, torch.Tensor):
+        raise TypeError(f"weights must be a torch.Tensor or None, got {type(weights).__name__}")
+    if weights.dtype != torch.bool and not weights.is_floating_point():
+        raise TypeError(f"weights must be bool (a mask) or floating point, got {weights.dtype}")
+    rows = tuple(x.shape[:-1])
+    if weights.dim() < 1 or weights.shape[-1] != rows[-1] or weights.dim() > len(rows):
+        raise ValueError(f"weights must have shape (*B, N) with N = x.shape[-2] = {rows[-1]}, broadcastable to "
+                         f"x.shape[:-1] = {rows}, got {tuple(weights.shape)}")
+    try:
+        torch.broadcast_shapes(tuple(weights.shape), rows)
+    except RuntimeError:
+        raise ValueError(f"weights of shape {tuple(weights.shape)} do not broadcast to x.shape[:-1] = {rows}") from None
+    if weights.device != x.device:
+        raise ValueError(f"weights must be on x's device {x.device}, got {weights.device}")
+    if weights.device.type == "cpu" and weights.dtype != torch.bool:
+        if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+            raise ValueError("weights must be finite and non-negative")

@@ -113,21 +113,28 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype | None =
     return name
 
 
-def reference_ecf_sums(x, directions, knots: int, t_max: float):
+def reference_ecf_sums(x, directions, knots: int, t_max: float, weights=None):
     """The ECF sums (of cos - 1 and sin) in plain PyTorch, materializing ``[B, N, K, T]``
-    (``directions=None``: ``P = x``)."""
+    (``directions=None``: ``P = x``); ``weights [B, N]`` weight the rows (0: left out)."""
     acc = accumulation_dtype(x.dtype)
     t, _, _ = quadrature(knots, t_max, dtype=acc, device=x.device)
-    projection = x if directions is None else x @ directions
-    angles = projection.to(acc).unsqueeze(-1) * t
+    if weights is not None:  # a row of weight 0 adds nothing, whatever it holds (no NaN into any gradient)
+        weights = weights.to(acc).unsqueeze(-1)
+        x = torch.where(weights > 0, x, 0.0)
+    projection = (x if directions is None else x @ directions).to(acc)
+    angles = projection.unsqueeze(-1) * t
     cos_minus_one = -2 * (angles / 2).sin().square()  # cos - 1, full relative precision near 0
-    return torch.stack((cos_minus_one.sum(dim=-3), angles.sin().sum(dim=-3)), dim=1)
+    sin = angles.sin()
+    if weights is not None:
+        cos_minus_one, sin = cos_minus_one * weights.unsqueeze(-1), sin * weights.unsqueeze(-1)
+    return torch.stack((cos_minus_one.sum(dim=-3), sin.sum(dim=-3)), dim=1)
 
 
-def ecf_sums(name: str, x, directions, knots: int, t_max: float):
-    """``[B, 2, K, T]`` sums of cos - 1 and sin over the samples of ``x: [B, N, D]`` (reference, cpu)."""
+def ecf_sums(name: str, x, directions, knots: int, t_max: float, weights=None):
+    """``[B, 2, K, T]`` sums of cos - 1 and sin over the samples of ``x: [B, N, D]`` (reference, cpu),
+    weighted by ``weights [B, N]`` where given."""
     if name == "reference":
-        return reference_ecf_sums(x, directions, knots, t_max)
+        return reference_ecf_sums(x, directions, knots, t_max, weights)
     if name == "cpu":
-        return torch.ops.sigreg.ecf_sums(x, directions, knots, t_max)[0]
+        return torch.ops.sigreg.ecf_sums(x, directions, knots, t_max, weights)[0]
     raise ValueError(f"backend {name!r} does not compute the ECF sums alone (see fused.py)")

@@ -38,28 +38,41 @@ PARTIALS_BLOCKS_PER_SM = {False: {"small": 2, "big": 2}, True: {"small": 2, "big
 GRADIENT_BLOCKS_PER_SM = {False: {"small": 3, "big": 3}, True: {"small": 3, "big": 3}}
 
 # Registers / static shared memory (bytes) of every instance: ptxas -v, CUDA 13.0, sm_90a.
+# weights: the instance for sample weights (launched where the caller passes them).
 _RESOURCE_TABLE = """
-kernel                 type           tile   tensor_cores  fma           projected
-ecf_partials_kernel    float          small  112 18944     116 18944     92 9216
-ecf_partials_kernel    float          big    128 37376     128 37376     112 36864
-ecf_partials_kernel    __half         small  96 19456      104 19456     92 5120
-ecf_partials_kernel    __half         big    122 37888     122 37888     95 18432
-ecf_partials_kernel    __nv_bfloat16  small  96 19456      107 19456     92 5120
-ecf_partials_kernel    __nv_bfloat16  big    126 37888     116 37888     95 18432
-slice_gradient_kernel  float          small  72 18944      79 18944      72 9216
-slice_gradient_kernel  float          big    80 37376      79 37376      72 36864
-slice_gradient_kernel  __half         small  72 22016      72 22016      72 7168
-slice_gradient_kernel  __half         big    80 47104      79 47104      72 27648
-slice_gradient_kernel  __nv_bfloat16  small  72 22016      72 22016      72 7168
-slice_gradient_kernel  __nv_bfloat16  big    80 47104      79 47104      72 27648
+kernel                 type           tile   weights  tensor_cores  fma           projected
+ecf_partials_kernel    float          small  no       112 18944     113 18944     91 9216
+ecf_partials_kernel    float          small  yes      112 18944     113 18944     88 9216
+ecf_partials_kernel    float          big    no       128 37376     127 37376     111 36864
+ecf_partials_kernel    float          big    yes      128 37376     127 37376     106 36864
+ecf_partials_kernel    __half         small  no       96 19456      102 19456     91 5120
+ecf_partials_kernel    __half         small  yes      94 19456      102 19456     88 5120
+ecf_partials_kernel    __half         big    no       118 37888     121 37888     96 18432
+ecf_partials_kernel    __half         big    yes      118 37888     121 37888     95 18432
+ecf_partials_kernel    __nv_bfloat16  small  no       96 19456      105 19456     91 5120
+ecf_partials_kernel    __nv_bfloat16  small  yes      96 19456      106 19456     88 5120
+ecf_partials_kernel    __nv_bfloat16  big    no       128 37888     116 37888     96 18432
+ecf_partials_kernel    __nv_bfloat16  big    yes      128 37888     117 37888     95 18432
+slice_gradient_kernel  float          small  no       72 18944      79 18944      72 9216
+slice_gradient_kernel  float          small  yes      72 19072      79 19072      72 9344
+slice_gradient_kernel  float          big    no       80 37376      79 37376      72 36864
+slice_gradient_kernel  float          big    yes      80 37632      79 37632      72 37120
+slice_gradient_kernel  __half         small  no       72 22016      72 22016      72 7168
+slice_gradient_kernel  __half         small  yes      76 22144      72 22144      77 7296
+slice_gradient_kernel  __half         big    no       80 47104      79 47104      72 27648
+slice_gradient_kernel  __half         big    yes      78 47360      79 47360      72 27904
+slice_gradient_kernel  __nv_bfloat16  small  no       72 22016      72 22016      72 7168
+slice_gradient_kernel  __nv_bfloat16  small  yes      76 22144      72 22144      77 7296
+slice_gradient_kernel  __nv_bfloat16  big    no       80 47104      79 47104      72 27648
+slice_gradient_kernel  __nv_bfloat16  big    yes      80 47360      79 47360      72 27904
 """
 
 
 def _resources(table: str) -> dict:
-    """{(kernel, ctype, tile, mode): (registers, static shared memory bytes)} from the table above."""
+    """{(kernel, ctype, tile, mode, weighted): (registers, static shared memory bytes)} from the table above."""
     rows = [line.split() for line in table.strip().splitlines()[1:]]
-    return {(kernel, ctype, tile, mode): (int(values[2 * i]), int(values[2 * i + 1]))
-            for kernel, ctype, tile, *values in rows for i, mode in enumerate(MODES)}
+    return {(kernel, ctype, tile, mode, weights == "yes"): (int(values[2 * i]), int(values[2 * i + 1]))
+            for kernel, ctype, tile, weights, *values in rows for i, mode in enumerate(MODES)}
 
 
 RESOURCES = _resources(_RESOURCE_TABLE)
@@ -85,13 +98,13 @@ def _tile(tile_blocks_big: int, blocks_per_sm_big: int, num_sms: int) -> str:
     return "big" if tile_blocks_big >= MIN_WAVES * num_sms * blocks_per_sm_big else "small"
 
 
-def _instance(kernel, dtype, tile, mode) -> dict:
+def _instance(kernel, dtype, tile, mode, weighted=False) -> dict:
     ctype = CTYPES.get(dtype, str(dtype))  # (an unsupported dtype: the launcher says so)
     block_n, block_k = TILE_SHAPES[tile]
     info = {"BLOCK_N": block_n, "BLOCK_K": block_k, "MODE": mode,
-            "template": f"{ctype}, {TILES.index(tile)}, {MODES.index(mode)}"}
-    if (kernel, ctype, tile, mode) in RESOURCES:
-        info["registers"], info["static_smem"] = RESOURCES[kernel, ctype, tile, mode]
+            "template": f"{ctype}, {TILES.index(tile)}, {MODES.index(mode)}, {'true' if weighted else 'false'}"}
+    if (kernel, ctype, tile, mode, weighted) in RESOURCES:
+        info["registers"], info["static_smem"] = RESOURCES[kernel, ctype, tile, mode, weighted]
     return info
 
 

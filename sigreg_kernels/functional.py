@@ -3,8 +3,9 @@
 import torch
 
 from . import backends
-from ._validation import check_sigreg_args
+from ._validation import check_sigreg_args, check_weights
 from .distributed import all_reduce_ecf_sums, is_distributed
+from .op_registration import accumulation_dtype
 from .fused import fused_sigreg
 from .quadrature import phi_minus_one, quadrature
 
@@ -13,19 +14,29 @@ from .quadrature import phi_minus_one, quadrature
 FUSED_BACKENDS = ("cuda", "triton")
 
 
-def statistic_from_sums(sums, samples: int, knots: int, t_max: float, clip_value=None):
+def statistic_from_sums(sums, samples: int, knots: int, t_max: float, clip_value=None, moments=None):
     """Per-slice statistic ``[B, K]`` from the ECF sums ``[B, 2, K, T]`` of ``samples`` samples.
 
     ``sums[:, 0]`` holds the sums of ``cos(t_j p) - 1``, ``sums[:, 1]`` those of
     ``sin(t_j p)`` (op_registration.py): ``C - phi = sums[:, 0] / N - (phi - 1)``
     keeps its digits where both ``C`` and ``phi`` are close to 1.
+    ``moments [B, 2]``: ``(sum w, sum w^2)`` of weighted sums; then ``N`` is ``sum w`` in the
+    means and the effective size ``(sum w)^2 / sum w^2`` in the statistic (0 where ``sum w = 0``).
     Statistics below ``clip_value`` are set to 0 (and pass no gradient).
     """
     _, _, w = quadrature(knots, t_max, dtype=sums.dtype, device=sums.device)
     phi_m1 = phi_minus_one(knots, t_max, dtype=sums.dtype, device=sums.device)
-    ecf_cos_minus_phi, ecf_sin = sums[:, 0] / samples - phi_m1, sums[:, 1] / samples
+    if moments is None:
+        total = size = torch.full(sums.shape[:1], float(samples), dtype=sums.dtype, device=sums.device)
+    else:  # where sum w = 0 the sums are 0 too: divide by 1 (no 0 / 0, not even in the backward)
+        moments = moments.to(sums.dtype)
+        present = moments[:, 0] > 0
+        total = torch.where(present, moments[:, 0], 1.0)
+        size = torch.where(present, moments[:, 0].square() / torch.where(present, moments[:, 1], 1.0), 0.0)
+    ecf_cos_minus_phi = sums[:, 0] / total[:, None, None] - phi_m1
+    ecf_sin = sums[:, 1] / total[:, None, None]
     err = ecf_cos_minus_phi.square() + ecf_sin.square()
-    stat = (err * w).sum(dim=-1) * samples
+    stat = (err * w).sum(dim=-1) * size[:, None]
     if clip_value is not None:
         stat = torch.where(stat < clip_value, 0.0, stat)
     return stat
@@ -44,7 +55,8 @@ def _computation_dtypes(x, directions):
 
 
 def sigreg(x, directions, *, knots: int = 17, t_max: float = 3.0, reduction: str = "mean",
-           clip_value: float | None = None, backend: str = "auto", distributed: bool | None = None):
+           clip_value: float | None = None, backend: str = "auto", distributed: bool | None = None,
+           weights=None):
     """SIGReg with the Epps-Pulley test (SPEC §1) of ``x: [*B, N, D]`` along ``directions: [D, K]``.
 
     ``directions=None`` tests the columns of ``x`` as they are (``K = D``, no
@@ -53,7 +65,15 @@ def sigreg(x, directions, *, knots: int = 17, t_max: float = 3.0, reduction: str
     all batch indices and slices, or ``"none"`` for the ``[*B, K]`` statistics.
     Per-slice statistics below ``clip_value`` count as 0 (and pass no gradient).
     ``backend`` is ``"auto"`` (the fastest one built for ``x``'s device),
-    ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``. Under an initialized
+    ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
+    ``weights``: sample weights ``[*B, N]`` (broadcast over the batch dims), a bool mask or
+    non-negative floats, no gradient: the ECF means become weighted means and the statistic's
+    ``N`` the effective sample size ``(sum w)^2 / sum w^2``, so a mask gives exactly the
+    statistic of the batch without the masked rows. A row of weight 0 counts for nothing, even
+    if it holds NaN or Inf, and gets a zero gradient; a batch index whose weights are all 0 has
+    statistic 0, no gradient, and is left out of the ``"mean"`` (a loss of 0 if all are).
+    Negative, NaN or infinite weights are errors, checked on CPU tensors only (on a GPU the
+    check would synchronize with the device). Under an initialized
     ``torch.distributed`` the statistic is that of the global batch; ``distributed=False``
     keeps it to this rank's batch (``None``: global whenever a process group of more than
     one rank is up; ``True`` asks for the same and is the same without one).
@@ -62,6 +82,7 @@ def sigreg(x, directions, *, knots: int = 17, t_max: float = 3.0, reduction: str
     ``t_max=a, knots=m + 1``).
     """
     check_sigreg_args(x, directions, knots, t_max, reduction, clip_value)
+    check_weights(weights, x)
     if distributed is not None and not isinstance(distributed, bool):
         raise TypeError(f"distributed must be a bool or None, got {type(distributed).__name__}")
     across_ranks = is_distributed() and distributed is not False
@@ -70,15 +91,29 @@ def sigreg(x, directions, *, knots: int = 17, t_max: float = 3.0, reduction: str
     batch_shape, samples, dim = x.shape[:-2], x.shape[-2], x.shape[-1]
     slices = dim if directions is None else directions.shape[1]
     x = x.reshape(-1, samples, dim)
+    if weights is not None:  # [B, N] in the accumulation dtype, as the kernels read them
+        weights = torch.broadcast_to(weights.detach(), (*batch_shape, samples)).reshape(-1, samples)
+        weights = weights.to(accumulation_dtype(x.dtype)).contiguous()
     if name in FUSED_BACKENDS:
-        stat = fused_sigreg(name, x, directions, knots, float(t_max), reduction, clip_value, across_ranks)
+        stat = fused_sigreg(name, x, directions, knots, float(t_max), reduction, clip_value, across_ranks, weights)
         return stat.reshape(*batch_shape, slices) if reduction == "none" else stat
-    sums = backends.ecf_sums(name, x, directions, knots, t_max)
+    sums = backends.ecf_sums(name, x, directions, knots, t_max, weights)
+    moments = None if weights is None else weight_moments(weights)
     if across_ranks:
-        sums, samples = all_reduce_ecf_sums(sums, samples)
-    stat = statistic_from_sums(sums, samples, knots, t_max, clip_value).reshape(*batch_shape, slices)
+        sums, samples, moments = all_reduce_ecf_sums(sums, samples, moments)
+    stat = statistic_from_sums(sums, samples, knots, t_max, clip_value, moments)
     if reduction == "mean":
-        return stat.mean()
-    if reduction == "sum":
-        return stat.sum()
-    return stat
+        return stat.mean() if moments is None else stat.sum() / mean_divisor(moments, slices)
+    stat = stat.reshape(*batch_shape, slices)
+    return stat.sum() if reduction == "sum" else stat
+
+
+def weight_moments(weights):
+    """``[B, 2]``: the sum of each batch index's weights, and of their squares."""
+    return torch.stack((weights.sum(dim=-1), weights.square().sum(dim=-1)), dim=-1)
+
+
+def mean_divisor(moments, slices: int):
+    """What a weighted "mean" divides the sum of the statistics by: the slices of the batch
+    indices that hold any weight (at least 1: a loss of 0 when none does)."""
+    return (slices * (moments[:, 0] > 0).sum()).clamp_min(1)

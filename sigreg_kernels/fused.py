@@ -1,7 +1,9 @@
 """SIGReg on the GPU backends: three kernels and the library's matrix products, with autograd.
 
 A backend (``cuda``, ``triton``) provides the kernels of ``primitives.py``; this file
-strings them together. Per call, without torch.distributed:
+strings them together. (With sample weights: the kernels take them, the weights' sums
+are one op more, and a weighted "mean" divides by the count of non-empty batch
+indices, one op in each pass.) Per call, without torch.distributed:
 
     forward   ecf_partials -> statistic                       (2 device ops)
     backward  slice_gradient -> G @ Aᵀ -> xᵀ @ G              (3 device ops)
@@ -56,9 +58,29 @@ def projection_first(x: torch.Tensor) -> bool:
     return x.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
 
 
+def _gemm(a, b):
+    """``a @ b``, a library GEMM. On CPU tensors (the kernels under the Triton interpreter or the
+    CUDA emulation) 16-bit products skip oneDNN: its bf16 GEMM lets a NaN row leak into the next
+    row of the result (seen with torch 2.13), which would break the NaN semantics. (One op either
+    way; on a GPU, cuBLAS; under torch.compile, which cannot trace the switch, the plain product.)"""
+    if a.device.type != "cpu" or a.dtype not in (torch.bfloat16, torch.float16) or torch.compiler.is_compiling():
+        return torch.matmul(a, b)
+    enabled = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        return torch.matmul(a, b)
+    finally:
+        torch._C._set_mkldnn_enabled(enabled)
+
+
+def _weighted(weights):
+    """The trailing argument of a kernel call: nothing without weights (the unweighted call stays as it was)."""
+    return () if weights is None else (weights,)
+
+
 class _FusedSigreg(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, directions, backend, knots, t_max, reduction, clip_value, across_ranks):
+    def forward(ctx, x, directions, backend, knots, t_max, reduction, clip_value, across_ranks, weights):
         kernels = backend_kernels(backend)
         samples = x.shape[1]
         # Decided once per call: the backward takes the same route even if the precision changes meanwhile.
@@ -66,44 +88,67 @@ class _FusedSigreg(torch.autograd.Function):
         # The statistic kernel's arrival counter: an allocation (no launch) that ecf_partials zeroes.
         arrivals = torch.empty(1, dtype=torch.int32, device=x.device)
         if ctx.projection_first:
-            partials = kernels.ecf_partials(torch.matmul(x, directions), None, knots, t_max, arrivals)
+            partials = kernels.ecf_partials(torch.matmul(x, directions), None, knots, t_max, arrivals,
+                                            *_weighted(weights))
         else:
-            partials = kernels.ecf_partials(x, directions, knots, t_max, arrivals)
+            partials = kernels.ecf_partials(x, directions, knots, t_max, arrivals, *_weighted(weights))
+        # Weights: their sums per batch index (one op), and a weighted "mean" asks the kernel for the
+        # sum: its divisor counts the batch indices that hold any weight, known only on the device.
+        moments = None if weights is None else torch.stack((weights.sum(-1), weights.square().sum(-1)), dim=-1)
+        kernel_reduction = "sum" if weights is not None and reduction == "mean" else reduction
         grad_factor = 1.0
         if across_ranks:
             # The statistic is that of the global batch (SPEC §2): one all-reduce of the sums.
-            partials, samples, grad_factor = all_reduce_sums_and_count(partials.sum(dim=1, keepdim=True), samples)
-        stat, coef, loss = kernels.statistic(partials, samples, knots, t_max, reduction, clip_value, grad_factor,
-                                             arrivals)
-        ctx.save_for_backward(x, directions, coef)
+            partials, samples, grad_factor, moments = all_reduce_sums_and_count(
+                partials.sum(dim=1, keepdim=True), samples, moments)
+        stat, coef, loss = kernels.statistic(partials, samples, knots, t_max, kernel_reduction, clip_value,
+                                             grad_factor, arrivals, *(() if moments is None else (moments,)))
+        divisor = None
+        if kernel_reduction != reduction:
+            divisor = (coef.shape[2] * (moments[:, 0] > 0).sum()).clamp_min(1).to(loss.dtype)
+            loss = loss / divisor
+        ctx.save_for_backward(x, directions, coef, weights, divisor)
         ctx.kernels, ctx.knots, ctx.t_max, ctx.reduction = kernels, knots, t_max, reduction
         return stat if reduction == "none" else loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        x, directions, coef = ctx.saved_tensors
+        x, directions, coef, weights, divisor = ctx.saved_tensors
         kernels, knots, t_max = ctx.kernels, ctx.knots, ctx.t_max
         batch, slices = coef.shape[0], coef.shape[2]
         # coef already holds the reduction's 1 / (B K): a scalar's gradient is just expanded.
         scale = grad_loss.to(coef.dtype)
+        if divisor is not None:  # a weighted mean: coef is that of the sum
+            scale = scale / divisor
         scale = scale.expand(batch, slices) if ctx.reduction != "none" else scale
+        weighted = _weighted(weights)
+        nothing = (None,) * 7
         if directions is None:
-            return kernels.slice_gradient(coef, scale, x, None, knots, t_max), None, None, None, None, None, None, None
+            g = kernels.slice_gradient(coef, scale, x, None, knots, t_max, *weighted)
+            if weights is not None:  # exactly 0 on rows of weight 0, whatever the statistic (NaN) is
+                g = torch.where(weights.unsqueeze(-1) > 0, g, 0.0)
+            return g, None, *nothing
         if ctx.projection_first:
             g = torch.matmul(x, directions)
-            kernels.slice_gradient_(g, coef, scale, knots, t_max)
+            kernels.slice_gradient_(g, coef, scale, knots, t_max, *weighted)
         else:
-            g = kernels.slice_gradient(coef, scale, x, directions, knots, t_max)
-        grad_x = torch.matmul(g, directions.mT) if ctx.needs_input_grad[0] else None
+            g = kernels.slice_gradient(coef, scale, x, directions, knots, t_max, *weighted)
+        grad_x = _gemm(g, directions.mT) if ctx.needs_input_grad[0] else None
+        if grad_x is not None and weights is not None:  # exactly 0 on rows of weight 0, NaN directions or not
+            grad_x = torch.where(weights.unsqueeze(-1) > 0, grad_x, 0.0)
         grad_directions = None
         if ctx.needs_input_grad[1]:  # sum over the batch: one GEMM over all B·N rows, no atomics
-            grad_directions = torch.matmul(x.reshape(-1, x.shape[-1]).mT, g.reshape(-1, slices))
-        return grad_x, grad_directions, None, None, None, None, None, None
+            rows = x.reshape(-1, x.shape[-1])
+            if weights is not None:  # a row of weight 0 has G = 0, and must not bring NaN or Inf into x^T G
+                rows = torch.where(weights.reshape(-1, 1) > 0, rows, 0.0)
+            grad_directions = _gemm(rows.mT, g.reshape(-1, slices))
+        return grad_x, grad_directions, *nothing
 
 
 def fused_sigreg(backend: str, x, directions, knots: int, t_max: float, reduction: str, clip_value,
-                 across_ranks: bool | None = None):
+                 across_ranks: bool | None = None, weights=None):
     """SIGReg of ``x: [B, N, D]`` with ``backend``'s kernels: a scalar, or ``[B, K]`` for "none".
-    ``across_ranks``: the statistic of the global batch (None: whenever torch.distributed is up)."""
+    ``across_ranks``: the statistic of the global batch (None: whenever torch.distributed is up).
+    ``weights``: None, or float32 ``[B, N]`` contiguous sample weights (primitives.py)."""
     across_ranks = is_distributed() if across_ranks is None else across_ranks
-    return _FusedSigreg.apply(x, directions, backend, knots, t_max, reduction, clip_value, across_ranks)
+    return _FusedSigreg.apply(x, directions, backend, knots, t_max, reduction, clip_value, across_ranks, weights)

@@ -176,12 +176,13 @@ class SIGReg(StepCounter):
         self.num_slices, self.knots, self.t_max = num_slices, knots, float(t_max)
         self.reduction, self.backend, self.clip_value = reduction, backend, clip_value
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """``weights``: sample weights ``[*B, N]`` or a bool mask (see :func:`sigreg`)."""
         if not isinstance(x, torch.Tensor) or x.dim() < 2:
             raise ValueError(f"x must be a tensor of shape (*B, N, D), got {getattr(x, 'shape', type(x))}")
         directions = self.next_directions(x, self.num_slices)
         return sigreg(x, directions, knots=self.knots, t_max=self.t_max, reduction=self.reduction,
-                      clip_value=self.clip_value, backend=self.backend)
+                      clip_value=self.clip_value, backend=self.backend, weights=weights)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

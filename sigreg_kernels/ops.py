@@ -16,9 +16,9 @@ from .op_registration import fake_ecf_sums, fake_ecf_sums_backward, register_ecf
 
 
 @torch.library.register_fake("sigreg::ecf_sums")
-def _fake_ecf_sums(x, directions, knots, t_max):
+def _fake_ecf_sums(x, directions, knots, t_max, weights=None):
     # The CPU kernel keeps the projection (it saves a third matmul).
-    return fake_ecf_sums(x, directions, knots, t_max, keeps_projection=x.device.type == "cpu")
+    return fake_ecf_sums(x, directions, knots, t_max, keeps_projection=x.device.type == "cpu", weights=weights)
 
 
 torch.library.register_fake("sigreg::ecf_sums_backward")(fake_ecf_sums_backward)
@@ -35,7 +35,7 @@ def _num_sms(device: torch.device) -> int:
 
 
 @torch.library.register_fake("sigreg::ecf_partials")
-def _fake_ecf_partials(x, directions, knots, t_max, arrivals=None):
+def _fake_ecf_partials(x, directions, knots, t_max, arrivals=None, weights=None):
     batch, samples, dim = x.shape
     slices = dim if directions is None else directions.shape[1]
     plan = cuda_plan.plan_ecf_partials(batch, samples, dim, slices, knots, x.dtype, True, directions is None,
@@ -44,17 +44,17 @@ def _fake_ecf_partials(x, directions, knots, t_max, arrivals=None):
 
 
 @torch.library.register_fake("sigreg::statistic")
-def _fake_statistic(partials, samples, knots, t_max, reduction, clip_value, grad_factor, arrivals=None):
+def _fake_statistic(partials, samples, knots, t_max, reduction, clip_value, grad_factor, arrivals=None, moments=None):
     batch, _, _, slices, _ = partials.shape
     return partials.new_empty((batch, slices)), partials.new_empty((batch, 2, slices, knots)), partials.new_empty(())
 
 
 @torch.library.register_fake("sigreg::slice_gradient")
-def _fake_slice_gradient(coef, scale, x, directions, knots, t_max):
+def _fake_slice_gradient(coef, scale, x, directions, knots, t_max, weights=None):
     slices = x.shape[2] if directions is None else directions.shape[1]
     return x.new_empty((x.shape[0], x.shape[1], slices))
 
 
 @torch.library.register_fake("sigreg::slice_gradient_")
-def _fake_slice_gradient_(projection, coef, scale, knots, t_max):
+def _fake_slice_gradient_(projection, coef, scale, knots, t_max, weights=None):
     return None

@@ -57,6 +57,22 @@ univariate test of ``x``'s own columns (``P = x``, ``K = D``). ``T`` = ``knots``
 
 The gradients are then ``grad_x = G @ directions.T`` (``G`` itself when
 ``directions`` is None) and ``grad_directions = sum_b x_b^T G_b``, library GEMMs.
+
+Sample weights (``sigreg(..., weights=)``): each kernel takes ``weights``, None or a
+float32 ``[B, N]`` contiguous tensor of non-negative weights on x's device, and
+``statistic`` the weights' moments ``[B, 2]`` float32 (``sum w``, ``sum w^2`` per batch
+index). A row whose weight is 0 counts as ``P = 0`` there, whatever ``x`` holds (NaN
+and Inf included), so that it contributes exactly 0 to the sums and gets ``G = 0``:
+1. ``partials`` are the weighted sums ``sum_n w_n (cos(t_j P~) - 1)``, ``sum_n w_n sin(t_j P~)``,
+   ``P~ = P`` where ``w > 0``, else 0 (knot 0: ``sum_n w_n (0 * P~)``).
+2. With ``moments`` (``W1 = sum w``, ``W2 = sum w^2``), ``samples`` is not used:
+   ``C - phi = sums[:, 0] / W1 - (phi - 1)``, ``S = sums[:, 1] / W1``, the statistic's ``N`` is
+   the effective sample size ``W1^2 / W2``, ``stat_k = W1^2 / W2 * sum_j w_j (...)``, and
+   ``coef`` is its derivative, ``f * 2 w_j (C - phi) W1 / W2`` and ``f * 2 w_j S W1 / W2``.
+   A batch index with ``W1 = 0`` has ``stat = 0`` and ``coef = 0`` (not NaN). (The reduced
+   loss of a weighted "mean" leaves those batch indices out of its divisor, a count known
+   only on the device: ``fused.py`` asks the kernel for the "sum" and divides.)
+3. ``G[b, n, k] = w_n * scale[b, k] * sum_j ...`` at ``P~``: 0 where ``w_n = 0``.
 """
 
 import torch
@@ -78,13 +94,25 @@ def projection(x, directions):
     return x.to(acc) @ directions.to(acc)  # products of 16-bit values are exact in float32
 
 
-def ecf_partials(x, directions, knots: int, t_max: float, arrivals=None):
+def weighted_projection(x, directions, weights):
+    """``P``, and ``P~``: 0 on rows whose weight is 0 (whatever x holds), with the weights ``[B, N, 1]``."""
+    p = projection(x, directions)
+    if weights is None:
+        return p, None
+    w = weights.to(p.dtype).unsqueeze(-1)
+    return torch.where(w > 0, p, 0.0), w
+
+
+def ecf_partials(x, directions, knots: int, t_max: float, arrivals=None, weights=None):
     if arrivals is not None:
         arrivals.zero_()
     t, _, _ = quadrature(knots, t_max, dtype=accumulation_dtype(x.dtype), device=x.device)
-    angles = projection(x, directions).unsqueeze(-1) * t  # [B, N, K, T]
-    cos_minus_one = -2 * (angles / 2).sin().square()  # full relative precision near 0
-    sums = torch.stack((cos_minus_one.sum(dim=1), angles.sin().sum(dim=1)), dim=1)  # [B, 2, K, T]
+    p, w = weighted_projection(x, directions, weights)
+    angles = p.unsqueeze(-1) * t  # [B, N, K, T]
+    cos_minus_one, sin = -2 * (angles / 2).sin().square(), angles.sin()  # cos - 1: full relative precision near 0
+    if w is not None:
+        cos_minus_one, sin = cos_minus_one * w.unsqueeze(-1), sin * w.unsqueeze(-1)
+    sums = torch.stack((cos_minus_one.sum(dim=1), sin.sum(dim=1)), dim=1)  # [B, 2, K, T]
     return sums.unsqueeze(1)  # one split
 
 
@@ -101,14 +129,25 @@ def loss_divisor(reduction: str, batch: int, slices: int) -> int:
 
 
 def statistic(partials, samples: int, knots: int, t_max: float, reduction: str, clip_value, grad_factor: float,
-              arrivals=None):
+              arrivals=None, moments=None):
     _, _, w = quadrature(knots, t_max, dtype=partials.dtype, device=partials.device)
     phi_m1 = phi_minus_one(knots, t_max, dtype=partials.dtype, device=partials.device)
     sums = partials.sum(dim=1)
-    ecf_cos_minus_phi, ecf_sin = sums[:, 0] / samples - phi_m1, sums[:, 1] / samples  # [B, K, T]
-    stat = (ecf_cos_minus_phi.square() + ecf_sin.square()) @ w * samples  # [B, K]
+    if moments is None:  # N samples of weight 1
+        total = size = torch.full(sums.shape[:1], float(samples), dtype=sums.dtype, device=sums.device)
+    else:  # sum w, and the effective sample size (sum w)^2 / sum w^2
+        moments = moments.to(sums.dtype)
+        total, size = moments[:, 0], moments[:, 0] ** 2 / moments[:, 1]  # [B]
+    ecf_cos_minus_phi = sums[:, 0] / total[:, None, None] - phi_m1  # [B, K, T]
+    ecf_sin = sums[:, 1] / total[:, None, None]
+    stat = (ecf_cos_minus_phi.square() + ecf_sin.square()) @ w * size[:, None]  # [B, K]
     factor = loss_factor(reduction, sums.shape[0], sums.shape[2], grad_factor)
     coef = torch.stack((2 * w * ecf_cos_minus_phi, 2 * w * ecf_sin), dim=1) * factor
+    coef = coef * (size / total)[:, None, None, None]  # d stat / d sums: N / sum w (1 without weights)
+    if moments is not None:  # a batch index with no weight: statistic 0, no gradient
+        empty = moments[:, 0] == 0
+        stat = torch.where(empty[:, None], 0.0, stat)
+        coef = torch.where(empty[:, None, None, None], 0.0, coef)
     if clip_value is not None:
         kept = ~(stat < clip_value)  # as stats[stats < clip_value] = 0: a NaN statistic stays NaN
         stat = torch.where(kept, stat, 0.0)
@@ -117,15 +156,16 @@ def statistic(partials, samples: int, knots: int, t_max: float, reduction: str, 
     return stat, coef, loss.to(stat.dtype)
 
 
-def slice_gradient(coef, scale, x, directions, knots: int, t_max: float):
+def slice_gradient(coef, scale, x, directions, knots: int, t_max: float, weights=None):
     t, _, _ = quadrature(knots, t_max, dtype=accumulation_dtype(x.dtype), device=x.device)
-    angles = projection(x, directions).unsqueeze(-1) * t  # [B, N, K, T]
+    p, w = weighted_projection(x, directions, weights)
+    angles = p.unsqueeze(-1) * t  # [B, N, K, T]
     coef, scale = coef.to(t.dtype), scale.to(t.dtype)
     weights_cos = (t * coef[:, 1]) * scale.unsqueeze(-1)  # [B, K, T]
     weights_sin = (t * coef[:, 0]) * scale.unsqueeze(-1)
     g = (angles.cos() * weights_cos.unsqueeze(1) - angles.sin() * weights_sin.unsqueeze(1)).sum(dim=-1)
-    return g.to(x.dtype)
+    return (g if w is None else g * w).to(x.dtype)
 
 
-def slice_gradient_(projection_, coef, scale, knots: int, t_max: float):
-    projection_.copy_(slice_gradient(coef, scale, projection_, None, knots, t_max))
+def slice_gradient_(projection_, coef, scale, knots: int, t_max: float, weights=None):
+    projection_.copy_(slice_gradient(coef, scale, projection_, None, knots, t_max, weights))

@@ -37,11 +37,20 @@ numbers are bench/cost_model.py's, from these kernels compiled for sm_90):
 - ``projected`` kernels read a given P (directions=None; the fp32 "highest" route after
   an SGEMM) in [BLOCK_N, BLOCK_K] tiles built on one flat axis (_rows_tile): lanes and
   warps along K, each thread owns one slice, every sum over samples is in the thread.
+- Sample weights (HAS_WEIGHTS, a constexpr: the unweighted kernels compile exactly as
+  without it): one load of w per row of a tile, p set to 0 where w is 0 (whatever x
+  holds), and one multiply per element, none per knot: the forward carries w (cos - 1,
+  sin) through the same rotation with w-scaled additive constants (_rotate_cosm1), the
+  backward multiplies G by w. The forward then holds ~40 registers more
+  (triton_plan.WEIGHTED_RESOURCES). The statistic (HAS_MOMENTS) divides by sum w and
+  scales by the effective sample size (sum w)^2 / sum w^2 instead of N.
 
 Math per batch index b, slice k, knot t_j = j * delta:
     partials[b, s, 0|1, k, j] = sum_{n in split s} cos(t_j p_nk) - 1 | sin(t_j p_nk),  p = x_b @ A
     G[b, n, k] = scale[b, k] * sum_{j>=1} t_j (coef[b, 1, k, j] cos(t_j p) - coef[b, 0, k, j] sin(t_j p))
-Knot 0 is sum (cos(0 * p) - 1) = sum(0 * p): 0, NaN where p is.
+Knot 0 is sum (cos(0 * p) - 1) = sum(0 * p): 0, NaN where p is. With weights w[b, n]
+each term of the sums (knot 0's included) and G[b, n, :] are times w[b, n], at p = 0 where
+w[b, n] = 0.
 
 Offsets into x, P and G are int64 (a D-major x puts d * stride past 2^31 once N * D
 does); batch indices are int64; offsets inside [D, K] directions, partials and
@@ -143,16 +152,20 @@ def _cs_sums(c, s, TILE: tl.constexpr, WARPS_N: tl.constexpr):
 # LEAN: the same from (u1, s1) alone, c1 = 1 + u1 folded in (6 ops instead of 4, one
 # register less per element held): for tiles that hold many samples per thread, where
 # the projection's MMA, not the element loop, sets the time.
+# Sample weights: (u, s) carries w (cos - 1, sin), which the same rotation advances when
+# its additive constants (a_u, a_s) are w (u1, s1) instead of (u1, s1): the weight costs a
+# multiply per element, none per knot.
 @triton.jit
-def _rotate_cosm1(u, s, c1, u1, s1, LEAN: tl.constexpr):
-    """(u, s) = (cos - 1, sin) rotated by the angle whose cos, cos - 1 and sin are (c1, u1, s1)."""
+def _rotate_cosm1(u, s, c1, u1, s1, a_u, a_s, LEAN: tl.constexpr):
+    """(u, s) = w (cos - 1, sin) rotated by the angle whose cos, cos - 1 and sin are (c1, u1, s1);
+    (a_u, a_s) = w (u1, s1) (unweighted: w = 1, the very same values)."""
     if LEAN:
-        return u + (u * u1 + u1 - s * s1), s + (s * u1 + (u * s1 + s1))
-    return u * c1 + u1 - s * s1, s * c1 + (u * s1 + s1)
+        return u + (u * u1 + a_u - s * s1), s + (s * u1 + (u * s1 + a_s))
+    return u * c1 + a_u - s * s1, s * c1 + (u * s1 + a_s)
 
 
 @triton.jit
-def _knots4(acc_c, acc_s, u, s, c1, u1, s1, TILE: tl.constexpr, WARPS_N: tl.constexpr,
+def _knots4(acc_c, acc_s, u, s, c1, u1, s1, a_u, a_s, TILE: tl.constexpr, WARPS_N: tl.constexpr,
              LEAN: tl.constexpr):
     c01, c23 = tl.split(acc_c)
     s01, s23 = tl.split(acc_s)
@@ -162,43 +175,43 @@ def _knots4(acc_c, acc_s, u, s, c1, u1, s1, TILE: tl.constexpr, WARPS_N: tl.cons
     s2, s3 = tl.split(s23)
     sum_c, sum_s = _cs_sums(u, s, TILE, WARPS_N)
     c0, s0 = c0 + sum_c, s0 + sum_s
-    u, s = _rotate_cosm1(u, s, c1, u1, s1, LEAN)
+    u, s = _rotate_cosm1(u, s, c1, u1, s1, a_u, a_s, LEAN)
     sum_c, sum_s = _cs_sums(u, s, TILE, WARPS_N)
     c1_, s1_ = c1_ + sum_c, s1_ + sum_s
-    u, s = _rotate_cosm1(u, s, c1, u1, s1, LEAN)
+    u, s = _rotate_cosm1(u, s, c1, u1, s1, a_u, a_s, LEAN)
     sum_c, sum_s = _cs_sums(u, s, TILE, WARPS_N)
     c2, s2 = c2 + sum_c, s2 + sum_s
-    u, s = _rotate_cosm1(u, s, c1, u1, s1, LEAN)
+    u, s = _rotate_cosm1(u, s, c1, u1, s1, a_u, a_s, LEAN)
     sum_c, sum_s = _cs_sums(u, s, TILE, WARPS_N)
     c3, s3 = c3 + sum_c, s3 + sum_s
-    u, s = _rotate_cosm1(u, s, c1, u1, s1, LEAN)
+    u, s = _rotate_cosm1(u, s, c1, u1, s1, a_u, a_s, LEAN)
     acc_c = tl.join(tl.join(c0, c1_), tl.join(c2, c3))
     acc_s = tl.join(tl.join(s0, s1_), tl.join(s2, s3))
     return acc_c, acc_s, u, s
 
 
 @triton.jit
-def _knots8(acc_c, acc_s, u, s, c1, u1, s1, TILE: tl.constexpr, WARPS_N: tl.constexpr,
+def _knots8(acc_c, acc_s, u, s, c1, u1, s1, a_u, a_s, TILE: tl.constexpr, WARPS_N: tl.constexpr,
              LEAN: tl.constexpr):
     lo_c, hi_c = tl.split(acc_c)
     lo_s, hi_s = tl.split(acc_s)
-    lo_c, lo_s, u, s = _knots4(lo_c, lo_s, u, s, c1, u1, s1, TILE, WARPS_N, LEAN)
-    hi_c, hi_s, u, s = _knots4(hi_c, hi_s, u, s, c1, u1, s1, TILE, WARPS_N, LEAN)
+    lo_c, lo_s, u, s = _knots4(lo_c, lo_s, u, s, c1, u1, s1, a_u, a_s, TILE, WARPS_N, LEAN)
+    hi_c, hi_s, u, s = _knots4(hi_c, hi_s, u, s, c1, u1, s1, a_u, a_s, TILE, WARPS_N, LEAN)
     return tl.join(lo_c, hi_c), tl.join(lo_s, hi_s), u, s
 
 
 @triton.jit
-def _knots16(acc_c, acc_s, u, s, c1, u1, s1, TILE: tl.constexpr, WARPS_N: tl.constexpr,
+def _knots16(acc_c, acc_s, u, s, c1, u1, s1, a_u, a_s, TILE: tl.constexpr, WARPS_N: tl.constexpr,
              LEAN: tl.constexpr):
     lo_c, hi_c = tl.split(acc_c)
     lo_s, hi_s = tl.split(acc_s)
-    lo_c, lo_s, u, s = _knots8(lo_c, lo_s, u, s, c1, u1, s1, TILE, WARPS_N, LEAN)
-    hi_c, hi_s, u, s = _knots8(hi_c, hi_s, u, s, c1, u1, s1, TILE, WARPS_N, LEAN)
+    lo_c, lo_s, u, s = _knots8(lo_c, lo_s, u, s, c1, u1, s1, a_u, a_s, TILE, WARPS_N, LEAN)
+    hi_c, hi_s, u, s = _knots8(hi_c, hi_s, u, s, c1, u1, s1, a_u, a_s, TILE, WARPS_N, LEAN)
     return tl.join(lo_c, hi_c), tl.join(lo_s, hi_s), u, s
 
 
 @triton.jit
-def _knot_sums(acc_c, acc_s, u, s, c1, u1, s1, KC: tl.constexpr, TILE: tl.constexpr, WARPS_N: tl.constexpr,
+def _knot_sums(acc_c, acc_s, u, s, c1, u1, s1, a_u, a_s, KC: tl.constexpr, TILE: tl.constexpr, WARPS_N: tl.constexpr,
                LEAN: tl.constexpr):
     """acc [BK, L1, L2, KC] += the chunk's knot sums of one tile, (u, s) = (cos - 1, sin) at its first knot.
 
@@ -214,26 +227,26 @@ def _knot_sums(acc_c, acc_s, u, s, c1, u1, s1, KC: tl.constexpr, TILE: tl.conste
         s0, s1_ = tl.split(acc_s)
         sum_c, sum_s = _cs_sums(u, s, TILE, WARPS_N)
         c0, s0 = c0 + sum_c, s0 + sum_s
-        u, s = _rotate_cosm1(u, s, c1, u1, s1, LEAN)
+        u, s = _rotate_cosm1(u, s, c1, u1, s1, a_u, a_s, LEAN)
         sum_c, sum_s = _cs_sums(u, s, TILE, WARPS_N)
         acc_c, acc_s = tl.join(c0, c1_ + sum_c), tl.join(s0, s1_ + sum_s)
     elif KC == 4:
         acc_c = tl.permute(tl.reshape(acc_c, (shape[0], shape[1], shape[2], 2, 2)), (0, 1, 2, 4, 3))
         acc_s = tl.permute(tl.reshape(acc_s, (shape[0], shape[1], shape[2], 2, 2)), (0, 1, 2, 4, 3))
-        acc_c, acc_s, u, s = _knots4(acc_c, acc_s, u, s, c1, u1, s1, TILE, WARPS_N, LEAN)
+        acc_c, acc_s, u, s = _knots4(acc_c, acc_s, u, s, c1, u1, s1, a_u, a_s, TILE, WARPS_N, LEAN)
         acc_c = tl.reshape(tl.permute(acc_c, (0, 1, 2, 4, 3)), (shape[0], shape[1], shape[2], KC))
         acc_s = tl.reshape(tl.permute(acc_s, (0, 1, 2, 4, 3)), (shape[0], shape[1], shape[2], KC))
     elif KC == 8:
         acc_c = tl.permute(tl.reshape(acc_c, (shape[0], shape[1], shape[2], 2, 2, 2)), (0, 1, 2, 5, 4, 3))
         acc_s = tl.permute(tl.reshape(acc_s, (shape[0], shape[1], shape[2], 2, 2, 2)), (0, 1, 2, 5, 4, 3))
-        acc_c, acc_s, u, s = _knots8(acc_c, acc_s, u, s, c1, u1, s1, TILE, WARPS_N, LEAN)
+        acc_c, acc_s, u, s = _knots8(acc_c, acc_s, u, s, c1, u1, s1, a_u, a_s, TILE, WARPS_N, LEAN)
         acc_c = tl.reshape(tl.permute(acc_c, (0, 1, 2, 5, 4, 3)), (shape[0], shape[1], shape[2], KC))
         acc_s = tl.reshape(tl.permute(acc_s, (0, 1, 2, 5, 4, 3)), (shape[0], shape[1], shape[2], KC))
     else:
         tl.static_assert(KC == 16, "knot chunks hold 1, 2, 4, 8 or 16 knots")
         acc_c = tl.permute(tl.reshape(acc_c, (shape[0], shape[1], shape[2], 2, 2, 2, 2)), (0, 1, 2, 6, 5, 4, 3))
         acc_s = tl.permute(tl.reshape(acc_s, (shape[0], shape[1], shape[2], 2, 2, 2, 2)), (0, 1, 2, 6, 5, 4, 3))
-        acc_c, acc_s, u, s = _knots16(acc_c, acc_s, u, s, c1, u1, s1, TILE, WARPS_N, LEAN)
+        acc_c, acc_s, u, s = _knots16(acc_c, acc_s, u, s, c1, u1, s1, a_u, a_s, TILE, WARPS_N, LEAN)
         acc_c = tl.reshape(tl.permute(acc_c, (0, 1, 2, 6, 5, 4, 3)), (shape[0], shape[1], shape[2], KC))
         acc_s = tl.reshape(tl.permute(acc_s, (0, 1, 2, 6, 5, 4, 3)), (shape[0], shape[1], shape[2], KC))
     return acc_c, acc_s
@@ -351,11 +364,17 @@ def _projection_t(a_res, a_ptr, x_b, rk, k_valid, rn, n_valid, D,
 
 
 @triton.jit
-def _accumulate_tile(acc_c, acc_s, acc_0, p, rows_valid, delta, t_first, KNOTS: tl.constexpr, KC: tl.constexpr,
-                     TILE: tl.constexpr, WARPS_N: tl.constexpr, LEAN: tl.constexpr):
+def _accumulate_tile(acc_c, acc_s, acc_0, p, rows_valid, w, delta, t_first, KNOTS: tl.constexpr,
+                     KC: tl.constexpr, TILE: tl.constexpr, WARPS_N: tl.constexpr, LEAN: tl.constexpr,
+                     HAS_WEIGHTS: tl.constexpr):
     """Adds a tile of P to the sums: cos(t_j p) - 1 | sin(t_j p) at the chunk's knots, and 0 * p
-    (NaN where p is not finite)."""
-    nan_p, _ = _cs_sums(p * 0.0, p, TILE, WARPS_N)
+    (NaN where p is not finite). HAS_WEIGHTS: each row's terms times its weight w (broadcast
+    against the tile), p taken as 0 where w is 0, whatever that row holds."""
+    if HAS_WEIGHTS:
+        p = tl.where(w > 0, p, 0.0)
+        nan_p, _ = _cs_sums(w * (p * 0.0), p, TILE, WARPS_N)
+    else:
+        nan_p, _ = _cs_sums(p * 0.0, p, TILE, WARPS_N)
     s1, c1, u1 = _sincos_cosm1(p * delta)
     if KNOTS - 1 <= KC:  # one chunk: its first knot is t_1 = delta
         s, u = s1, u1
@@ -367,7 +386,10 @@ def _accumulate_tile(acc_c, acc_s, acc_0, p, rows_valid, delta, t_first, KNOTS: 
     if TILE == MMA_TILE:
         u = tl.where(rows_valid, u, 0.0)
         s = tl.where(rows_valid, s, 0.0)
-    acc_c, acc_s = _knot_sums(acc_c, acc_s, u, s, c1, u1, s1, KC, TILE, WARPS_N, LEAN)
+    if HAS_WEIGHTS:  # the state and the rotation's additive constants times w (_rotate_cosm1)
+        acc_c, acc_s = _knot_sums(acc_c, acc_s, u * w, s * w, c1, u1, s1, u1 * w, s1 * w, KC, TILE, WARPS_N, LEAN)
+    else:
+        acc_c, acc_s = _knot_sums(acc_c, acc_s, u, s, c1, u1, s1, u1, s1, KC, TILE, WARPS_N, LEAN)
     return acc_c, acc_s, acc_0 + nan_p
 
 
@@ -401,7 +423,7 @@ def _zero_arrivals(arrivals_ptr, ZERO_ARRIVALS: tl.constexpr):
 
 @triton.jit
 def ecf_partials_kernel(
-    x_ptr, a_ptr, out_ptr, arrivals_ptr,
+    x_ptr, a_ptr, out_ptr, arrivals_ptr, w_ptr,
     N, D, K, rows_per_split, knot_chunks, batch_start,
     stride_xb, stride_xn, stride_xd,
     stride_ad, stride_ak,
@@ -411,6 +433,7 @@ def ecf_partials_kernel(
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     WARPS_N: tl.constexpr, RESIDENT: tl.constexpr,
     PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, ZERO_ARRIVALS: tl.constexpr, LEAN: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,
 ):
     """partials[b, split, 0|1, k, j] = sum of cos(t_j p_nk) - 1 | sin(t_j p_nk) over the rows of one split.
 
@@ -418,7 +441,7 @@ def ecf_partials_kernel(
     owns slices rk and knots [1 + q KC, 1 + (q + 1) KC) (and knot 0 for q = 0) for the
     rows [split * rows_per_split, +rows_per_split) of batch b. The partials' knot axis
     is contiguous (stride 1). ZERO_ARRIVALS: program (0, 0, 0) also sets the statistic
-    kernel's arrival counter to 0.
+    kernel's arrival counter to 0. HAS_WEIGHTS: the sums weighted by w [B, N] (contiguous).
     """
     _zero_arrivals(arrivals_ptr, ZERO_ARRIVALS)
     pid_k = tl.program_id(0) // knot_chunks
@@ -428,6 +451,7 @@ def ecf_partials_kernel(
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     k_valid = rk < K
     x_b = x_ptr + b * stride_xb
+    w_b = w_ptr + b * N
     row_start = split * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, N)
     first_knot = 1 + chunk * KC
@@ -449,8 +473,9 @@ def ecf_partials_kernel(
         p = _projection_t(a_res, a_ptr, x_b, rk, k_valid, rn, n_valid, D,
                           stride_xn, stride_xd, stride_ad, stride_ak,
                           BLOCK_K, BLOCK_N, BLOCK_D, RESIDENT, PRECISION, DOT_UPCAST)
-        acc_c, acc_s, acc_0 = _accumulate_tile(acc_c, acc_s, acc_0, p, n_valid[None, :], delta, t_first,
-                                               KNOTS, KC, MMA_TILE, WARPS_N, LEAN)
+        w = tl.load(w_b + rn, mask=n_valid, other=0.0)[None, :] if HAS_WEIGHTS else None
+        acc_c, acc_s, acc_0 = _accumulate_tile(acc_c, acc_s, acc_0, p, n_valid[None, :], w, delta, t_first,
+                                               KNOTS, KC, MMA_TILE, WARPS_N, LEAN, HAS_WEIGHTS)
     _store_partials(out_ptr, b, split, rk, k_valid, first_knot, acc_c, acc_s, acc_0,
                     stride_ob, stride_os, stride_oc, stride_ok, KNOTS, KC)
 
@@ -472,15 +497,24 @@ def _rows_tile(n0, row_end, rk0, K, stride_n, stride_k, BLOCK_N: tl.constexpr, B
     return offsets, rows & (rk < K), tl.reshape(rows, (BLOCK_N, BLOCK_K))
 
 
+@triton.jit
+def _rows_weights(w_b, n0, row_end, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The weights of a _rows_tile tile's rows, [BLOCK_N, BLOCK_K] (0 past row_end): loaded on
+    the tile's own flat axis, so that each thread loads the weights of the rows it holds and
+    no layout conversion is needed (the lanes of a warp read the same address)."""
+    rn = n0 + tl.arange(0, BLOCK_N * BLOCK_K) // BLOCK_K
+    return tl.reshape(tl.load(w_b + rn, mask=rn < row_end, other=0.0), (BLOCK_N, BLOCK_K))
+
+
 @triton.jit(do_not_specialize=["stride_pk"])
 def ecf_partials_projected_kernel(
-    p_ptr, out_ptr, arrivals_ptr,
+    p_ptr, out_ptr, arrivals_ptr, w_ptr,
     N, K, rows_per_split, knot_chunks, batch_start,
     stride_pb, stride_pn, stride_pk,
     stride_ob, stride_os, stride_oc, stride_ok,
     delta,
     KNOTS: tl.constexpr, KC: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, ZERO_ARRIVALS: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, ZERO_ARRIVALS: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
 ):
     """ecf_partials_kernel on a given projection P [B, N, K] (directions=None).
 
@@ -495,6 +529,7 @@ def ecf_partials_projected_kernel(
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     k_valid = rk < K
     p_b = p_ptr + b * stride_pb
+    w_b = w_ptr + b * N
     row_start = split * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, N)
     first_knot = 1 + chunk * KC
@@ -506,22 +541,24 @@ def ecf_partials_projected_kernel(
     for n0 in range(row_start, row_end, BLOCK_N):
         offsets, mask, rows = _rows_tile(n0, row_end, pid_k * BLOCK_K, K, stride_pn, stride_pk, BLOCK_N, BLOCK_K)
         p = tl.reshape(tl.load(p_b + offsets, mask=mask, other=0.0), (BLOCK_N, BLOCK_K)).to(tl.float32)
-        acc_c, acc_s, acc_0 = _accumulate_tile(acc_c, acc_s, acc_0, p, rows, delta, t_first, KNOTS, KC,
-                                               ROWS_TILE, 1, False)
+        w = _rows_weights(w_b, n0, row_end, BLOCK_N, BLOCK_K) if HAS_WEIGHTS else None
+        acc_c, acc_s, acc_0 = _accumulate_tile(acc_c, acc_s, acc_0, p, rows, w, delta, t_first, KNOTS, KC,
+                                               ROWS_TILE, 1, False, HAS_WEIGHTS)
     _store_partials(out_ptr, b, split, rk, k_valid, first_knot, acc_c, acc_s, acc_0,
                     stride_ob, stride_os, stride_oc, stride_ok, KNOTS, KC)
 
 
 @triton.jit
 def statistic_kernel(
-    partials_ptr, stat_ptr, coef_ptr, block_sums_ptr, loss_ptr, arrivals_ptr,
+    partials_ptr, stat_ptr, coef_ptr, block_sums_ptr, loss_ptr, arrivals_ptr, moments_ptr,
     S, K, k_blocks, programs, loss_divisor,
     stride_pb, stride_ps, stride_pc, stride_pk,
     stride_sb, stride_sk,
     stride_cb, stride_cc, stride_ck,
+    stride_mb, stride_mc,
     samples, delta, factor, clip_value,
     KNOTS: tl.constexpr, KNOTS_PAD: tl.constexpr, HAS_CLIP: tl.constexpr, BLOCK_K: tl.constexpr,
-    SUM_BLOCK: tl.constexpr,
+    SUM_BLOCK: tl.constexpr, HAS_MOMENTS: tl.constexpr,
 ):
     """stat [B, K], coef [B, 2, K, T] (knot axes contiguous) and the loss from partials [B, S, 2, K, T].
 
@@ -532,6 +569,8 @@ def statistic_kernel(
     statistics in block_sums[pid] and takes a ticket from the arrival counter (which
     ecf_partials zeroed); the program that arrives last sums block_sums in program
     order, whatever the arrival order, writes the loss and resets the counter to 0.
+    HAS_MOMENTS: weighted sums, normalized by the batch index's moments (sum w, sum w^2)
+    instead of ``samples``.
     """
     pid = tl.program_id(0)
     b = (pid // k_blocks).to(tl.int64)
@@ -556,11 +595,28 @@ def statistic_kernel(
     phi_m1 = tl.where(half_t2 > -1e-3, series, phi64 - 1.0).to(tl.float32)[None, :]
     trapezoid = tl.where((j == 0) | (j == KNOTS - 1), 1.0, 2.0).to(tl.float64) * delta
     w = tl.where(j < KNOTS, trapezoid * phi64, 0.0).to(tl.float32)[None, :]
-    ecf_cos_minus_phi = sums_c / samples - phi_m1  # sums of cos - 1: both terms keep their digits
-    ecf_sin = sums_s / samples
-    stat = _sum((ecf_cos_minus_phi * ecf_cos_minus_phi + ecf_sin * ecf_sin) * w, 1) * samples
+    if HAS_MOMENTS:
+        # Weighted: the mean is over sum w, the statistic's N is the effective sample size
+        # (sum w)^2 / sum w^2, and d stat / d sums = that N / sum w = sum w / sum w^2.
+        count = tl.load(moments_ptr + b * stride_mb)
+        ratio = count / tl.load(moments_ptr + b * stride_mb + stride_mc)
+        size = count * ratio
+    else:
+        count = samples
+        size = samples
+    ecf_cos_minus_phi = sums_c / count - phi_m1  # sums of cos - 1: both terms keep their digits
+    ecf_sin = sums_s / count
+    stat = _sum((ecf_cos_minus_phi * ecf_cos_minus_phi + ecf_sin * ecf_sin) * w, 1) * size
     coef_c = (2.0 * w) * ecf_cos_minus_phi * factor
     coef_s = (2.0 * w) * ecf_sin * factor
+    if HAS_MOMENTS:
+        coef_c = coef_c * ratio
+        coef_s = coef_s * ratio
+        # A batch index with no weight: statistic 0 and no gradient, not 0 / 0.
+        empty = count == 0
+        stat = tl.where(empty, 0.0, stat)
+        coef_c = tl.where(empty, 0.0, coef_c)
+        coef_s = tl.where(empty, 0.0, coef_s)
     if HAS_CLIP:
         # Statistics below clip_value are 0 and pass no gradient; NaN is below nothing, so a
         # NaN statistic (and its coefficients) stays NaN, as primitives.statistic.
@@ -643,7 +699,7 @@ def _gradient(p, coef_b, stride_cc, stride_ck, rk, k_valid, scale_k, delta, g_re
 
 @triton.jit
 def slice_gradient_kernel(
-    coef_ptr, scale_ptr, x_ptr, a_ptr, g_ptr,
+    coef_ptr, scale_ptr, x_ptr, a_ptr, g_ptr, w_ptr,
     N, D, K, rows_per_program, batch_start,
     stride_cb, stride_cc, stride_ck,
     stride_sb, stride_sk,
@@ -653,9 +709,10 @@ def slice_gradient_kernel(
     delta,
     KNOTS: tl.constexpr, KC: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    RESIDENT: tl.constexpr, PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    RESIDENT: tl.constexpr, PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
 ):
     """G[b, n, k] = scale[b, k] * sum_j t_j (coef[b, 1, k, j] cos(t_j p) - coef[b, 0, k, j] sin(t_j p)).
+    HAS_WEIGHTS: times w[b, n], at p = 0 where w is 0 (G = 0 there whatever x holds).
 
     Grid: (K blocks, row groups, batch indices from batch_start); a program owns slices
     rk and rows [group * rows_per_program, +rows_per_program), tile by tile, with the
@@ -667,6 +724,7 @@ def slice_gradient_kernel(
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     k_valid = rk < K
     x_b = x_ptr + b * stride_xb
+    w_b = w_ptr + b * N
     g_b = g_ptr + b * stride_gb
     coef_b = coef_ptr + b * stride_cb
     scale_k = tl.load(scale_ptr + b * stride_sb + rk * stride_sk, mask=k_valid, other=0.0)
@@ -684,15 +742,20 @@ def slice_gradient_kernel(
         p = _projection_t(a_res, a_ptr, x_b, rk, k_valid, rn, n_valid, D,
                           stride_xn, stride_xd, stride_ad, stride_ak,
                           BLOCK_K, BLOCK_N, BLOCK_D, RESIDENT, PRECISION, DOT_UPCAST)
+        if HAS_WEIGHTS:
+            w = tl.load(w_b + rn, mask=n_valid, other=0.0)[None, :]
+            p = tl.where(w > 0, p, 0.0)
         grad = _gradient(p, coef_b, stride_cc, stride_ck, rk, k_valid, scale_k, delta, g_re, g_im,
                          KNOTS, KC, MMA_TILE)
+        if HAS_WEIGHTS:
+            grad = grad * w
         out = g_b + rn.to(tl.int64)[None, :] * stride_gn + rk.to(tl.int64)[:, None] * stride_gk
         tl.store(out, grad.to(g_ptr.dtype.element_ty), mask=k_valid[:, None] & n_valid[None, :])
 
 
 @triton.jit(do_not_specialize=["stride_pk", "stride_gk"])
 def slice_gradient_projected_kernel(
-    coef_ptr, scale_ptr, p_ptr, g_ptr,
+    coef_ptr, scale_ptr, p_ptr, g_ptr, w_ptr,
     N, K, rows_per_program, batch_start,
     stride_cb, stride_cc, stride_ck,
     stride_sb, stride_sk,
@@ -700,7 +763,7 @@ def slice_gradient_projected_kernel(
     stride_gb, stride_gn, stride_gk,
     delta,
     KNOTS: tl.constexpr, KC: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SAME_STRIDES: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SAME_STRIDES: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
 ):
     """slice_gradient_kernel on a given projection P (directions=None), tiles as in
     ecf_partials_projected_kernel; g_ptr may be p_ptr (slice_gradient_: each element is
@@ -711,6 +774,7 @@ def slice_gradient_projected_kernel(
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     k_valid = rk < K
     p_b = p_ptr + b * stride_pb
+    w_b = w_ptr + b * N
     g_b = g_ptr + b * stride_gb
     coef_b = coef_ptr + b * stride_cb
     scale_k = tl.load(scale_ptr + b * stride_sb + rk * stride_sk, mask=k_valid, other=0.0)
@@ -721,8 +785,13 @@ def slice_gradient_projected_kernel(
     for n0 in range(row_start, row_end, BLOCK_N):
         offsets, mask, _ = _rows_tile(n0, row_end, pid_k * BLOCK_K, K, stride_pn, stride_pk, BLOCK_N, BLOCK_K)
         p = tl.reshape(tl.load(p_b + offsets, mask=mask, other=0.0), (BLOCK_N, BLOCK_K)).to(tl.float32)
+        if HAS_WEIGHTS:
+            w = _rows_weights(w_b, n0, row_end, BLOCK_N, BLOCK_K)
+            p = tl.where(w > 0, p, 0.0)
         grad = _gradient(p, coef_b, stride_cc, stride_ck, rk, k_valid, scale_k, delta, g_re, g_im,
                          KNOTS, KC, ROWS_TILE)
+        if HAS_WEIGHTS:
+            grad = grad * w
         if SAME_STRIDES:  # in place, or G laid out as P: the same offsets
             out = g_b + offsets
         else:

@@ -1,19 +1,21 @@
 """The Triton backend's four ops: launch by ``triton_plan.py``, registration with torch.
 
     sigreg::triton_ecf_partials(Tensor x, Tensor? directions, int knots, float t_max,
-                                Tensor(a!)? arrivals=None) -> Tensor
+                                Tensor(a!)? arrivals=None, Tensor? weights=None) -> Tensor
     sigreg::triton_statistic(Tensor partials, int samples, int knots, float t_max, str reduction,
-                             float? clip_value, float grad_factor, Tensor? arrivals=None)
-                             -> (Tensor, Tensor, Tensor)
+                             float? clip_value, float grad_factor, Tensor? arrivals=None,
+                             Tensor? moments=None) -> (Tensor, Tensor, Tensor)
     sigreg::triton_slice_gradient(Tensor coef, Tensor scale, Tensor x, Tensor? directions,
-                                  int knots, float t_max) -> Tensor
+                                  int knots, float t_max, Tensor? weights=None) -> Tensor
     sigreg::triton_slice_gradient_(Tensor(a!) projection, Tensor coef, Tensor scale,
-                                   int knots, float t_max) -> ()
+                                   int knots, float t_max, Tensor? weights=None) -> ()
 
 Semantics: exactly ``primitives.py``'s functions of the same names, each one kernel
 launch (several only past the 65535 grid cap on huge batches) and no other device work
 (outputs are allocated with torch.empty; ``statistic`` without ``arrivals`` zeroes a
-counter of its own). No autograd here: ``fused.py`` does it and
+counter of its own). ``weights`` / ``moments``: the contract's sample weights, a
+constexpr switch of the same kernels (the unweighted kernels compile as without it),
+planned with the weighted kernels' resources. No autograd here: ``fused.py`` does it and
 calls the four plain functions ``ecf_partials``, ``statistic``, ``slice_gradient``,
 ``slice_gradient_`` below. The kernels are in ``triton_kernels.py``.
 
@@ -168,6 +170,23 @@ def _check_arrivals(arrivals: Optional[torch.Tensor], device: torch.device) -> N
                          f"{tuple(arrivals.shape)} on {arrivals.device}")
 
 
+def _check_weights(weights: Optional[torch.Tensor], x: torch.Tensor) -> None:
+    """The sample weights: None, or float32 [B, N] contiguous on x's device (the kernels index them b * N + n)."""
+    batch, samples = x.shape[0], x.shape[1]
+    if weights is not None and (weights.dtype != torch.float32 or tuple(weights.shape) != (batch, samples)
+                                or not weights.is_contiguous() or weights.device != x.device):
+        raise ValueError(f"weights must be a contiguous float32 tensor [{batch}, {samples}] on {x.device}, got "
+                         f"{weights.dtype} {tuple(weights.shape)} on {weights.device}")
+
+
+def _check_moments(moments: Optional[torch.Tensor], partials: torch.Tensor) -> None:
+    batch = partials.shape[0]
+    if moments is not None and (moments.dtype != torch.float32 or tuple(moments.shape) != (batch, 2)
+                                or moments.device != partials.device):
+        raise ValueError(f"moments must be a float32 tensor [{batch}, 2] on {partials.device}, got {moments.dtype} "
+                         f"{tuple(moments.shape)} on {moments.device}")
+
+
 def _check_coefficients(coef: torch.Tensor, scale: torch.Tensor, batch: int, slices: int, knots: int) -> None:
     if coef.dtype != torch.float32 or tuple(coef.shape) != (batch, 2, slices, knots):
         raise ValueError(f"coef must be float32 [{batch}, 2, {slices}, {knots}], got {coef.dtype} "
@@ -208,66 +227,73 @@ def _ints(*sizes) -> list[int]:
     return [int(size) for size in sizes]
 
 
-def _ecf_plan(x: torch.Tensor, directions: Optional[torch.Tensor], knots: int):
+def _ecf_plan(x: torch.Tensor, directions: Optional[torch.Tensor], knots: int, weighted: bool = False):
     batch, samples, dim = _ints(*x.shape)
     slices = dim if directions is None else int(directions.shape[1])
     return plan.plan_ecf_partials(batch, samples, dim, slices, knots, x.dtype, tensor_cores(x.dtype),
-                                  directions is None, num_sms(x.device), min_waves=_min_waves(x.device))
+                                  directions is None, num_sms(x.device), min_waves=_min_waves(x.device),
+                                  weighted=weighted)
 
 
 # Launch arguments: (grid, positional args, keyword args incl. num_warps/num_stages), one
 # function per kernel, used by the launchers and by the tests that compile each plan's
 # kernels for sm_90 (with meta tensors).
 def ecf_partials_args(x, directions, partials, kernel_plan, knots: int, t_max: float, start: int, count: int,
-                      arrivals=None):
+                      arrivals=None, weights=None):
     batch, samples, dim = x.shape
     slices = partials.shape[3]
     tile = kernel_plan.tile
     grid = (kernel_plan.grid[0], kernel_plan.splits, count)
     common = (kernel_plan.rows_per_split, plan.knot_chunks(knots), start)
     meta = {"KNOTS": knots, "KC": tile["KC"], "BLOCK_K": tile["BLOCK_K"], "BLOCK_N": tile["BLOCK_N"],
-            "ZERO_ARRIVALS": arrivals is not None, "num_warps": tile["num_warps"], "num_stages": tile["num_stages"]}
-    arrivals = partials if arrivals is None else arrivals  # a pointer the kernel then never touches
+            "ZERO_ARRIVALS": arrivals is not None, "HAS_WEIGHTS": weights is not None,
+            "num_warps": tile["num_warps"], "num_stages": tile["num_stages"]}
+    arrivals = partials if arrivals is None else arrivals  # pointers the kernel then never touches
+    weights = partials if weights is None else weights
     if directions is None:
-        args = (x, partials, arrivals, samples, slices, *common, *x.stride(), *partials.stride()[:4],
+        args = (x, partials, arrivals, weights, samples, slices, *common, *x.stride(), *partials.stride()[:4],
                 knot_spacing(knots, t_max))
     else:
-        args = (x, directions, partials, arrivals, samples, dim, slices, *common, *x.stride(), *directions.stride(),
-                *partials.stride()[:4], knot_spacing(knots, t_max))
+        args = (x, directions, partials, arrivals, weights, samples, dim, slices, *common, *x.stride(),
+                *directions.stride(), *partials.stride()[:4], knot_spacing(knots, t_max))
         meta.update(BLOCK_D=tile["BLOCK_D"], WARPS_N=tile["WARPS_N"], RESIDENT=tile["RESIDENT"],
                     PRECISION=dot_precision(x.dtype), DOT_UPCAST=INTERPRET, LEAN=tile["LEAN"])
     return grid, args, meta
 
 
 def statistic_args(partials, stat, coef, block_sums, loss, arrivals, kernel_plan, samples: int, knots: int,
-                   t_max: float, factor: float, clip_value: Optional[float], divisor: int):
+                   t_max: float, factor: float, clip_value: Optional[float], divisor: int, moments=None):
     _, splits, _, slices, _ = partials.shape
     tile = kernel_plan.tile
-    args = (partials, stat, coef, block_sums, loss, arrivals, splits, slices, triton.cdiv(slices, tile["BLOCK_K"]),
-            kernel_plan.grid[0], divisor, *partials.stride()[:4], *stat.stride(), *coef.stride()[:3],
+    # Without moments: a pointer and strides the kernel never reads.
+    moments_args = (partials, 0, 0) if moments is None else (moments, *moments.stride())
+    args = (partials, stat, coef, block_sums, loss, arrivals, moments_args[0], splits, slices,
+            triton.cdiv(slices, tile["BLOCK_K"]), kernel_plan.grid[0], divisor, *partials.stride()[:4],
+            *stat.stride(), *coef.stride()[:3], *moments_args[1:],
             float(samples), knot_spacing(knots, t_max), factor, 0.0 if clip_value is None else float(clip_value))
     meta = {"KNOTS": knots, "KNOTS_PAD": tile["KNOTS_PAD"], "HAS_CLIP": clip_value is not None,
-            "BLOCK_K": tile["BLOCK_K"], "SUM_BLOCK": tile["SUM_BLOCK"], "num_warps": tile["num_warps"],
-            "num_stages": tile["num_stages"]}
+            "BLOCK_K": tile["BLOCK_K"], "SUM_BLOCK": tile["SUM_BLOCK"], "HAS_MOMENTS": moments is not None,
+            "num_warps": tile["num_warps"], "num_stages": tile["num_stages"]}
     return kernel_plan.grid, args, meta
 
 
 def slice_gradient_args(coef, scale, x, directions, out, kernel_plan, knots: int, t_max: float, start: int,
-                        count: int):
+                        count: int, weights=None):
     batch, samples, dim = x.shape
     slices = out.shape[2]
     tile = kernel_plan.tile
     grid = (kernel_plan.grid[0], kernel_plan.grid[1], count)
     meta = {"KNOTS": knots, "KC": tile["KC"], "BLOCK_K": tile["BLOCK_K"], "BLOCK_N": tile["BLOCK_N"],
-            "num_warps": tile["num_warps"], "num_stages": tile["num_stages"]}
+            "HAS_WEIGHTS": weights is not None, "num_warps": tile["num_warps"], "num_stages": tile["num_stages"]}
     head = (*coef.stride()[:3], *scale.stride())
+    weights = coef if weights is None else weights  # a pointer the kernel then never touches
     if directions is None:
-        args = (coef, scale, x, out, samples, slices, kernel_plan.rows_per_split, start, *head, *x.stride(),
-                *out.stride(), knot_spacing(knots, t_max))
+        args = (coef, scale, x, out, weights, samples, slices, kernel_plan.rows_per_split, start, *head,
+                *x.stride(), *out.stride(), knot_spacing(knots, t_max))
         meta["SAME_STRIDES"] = x.stride()[1:] == out.stride()[1:]
     else:
-        args = (coef, scale, x, directions, out, samples, dim, slices, kernel_plan.rows_per_split, start, *head,
-                *x.stride(), *directions.stride(), *out.stride(), knot_spacing(knots, t_max))
+        args = (coef, scale, x, directions, out, weights, samples, dim, slices, kernel_plan.rows_per_split, start,
+                *head, *x.stride(), *directions.stride(), *out.stride(), knot_spacing(knots, t_max))
         meta.update(BLOCK_D=tile["BLOCK_D"], RESIDENT=tile["RESIDENT"], PRECISION=dot_precision(x.dtype),
                     DOT_UPCAST=INTERPRET)
     return grid, args, meta
@@ -275,18 +301,20 @@ def slice_gradient_args(coef, scale, x, directions, out, kernel_plan, knots: int
 
 @_register("sigreg::triton_ecf_partials", mutates_args=("arrivals",))
 def triton_ecf_partials(x: torch.Tensor, directions: Optional[torch.Tensor], knots: int, t_max: float,
-                        arrivals: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        arrivals: Optional[torch.Tensor] = None,
+                        weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``partials [B, S, 2, K, knots]`` (float32), and ``arrivals`` set to 0: primitives.ecf_partials."""
     _check_projection_inputs(x, directions)
     _check_arrivals(arrivals, x.device)
+    _check_weights(weights, x)
     batch, _, dim = x.shape
     slices = dim if directions is None else directions.shape[1]
-    kernel_plan = _ecf_plan(x, directions, knots)
+    kernel_plan = _ecf_plan(x, directions, knots, weights is not None)
     partials = x.new_empty((batch, kernel_plan.splits, 2, slices, knots), dtype=torch.float32)
     with _device_guard(x):
         for start, count in _batch_chunks(batch):
             grid, args, meta = ecf_partials_args(x, directions, partials, kernel_plan, knots, t_max, start, count,
-                                                 arrivals)
+                                                 arrivals, weights)
             _counted("triton_ecf_partials")
             if directions is None:
                 wrap_triton(ecf_partials_projected_kernel)[grid](*args, **meta)
@@ -298,8 +326,8 @@ def triton_ecf_partials(x: torch.Tensor, directions: Optional[torch.Tensor], kno
 # arrivals is written, but left as it was found (0): not declared as mutated.
 @_register("sigreg::triton_statistic")
 def triton_statistic(partials: torch.Tensor, samples: int, knots: int, t_max: float, reduction: str,
-                     clip_value: Optional[float], grad_factor: float,
-                     arrivals: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     clip_value: Optional[float], grad_factor: float, arrivals: Optional[torch.Tensor] = None,
+                     moments: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(stat [B, K], coef [B, 2, K, knots], loss [])`` (float32): primitives.statistic."""
     if partials.dtype != torch.float32 or partials.dim() != 5 or partials.shape[2] != 2 or partials.shape[4] != knots:
         raise ValueError(f"partials must be float32 [B, S, 2, K, {knots}], got {partials.dtype} "
@@ -308,6 +336,7 @@ def triton_statistic(partials: torch.Tensor, samples: int, knots: int, t_max: fl
         raise ValueError("partials must have a contiguous knot axis")
     _check_device(partials)
     _check_arrivals(arrivals, partials.device)
+    _check_moments(moments, partials)
     batch, splits, _, slices, _ = partials.shape
     factor = loss_factor(reduction, batch, slices, grad_factor)
     kernel_plan = plan.plan_statistic(*_ints(batch, splits, slices), knots, num_sms(partials.device))
@@ -318,7 +347,7 @@ def triton_statistic(partials: torch.Tensor, samples: int, knots: int, t_max: fl
     if arrivals is None:
         arrivals = torch.zeros(1, dtype=torch.int32, device=partials.device)
     grid, args, meta = statistic_args(partials, stat, coef, block_sums, loss, arrivals, kernel_plan, samples, knots,
-                                      t_max, factor, clip_value, loss_divisor(reduction, batch, slices))
+                                      t_max, factor, clip_value, loss_divisor(reduction, batch, slices), moments)
     if grid[0] == 0:  # nothing to launch: the loss of no statistics
         return stat, coef, loss.fill_(float("nan") if reduction == "mean" else 0.0)
     with _device_guard(partials):
@@ -327,27 +356,31 @@ def triton_statistic(partials: torch.Tensor, samples: int, knots: int, t_max: fl
     return stat, coef, loss
 
 
-def _slice_gradient_plan(x: torch.Tensor, directions: Optional[torch.Tensor], knots: int):
+def _slice_gradient_plan(x: torch.Tensor, directions: Optional[torch.Tensor], knots: int,
+                         weighted: bool = False):
     batch, samples, dim = _ints(*x.shape)
     slices = dim if directions is None else int(directions.shape[1])
     return plan.plan_slice_gradient(batch, samples, dim, slices, knots, x.dtype, tensor_cores(x.dtype),
-                                    directions is None, num_sms(x.device), min_waves=_min_waves(x.device))
+                                    directions is None, num_sms(x.device), min_waves=_min_waves(x.device),
+                                    weighted=weighted)
 
 
 @_register("sigreg::triton_slice_gradient")
 def triton_slice_gradient(coef: torch.Tensor, scale: torch.Tensor, x: torch.Tensor,
-                          directions: Optional[torch.Tensor], knots: int, t_max: float) -> torch.Tensor:
+                          directions: Optional[torch.Tensor], knots: int, t_max: float,
+                          weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``G [B, N, K]`` in x's dtype: primitives.slice_gradient."""
     _check_projection_inputs(x, directions)
+    _check_weights(weights, x)
     batch, samples, dim = x.shape
     slices = dim if directions is None else directions.shape[1]
     _check_coefficients(coef, scale, batch, slices, knots)
-    kernel_plan = _slice_gradient_plan(x, directions, knots)
+    kernel_plan = _slice_gradient_plan(x, directions, knots, weights is not None)
     grad = x.new_empty((batch, samples, slices))
     with _device_guard(x):
         for start, count in _batch_chunks(batch):
             grid, args, meta = slice_gradient_args(coef, scale, x, directions, grad, kernel_plan, knots, t_max,
-                                                   start, count)
+                                                   start, count, weights)
             _counted("triton_slice_gradient")
             if directions is None:
                 wrap_triton(slice_gradient_projected_kernel)[grid](*args, **meta)
@@ -358,43 +391,44 @@ def triton_slice_gradient(coef: torch.Tensor, scale: torch.Tensor, x: torch.Tens
 
 @_register("sigreg::triton_slice_gradient_", mutates_args=("projection",))
 def triton_slice_gradient_(projection: torch.Tensor, coef: torch.Tensor, scale: torch.Tensor, knots: int,
-                           t_max: float) -> None:
+                           t_max: float, weights: Optional[torch.Tensor] = None) -> None:
     """Overwrites ``projection [B, N, K]`` with G: primitives.slice_gradient_ (each element is
     read, then written, by the same thread)."""
     _check_projection_inputs(projection, None)
+    _check_weights(weights, projection)
     batch, _, slices = projection.shape
     _check_coefficients(coef, scale, batch, slices, knots)
-    kernel_plan = _slice_gradient_plan(projection, None, knots)
+    kernel_plan = _slice_gradient_plan(projection, None, knots, weights is not None)
     with _device_guard(projection):
         for start, count in _batch_chunks(batch):
             grid, args, meta = slice_gradient_args(coef, scale, projection, None, projection, kernel_plan, knots,
-                                                   t_max, start, count)
+                                                   t_max, start, count, weights)
             _counted("triton_slice_gradient_")
             wrap_triton(slice_gradient_projected_kernel)[grid](*args, **meta)
 
 
 if REGISTRATION == "custom_op":  # triton_op traces the launchers as their fake kernels
     @triton_ecf_partials.register_fake
-    def _(x, directions, knots, t_max, arrivals=None):
+    def _(x, directions, knots, t_max, arrivals=None, weights=None):
         batch, _, dim = x.shape
         slices = dim if directions is None else directions.shape[1]
-        splits = _ecf_plan(x, directions, knots).splits
+        splits = _ecf_plan(x, directions, knots, weights is not None).splits
         return x.new_empty((batch, splits, 2, slices, knots), dtype=torch.float32)
 
     @triton_statistic.register_fake
-    def _(partials, samples, knots, t_max, reduction, clip_value, grad_factor, arrivals=None):
+    def _(partials, samples, knots, t_max, reduction, clip_value, grad_factor, arrivals=None, moments=None):
         batch, _, _, slices, _ = partials.shape
         stat, coef = partials.new_empty((batch, slices)), partials.new_empty((batch, 2, slices, knots))
         return stat, coef, partials.new_empty(())
 
     @triton_slice_gradient.register_fake
-    def _(coef, scale, x, directions, knots, t_max):
+    def _(coef, scale, x, directions, knots, t_max, weights=None):
         batch, samples, dim = x.shape
         slices = dim if directions is None else directions.shape[1]
         return x.new_empty((batch, samples, slices))
 
     @triton_slice_gradient_.register_fake
-    def _(projection, coef, scale, knots, t_max):
+    def _(projection, coef, scale, knots, t_max, weights=None):
         return None
 
 

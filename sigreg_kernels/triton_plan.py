@@ -20,6 +20,9 @@ blocks (8 warps) come first; streamed ones (D > 512) want the wider row tile. Wh
 a 2-block-per-SM variant would give too few waves (N K = 2^20), the next candidate
 holds one block per SM. The projected kernels (P given) use few registers, hence many
 blocks per SM: their small grids take the small tiles.
+
+Calls with sample weights plan alike from WEIGHTED_RESOURCES (the weighted kernels'
+own), skipping the configs that spill with weights; unweighted plans do not change.
 """
 
 import math
@@ -54,6 +57,7 @@ class TileConfig:
     warps_n: int = 1           # warps along the samples axis of the MMA layout (dot kernels)
     resident_stages: int = 0   # num_stages when the directions are resident (0: num_stages)
     lean_rotation: bool = False  # forward: rotate cos - 1 from (u1, s1) alone (one register less per element)
+    weights: bool = True       # serves calls with sample weights (WEIGHTED_RESOURCES)
 
     @property
     def threads(self) -> int:
@@ -69,8 +73,9 @@ class TileConfig:
 # registers plus ~5 per element held.
 ECF_128x16 = TileConfig("ecf_128x16", 128, 16, num_warps=8, num_stages=3)
 # 32 samples per thread: the third rotation constant of the cos - 1 recurrence would not fit
-# 255 registers; this tile serves large D, where the projection's MMA sets the time.
-ECF_128x32 = TileConfig("ecf_128x32", 128, 32, num_warps=8, num_stages=3, lean_rotation=True)
+# 255 registers; this tile serves large D, where the projection's MMA sets the time. With
+# sample weights it spills (~190 bytes): weighted calls take the next candidate.
+ECF_128x32 = TileConfig("ecf_128x32", 128, 32, num_warps=8, num_stages=3, lean_rotation=True, weights=False)
 ECF_64x16 = TileConfig("ecf_64x16", 64, 16, num_warps=4, num_stages=3)
 GRAD_128x32 = TileConfig("grad_128x32", 128, 32, num_warps=8, num_stages=3, resident_stages=2)
 GRAD_128x16 = TileConfig("grad_128x16", 128, 16, num_warps=8, num_stages=3, resident_stages=2)
@@ -135,6 +140,40 @@ RESOURCES = {
     ('grad_p_2x128', 'fp32', 'p'): (64, 8192),
     ('stat_32', 'fp32', '-'): (56, 128),
 }
+# The same with sample weights (HAS_WEIGHTS, HAS_MOMENTS), measured alike; the plans use
+# these for weighted calls. The dot kernels' forward holds ~40 registers more: the cost of
+# a load per row tile in that loop (as many when the weights enter only knot 0), not of the
+# weighting itself, so the 64-feature resident configs hold 1 block per SM instead of 2.
+# ecf_128x32 spills with weights and is left out (TileConfig.weights).
+WEIGHTED_RESOURCES = {
+    ('ecf_128x16', '16', '512'): (175, 180224),
+    ('ecf_128x16', '16', '64'): (167, 22528),
+    ('ecf_128x16', '16', 's64'): (204, 55296),
+    ('ecf_128x16', 'tf32', '64'): (171, 45056),
+    ('ecf_128x16', 'tf32', 's32'): (208, 55296),
+    ('ecf_64x16', '16', '512'): (227, 114688),
+    ('ecf_64x16', '16', '64'): (168, 14336),
+    ('ecf_64x16', '16', 's64'): (200, 30720),
+    ('ecf_64x16', 'tf32', '64'): (167, 28672),
+    ('ecf_64x16', 'tf32', 's32'): (203, 30720),
+    ('ecf_p_4x128', 'fp32', 'p'): (128, 4096),
+    ('ecf_p_8x128', 'fp32', 'p'): (168, 4096),
+    ('grad_128x16', '16', 's64'): (150, 55296),
+    ('grad_128x16', 'tf32', 's32'): (156, 55296),
+    ('grad_128x32', '16', '512'): (128, 200704),
+    ('grad_128x32', '16', '64'): (128, 28672),
+    ('grad_128x32', '16', 's64'): (160, 61440),
+    ('grad_128x32', 'tf32', '64'): (128, 65536),
+    ('grad_128x32', 'tf32', 's32'): (166, 61440),
+    ('grad_64x16', '16', '512'): (184, 116736),
+    ('grad_64x16', '16', '64'): (122, 16384),
+    ('grad_64x16', '16', 's64'): (150, 30720),
+    ('grad_64x16', 'tf32', '64'): (128, 32768),
+    ('grad_64x16', 'tf32', 's32'): (151, 30720),
+    ('grad_p_16x128', 'fp32', 'p'): (148, 8192),
+    ('grad_p_2x128', 'fp32', 'p'): (64, 8192),
+    ('stat_32', 'fp32', '-'): (56, 128),
+}
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -188,11 +227,12 @@ def blocks_per_sm(registers: int, shared: int, threads: int) -> int:
     return max(1, min(by_registers, by_shared, SM_MAX_BLOCKS, SM_MAX_THREADS // threads))
 
 
-def resources(config: TileConfig, operands: str, block: str) -> tuple[int, int]:
-    """(registers, shared bytes) of a compiled config, as recorded in RESOURCES."""
-    if (config.name, operands, block) in RESOURCES:
-        return RESOURCES[config.name, operands, block]
-    known = [value for (name, _, _), value in RESOURCES.items() if name == config.name]
+def resources(config: TileConfig, operands: str, block: str, weighted: bool = False) -> tuple[int, int]:
+    """(registers, shared bytes) of a compiled config, as recorded in RESOURCES (WEIGHTED_RESOURCES)."""
+    table = WEIGHTED_RESOURCES if weighted else RESOURCES
+    if (config.name, operands, block) in table:
+        return table[config.name, operands, block]
+    known = [value for (name, _, _), value in table.items() if name == config.name]
     if known:  # the config's heaviest recorded variant: the plan stays a function of the shapes
         return max(known)
     return 255, 0  # an unrecorded config: assume the worst registers
@@ -237,14 +277,14 @@ def _rows_per_split(tiles: int, column_blocks: int, slots: int) -> int:
     return max(options, key=score)
 
 
-def _choose(candidates, batch, samples, dim, slices, operands, chunks, num_sms, min_waves) -> _Choice:
+def _choose(candidates, batch, samples, dim, slices, operands, chunks, num_sms, min_waves, weighted) -> _Choice:
     narrow = [c for c in candidates if c[0].block_k <= max(64, _next_power_of_2(slices))] or list(candidates)
     best = None
     for config, mode in narrow:
         block_d = 0 if mode == "projected" else feature_block(dim, operands, config.block_k, mode)
         if mode == "resident" and not block_d:
             continue
-        registers, shared = resources(config, *resource_key(config, operands, mode, block_d)[1:])
+        registers, shared = resources(config, *resource_key(config, operands, mode, block_d)[1:], weighted)
         bps = blocks_per_sm(registers, shared, config.threads)
         column_blocks = batch * _cdiv(slices, config.block_k) * chunks
         tiles = _cdiv(samples, config.block_n)
@@ -271,15 +311,22 @@ def _tile(choice: _Choice, knots: int) -> dict:
     return tile
 
 
+def _weighted_candidates(candidates, weighted: bool):
+    return tuple(c for c in candidates if c[0].weights) if weighted else candidates
+
+
 def plan_ecf_partials(batch: int, samples: int, dim: int, slices: int, knots: int, dtype,
                       tensor_cores: bool, projected: bool, num_sms: int, candidates=None,
-                      min_waves: float = MIN_WAVES) -> KernelPlan:
+                      min_waves: float = MIN_WAVES, weighted: bool = False) -> KernelPlan:
     """``candidates``: (config, mode) pairs to choose from instead of the module's (tests).
-    ``min_waves=0``: the first candidate whatever the grid (the interpreter, which pays per tile)."""
+    ``min_waves=0``: the first candidate whatever the grid (the interpreter, which pays per tile).
+    ``weighted``: for the kernels with sample weights (their own resources; unweighted plans
+    are the same either way)."""
     operands = operand_class(dtype, tensor_cores)
     chunks = knot_chunks(knots)
-    default = ECF_PROJECTED_CANDIDATES if projected else ECF_CANDIDATES
-    choice = _choose(candidates or default, batch, samples, dim, slices, operands, chunks, num_sms, min_waves)
+    default = _weighted_candidates(ECF_PROJECTED_CANDIDATES if projected else ECF_CANDIDATES, weighted)
+    choice = _choose(candidates or default, batch, samples, dim, slices, operands, chunks, num_sms, min_waves,
+                     weighted)
     tile = _tile(choice, knots)
     tile["LEAN"] = choice.config.lean_rotation
     if not projected:
@@ -303,12 +350,13 @@ def plan_statistic(batch: int, splits: int, slices: int, knots: int, num_sms: in
 
 def plan_slice_gradient(batch: int, samples: int, dim: int, slices: int, knots: int, dtype,
                         tensor_cores: bool, projected: bool, num_sms: int, candidates=None,
-                        min_waves: float = MIN_WAVES) -> KernelPlan:
+                        min_waves: float = MIN_WAVES, weighted: bool = False) -> KernelPlan:
     """As plan_ecf_partials; ``rows_per_split`` holds the rows of each program (grid axis 1:
     the row groups)."""
     operands = operand_class(dtype, tensor_cores)
-    default = GRAD_PROJECTED_CANDIDATES if projected else GRAD_CANDIDATES
-    choice = _choose(candidates or default, batch, samples, dim, slices, operands, 1, num_sms, min_waves)
+    default = _weighted_candidates(GRAD_PROJECTED_CANDIDATES if projected else GRAD_CANDIDATES, weighted)
+    choice = _choose(candidates or default, batch, samples, dim, slices, operands, 1, num_sms, min_waves,
+                     weighted)
     return KernelPlan(kernel="slice_gradient_projected_kernel" if projected else "slice_gradient_kernel",
                       grid=(_cdiv(slices, choice.config.block_k), choice.splits, batch),
                       threads=choice.config.threads, tile=_tile(choice, knots),

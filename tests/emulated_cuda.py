@@ -103,9 +103,10 @@ class EmulatedKernels:
         self.num_sms = num_sms
         ptr, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
         lib = self.lib
-        lib.sigreg_emu_ecf_partials.argtypes = [i32, i32, ptr, ptr, ptr] + [i64] * 5 + [f64, i64, ptr]
-        lib.sigreg_emu_statistic.argtypes = [ptr, ptr, ptr] + [i64] * 5 + [f64, i32, i32, f64, f64, ptr, ptr, ptr]
-        lib.sigreg_emu_slice_gradient.argtypes = [i32, i32, ptr, ptr, i64, i64, ptr, ptr, ptr] + [i64] * 5 + [f64, i64]
+        lib.sigreg_emu_ecf_partials.argtypes = [i32, i32, ptr, ptr, ptr] + [i64] * 5 + [f64, i64, ptr, ptr]
+        lib.sigreg_emu_statistic.argtypes = [ptr, ptr, ptr] + [i64] * 5 + [f64, i32, i32, f64, f64] + [ptr] * 4
+        lib.sigreg_emu_slice_gradient.argtypes = ([i32, i32, ptr, ptr, i64, i64, ptr, ptr, ptr] + [i64] * 5
+                                                  + [f64, i64, ptr])
         lib.sigreg_emu_plan_ecf_partials.argtypes = [i64] * 4 + [i32, i64, ptr]
         lib.sigreg_emu_plan_slice_gradient.argtypes = [i64] * 4 + [i32, i64, ptr]
         lib.sigreg_emu_plan_statistic.argtypes = [i64] * 3 + [ptr]
@@ -182,6 +183,15 @@ class EmulatedKernels:
         return MODE_PROJECTED if directions is None else (MODE_TENSOR_CORES if tensor_cores else MODE_FMA)
 
     @staticmethod
+    def _weights(weights, x):
+        """Sample weights as the launcher takes them: float32 [B, N], contiguous (or None)."""
+        if weights is None:
+            return None
+        assert weights.dtype == torch.float32 and weights.shape == x.shape[:2] and weights.is_contiguous(), \
+            "weights: float32 [B, N], contiguous"
+        return weights
+
+    @staticmethod
     def _counter(arrivals):
         """``arrivals`` (int32, one element) in a guarded buffer, or None."""
         if arrivals is None:
@@ -189,7 +199,8 @@ class EmulatedKernels:
         assert arrivals.dtype == torch.int32 and arrivals.numel() == 1, "arrivals: an int32 tensor of one element"
         return GuardedOutput((1,), torch.int32, initial=arrivals.reshape(1))
 
-    def ecf_partials(self, x, directions, knots, t_max, arrivals=None, *, tensor_cores=True, num_sms=None):
+    def ecf_partials(self, x, directions, knots, t_max, arrivals=None, weights=None, *, tensor_cores=True,
+                     num_sms=None):
         """``partials [B, S, 2, K, T]`` float32 of ``x [B, N, D]`` (contiguous); sets ``arrivals`` to 0."""
         batch, samples, dim = x.shape
         slices = dim if directions is None else directions.shape[1]
@@ -200,16 +211,21 @@ class EmulatedKernels:
         self.check(self.lib.sigreg_emu_ecf_partials(
             DTYPE_CODES[x.dtype], self._mode(directions, tensor_cores), x.data_ptr(), _ptr(directions),
             partials.tensor.data_ptr(), batch, samples, dim, slices, knots, t_max, num_sms,
-            None if counter is None else counter.tensor.data_ptr()))
+            None if counter is None else counter.tensor.data_ptr(), _ptr(self._weights(weights, x))))
         if counter is not None:
             arrivals.copy_(counter.checked("arrivals").reshape(arrivals.shape))
         return partials.checked("partials")
 
-    def statistic(self, partials, samples, knots, t_max, reduction, clip_value, grad_factor, arrivals=None):
+    def statistic(self, partials, samples, knots, t_max, reduction, clip_value, grad_factor, arrivals=None,
+                  moments=None):
         """``(stat [B, K], coef [B, 2, K, T], loss [])`` float32; ``arrivals`` holds 0 (None: a zeroed
-        counter of its own) and is left at 0."""
+        counter of its own) and is left at 0. ``moments``: float32 ``[B, 2]`` (sum w, sum w^2) or None."""
         partials = partials.contiguous()
         batch, splits, _, slices, _ = partials.shape
+        if moments is not None:
+            assert moments.dtype == torch.float32 and moments.shape == (batch, 2) and moments.is_contiguous(), \
+                "moments: float32 [B, 2], contiguous"
+
         stat = GuardedOutput((batch, slices), torch.float32)
         coef = GuardedOutput((batch, 2, slices, knots), torch.float32)
         loss = GuardedOutput((), torch.float32)
@@ -221,46 +237,51 @@ class EmulatedKernels:
             partials.data_ptr(), stat.tensor.data_ptr(), coef.tensor.data_ptr(), batch, splits, slices, knots,
             samples, t_max, REDUCTION_CODES[reduction], clip_value is not None,
             0.0 if clip_value is None else clip_value, grad_factor, counter.tensor.data_ptr(),
-            block_sums.tensor.data_ptr(), loss.tensor.data_ptr()))
+            block_sums.tensor.data_ptr(), loss.tensor.data_ptr(), _ptr(moments)))
         block_sums.checked("block_sums")
         if arrivals is not None:
             arrivals.copy_(counter.checked("arrivals").reshape(arrivals.shape))
         return stat.checked("stat"), coef.checked("coef"), loss.checked("loss")
 
-    def _gradient(self, g, coef, scale, x, directions, knots, t_max, tensor_cores, num_sms):
+    def _gradient(self, g, coef, scale, x, directions, knots, t_max, tensor_cores, num_sms, weights):
         batch, samples, dim = x.shape
         slices = dim if directions is None else directions.shape[1]
         self.check(self.lib.sigreg_emu_slice_gradient(
             DTYPE_CODES[x.dtype], self._mode(directions, tensor_cores), coef.contiguous().data_ptr(),
             scale.data_ptr(), scale.stride(0), scale.stride(1), x.data_ptr(), _ptr(directions), g.data_ptr(),
-            batch, samples, dim, slices, knots, t_max, num_sms or self.num_sms))
+            batch, samples, dim, slices, knots, t_max, num_sms or self.num_sms, _ptr(self._weights(weights, x))))
 
-    def slice_gradient(self, coef, scale, x, directions, knots, t_max, *, tensor_cores=True, num_sms=None):
+    def slice_gradient(self, coef, scale, x, directions, knots, t_max, weights=None, *, tensor_cores=True,
+                       num_sms=None):
         """``G [B, N, K]`` in x's dtype; ``scale [B, K]`` float32 with any strides."""
         slices = x.shape[2] if directions is None else directions.shape[1]
         g = GuardedOutput((*x.shape[:2], slices), x.dtype)
-        self._gradient(g.tensor, coef, scale, x, directions, knots, t_max, tensor_cores, num_sms)
+        self._gradient(g.tensor, coef, scale, x, directions, knots, t_max, tensor_cores, num_sms, weights)
         return g.checked("G")
 
-    def slice_gradient_(self, projection, coef, scale, knots, t_max, *, num_sms=None):
+    def slice_gradient_(self, projection, coef, scale, knots, t_max, weights=None, *, num_sms=None):
         """Overwrites ``projection [B, N, K]`` with ``G``."""
         g = GuardedOutput(projection.shape, projection.dtype, initial=projection)
-        self._gradient(g.tensor, coef, scale, g.tensor, None, knots, t_max, False, num_sms)
+        self._gradient(g.tensor, coef, scale, g.tensor, None, knots, t_max, False, num_sms, weights)
         projection.copy_(g.checked("projection"))
 
     # ---- the op ----
 
-    def sigreg(self, x, directions, *, knots=17, t_max=3.0, reduction="none", tensor_cores=False, clip_value=None):
+    def sigreg(self, x, directions, *, knots=17, t_max=3.0, reduction="none", tensor_cores=False, clip_value=None,
+               weights=None):
         """SIGReg of ``x [*B, N, D]`` as the ``cuda`` backend computes it (``fused.py`` around these
         kernels), differentiable; ``directions=None``: the columns of ``x``. ``tensor_cores``: WMMA
         products (TF32 for float32 inputs) instead of exact FMAs, where the kernels compute the product
-        (float32 at "highest" precision takes the SGEMM route of fused.py instead)."""
+        (float32 at "highest" precision takes the SGEMM route of fused.py instead). ``weights``: sample
+        weights ``[*B, N]`` (broadcast over the batch dims), as ``sigreg`` takes them."""
         batch_shape, samples, dim = x.shape[:-2], x.shape[-2], x.shape[-1]
         name = f"cuda-emulated-{id(self)}-{int(tensor_cores)}"
         fused.register_kernels(name, _FusedKernels(self, tensor_cores))
         flat = x.reshape(math.prod(batch_shape), samples, dim).contiguous()
+        if weights is not None:  # as sigreg hands them to the kernels: float32 [B, N], contiguous
+            weights = torch.broadcast_to(weights, x.shape[:-1]).reshape(flat.shape[:2]).float().contiguous()
         out = fused.fused_sigreg(name, flat, None if directions is None else directions.contiguous(), knots, t_max,
-                                 reduction, clip_value)
+                                 reduction, clip_value, None, weights)
         if reduction != "none":
             return out
         return out.reshape(*batch_shape, dim if directions is None else directions.shape[1])
@@ -272,17 +293,19 @@ class _FusedKernels:
     def __init__(self, kernels: EmulatedKernels, tensor_cores: bool):
         self.kernels, self.tensor_cores = kernels, tensor_cores
 
-    def ecf_partials(self, x, directions, knots, t_max, arrivals=None):
+    def ecf_partials(self, x, directions, knots, t_max, arrivals=None, weights=None):
         return self.kernels.ecf_partials(x.contiguous(), None if directions is None else directions.contiguous(),
-                                         knots, t_max, arrivals, tensor_cores=self.tensor_cores)
+                                         knots, t_max, arrivals, weights, tensor_cores=self.tensor_cores)
 
-    def statistic(self, partials, samples, knots, t_max, reduction, clip_value, grad_factor, arrivals=None):
-        return self.kernels.statistic(partials, samples, knots, t_max, reduction, clip_value, grad_factor, arrivals)
+    def statistic(self, partials, samples, knots, t_max, reduction, clip_value, grad_factor, arrivals=None,
+                  moments=None):
+        return self.kernels.statistic(partials, samples, knots, t_max, reduction, clip_value, grad_factor, arrivals,
+                                      moments)
 
-    def slice_gradient(self, coef, scale, x, directions, knots, t_max):
+    def slice_gradient(self, coef, scale, x, directions, knots, t_max, weights=None):
         return self.kernels.slice_gradient(coef, scale, x.contiguous(),
                                            None if directions is None else directions.contiguous(), knots, t_max,
-                                           tensor_cores=self.tensor_cores)
+                                           weights, tensor_cores=self.tensor_cores)
 
-    def slice_gradient_(self, projection, coef, scale, knots, t_max):
-        self.kernels.slice_gradient_(projection, coef, scale, knots, t_max)
+    def slice_gradient_(self, projection, coef, scale, knots, t_max, weights=None):
+        self.kernels.slice_gradient_(projection, coef, scale, knots, t_max, weights)

@@ -41,10 +41,12 @@ catches it:
    independent per knot), by ``t_j dp`` where ``dp`` is the rounding of the projection
    ``p = x . a``, a length-``D`` float32 dot product (``projection_error``; one error
    per sample, so it adds up over the knots, and its effect on the statistic is
-   ``sum_n G_nk dp_nk`` with ``G`` the exact gradient), and by the random walk of the
+   ``sum_n G_nk dp_nk`` with ``G`` the exact gradient; the recurrence's ``j``-fold rotation
+   by the rounded unit angle ``delta p`` adds ``eps |p| / 2`` to ``dp``), and by the random walk of the
    angle-addition recurrence (``eps sqrt(j)`` times the size of ``(cos - 1, sin)``,
    ``min(1, |t_j p|)``: the kernels rotate ``cos - 1``); the gradient coefficients ``G`` may
-   be held in the input dtype (SPEC §3). These errors are carried through the
+   be held in the input dtype (SPEC §3): rounded relative to ``G``, and to half a
+   subnormal spacing where ``G`` is that small (16-bit ``G`` at small angles). These errors are carried through the
    formulas and the GEMMs and divided by the exact results, so the tolerance widens
    where cancellation makes any float32 result fragile: nearly Gaussian samples
    (``C - phi`` ~ 1/sqrt(N)), one sample or identical rows, shifted data, a long
@@ -67,7 +69,10 @@ Allowance B, overflow: a value whose exact magnitude rounds to infinity in the
 output dtype (through the dtype it is computed in: an fp16 gradient of bf16
 directions) must be infinite, with the exact value's sign, as a cast gives it (SPEC
 §2); one within the tolerance of that threshold may come back finite or infinite.
-Elsewhere non-finite entries must sit exactly where the oracle has them. (Planted:
+The op sees an expanded input's copies: where one copy's exact gradient overflows,
+autograd's sum of the copies may be infinite however small the exact sum is
+(``copies_overflowing``). Elsewhere non-finite entries must sit exactly where the
+oracle has them. (Planted:
 a gradient clamped to the largest finite value; infinity where the exact value is
 half the threshold.)
 
@@ -128,6 +133,8 @@ class Case:
     clip: float | None = None  # quantile of the oracle's statistics where clip_value is placed
     nonfinite: dict | None = None  # {"in": "x"|"directions", "rows": [...], "value": "nan"|"inf"|"-inf"}
     tensor_cores: bool = False  # cuda-emulated, 16-bit inputs: the WMMA path
+    weights: str | None = None  # sample weights: "mask" (bool) | "float" (non-negative, some 0) | None
+    garbage: bool = False  # NaN and Inf written into the rows of weight 0
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
@@ -189,6 +196,9 @@ def draw_case(rng: random.Random, features=None) -> Case:
     )
     if features["clip_value"] and rng.random() < 0.25:
         case.clip = round(rng.uniform(0.05, 0.95), 3)
+    if features.get("weights", True) and rng.random() < 0.25:
+        case.weights = rng.choice(["mask", "float"])
+        case.garbage = case.x_layout != "expanded" and rng.random() < 0.5
     if rng.random() < 0.15:
         where = "directions" if a_layout != "none" and rng.random() < 0.2 else "x"
         case.nonfinite = {"in": where, "value": rng.choice(["nan", "inf", "-inf"]),
@@ -283,6 +293,10 @@ def make_inputs(case: Case):
                 math.log(0.1), math.log(10), generator=gen))
     if case.nonfinite:
         _place_nonfinite(case, x_base, a_base)
+    if case.garbage:  # what padding rows hold: anything
+        garbage = torch.tensor([math.nan, math.inf, -math.inf, 1e30], dtype=torch.float64)
+        masked = sample_weights(case) == 0
+        x_base[masked] = garbage[torch.arange(x_base.shape[-1]) % 4]
     finite_max = min(torch.finfo(dtype).max, torch.finfo(a_dtype).max) / 4  # no overflow unless asked
     x_base = x_base.clamp(-finite_max, finite_max).where(x_base.isfinite(), x_base).to(dtype).double()
     x_leaf, x_view = _layout(gen, x_base, case.x_layout, x_expand, case.batch[0] if case.batch else case.n)
@@ -294,6 +308,21 @@ def make_inputs(case: Case):
     return (x_leaf, x_view), (a_leaf.to(a_dtype).to(dtype).double(), a_view)
 
 
+def sample_weights(case: Case) -> torch.Tensor | None:
+    """The case's sample weights ``[*B, N]`` (float64; a mask is 0/1): about a quarter of the rows
+    0, and one batch index without any weight now and then."""
+    if case.weights is None:
+        return None
+    gen = torch.Generator().manual_seed(case.seed + 2)
+    shape = [*case.batch, case.n]
+    weights = (torch.rand(shape, generator=gen, dtype=torch.float64) > 0.25).double()
+    if case.weights == "float":  # rounded to x's dtype, in which a user passes them: the oracle sees those
+        weights = (weights * torch.rand(shape, generator=gen, dtype=torch.float64) * 2).to(DTYPES[case.dtype]).double()
+    if case.batch and torch.rand((), generator=gen) < 0.3:
+        weights.view(-1, case.n)[0] = 0.0
+    return weights
+
+
 def upstream_weight(case: Case) -> torch.Tensor:
     gen = torch.Generator().manual_seed(case.seed + 1)
     shape = [*case.batch, case.slices] if case.reduction == "none" else []
@@ -303,7 +332,7 @@ def upstream_weight(case: Case) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the oracle
 
 
-def reference_stats(x, a, knots, t_max, dtype, clip_value=None):
+def reference_stats(x, a, knots, t_max, dtype, clip_value=None, weights=None):
     """Per-slice statistics ``[*B, K]`` by ``sigreg_reference`` in ``dtype``, slice chunk by slice chunk
     (the statistic of a slice depends on its column of the projection alone)."""
     from sigreg_kernels import sigreg_reference
@@ -317,7 +346,7 @@ def reference_stats(x, a, knots, t_max, dtype, clip_value=None):
         k1 = min(slices, k0 + chunk)
         x_part, a_part = (x[..., k0:k1], None) if a is None else (x, a[:, k0:k1])
         parts.append(sigreg_reference(x_part, a_part, knots=knots, t_max=t_max, reduction="none",
-                                      clip_value=clip_value))
+                                      clip_value=clip_value, weights=weights))
     return torch.cat(parts, dim=-1)
 
 
@@ -339,14 +368,20 @@ def resolve_clip(case: Case, stats: torch.Tensor, margin: float) -> float | None
     return finite[0] - 2 * margin if case.clip < 0.5 else finite[-1] + 2 * margin
 
 
-def reduce(stats, reduction, weight):
-    """``reduction`` of the per-slice statistics, and the loss ``sum(weight * value)`` to differentiate."""
-    value = {"mean": stats.mean, "sum": stats.sum, "none": lambda: stats}[reduction]()
+def reduce(stats, reduction, weight, weights=None):
+    """``reduction`` of the per-slice statistics, and the loss ``sum(weight * value)`` to differentiate.
+    With sample weights the mean leaves out the batch indices that hold none."""
+    mean = stats.mean
+    if weights is not None:
+        present = (weights.sum(dim=-1) > 0).sum()
+        mean = lambda: stats.sum() / (stats.shape[-1] * present).clamp_min(1)  # noqa: E731
+    value = {"mean": mean, "sum": stats.sum, "none": lambda: stats}[reduction]()
     return value, (value * weight.to(value.dtype)).sum()
 
 
-def evaluate(fn, case: Case, inputs, weight, clip_value, device="cpu", dtype=None):
-    """(value, {leaf name: grad}) of ``fn(x, directions) -> per-slice or reduced output``."""
+def evaluate(fn, case: Case, inputs, weight, clip_value, device="cpu", dtype=None, views=None):
+    """(value, {leaf name: grad}) of ``fn(x, directions) -> per-slice or reduced output``.
+    ``views``: a dict that receives the gradients with respect to the views the op sees."""
     (x_leaf, x_view), a_in = inputs
     x_leaf = x_leaf.to(device=device, dtype=dtype or DTYPES[case.dtype]).requires_grad_(case.grad in ("x", "both"))
     leaves = {"x": x_leaf}
@@ -356,18 +391,37 @@ def evaluate(fn, case: Case, inputs, weight, clip_value, device="cpu", dtype=Non
         a_leaf = a_leaf.to(device=device, dtype=dtype or DTYPES[case.a_dtype])
         leaves["directions"] = a_leaf.requires_grad_(case.grad in ("directions", "both"))
         a = a_view(a_leaf)
-    value, loss = fn(x_view(x_leaf), a, weight.to(device), clip_value)
+    seen = {"x": x_view(x_leaf), "directions": a}
+    value, loss = fn(seen["x"], a, weight.to(device), clip_value)
     wanted = {name: t for name, t in leaves.items() if t.requires_grad}
     grads = {}
     if wanted:
-        grads = dict(zip(wanted, torch.autograd.grad(loss, list(wanted.values()), allow_unused=True)))
+        found = torch.autograd.grad(loss, list(wanted.values()) + [seen[name] for name in wanted], allow_unused=True)
+        grads = dict(zip(wanted, found[:len(wanted)]))
+        if views is not None:
+            views.update({name: None if g is None else g.detach().cpu() for name, g in zip(wanted, found[len(wanted):])})
     return value.detach().cpu(), {k: (None if g is None else g.cpu()) for k, g in grads.items()}
 
 
 def oracle_fn(case: Case, dtype):
+    weights = sample_weights(case)
+
     def fn(x, a, weight, clip_value):
-        return reduce(reference_stats(x, a, case.knots, case.t_max, dtype, clip_value), case.reduction, weight)
+        stats = reference_stats(x, a, case.knots, case.t_max, dtype, clip_value, weights)
+        return reduce(stats, case.reduction, weight, weights)
     return fn
+
+
+def compacted_stats(case: Case, inputs) -> torch.Tensor:
+    """A mask's second oracle: each batch index's statistics from its unmasked rows alone, in float64."""
+    (x_leaf, x_view), a_in = inputs
+    x = x_view(x_leaf).detach()
+    a = None if a_in is None else a_in[1](a_in[0]).detach()
+    mask = sample_weights(case).reshape(-1, case.n) > 0
+    flat = x.reshape(-1, case.n, x.shape[-1])
+    stats = [reference_stats(flat[b][mask[b]][None], a, case.knots, case.t_max, torch.float64)[0]
+             if mask[b].any() else torch.zeros(case.slices, dtype=torch.float64) for b in range(flat.shape[0])]
+    return torch.stack(stats).reshape(*case.batch, case.slices)
 
 
 # ----------------------------------------------------------------------------- backends
@@ -381,6 +435,9 @@ def public_api(backend: str):
         kwargs = dict(knots=case.knots, t_max=case.t_max, reduction=case.reduction, backend=backend)
         if clip_value is not None:
             kwargs["clip_value"] = clip_value
+        weights = sample_weights(case)
+        if weights is not None:  # as a user passes them: a bool mask, or float weights in x's dtype
+            kwargs["weights"] = (weights > 0 if case.weights == "mask" else weights.to(x.dtype)).to(x.device)
         value = sigreg(x, a, **kwargs)
         return value, (value * weight.to(value.dtype)).sum()
     return fn
@@ -420,8 +477,10 @@ def cuda_emulated_sigreg(case: Case, x, a, weight, clip_value):
     projection (16-bit inputs; float32 at "highest" precision takes the SGEMM route).
     """
     kernels = _emulated_kernels()
+    weights = sample_weights(case)
     value = kernels.sigreg(x, None if a is None else a.to(x.dtype), knots=case.knots, t_max=case.t_max,
-                           reduction=case.reduction, tensor_cores=case.tensor_cores, clip_value=clip_value)
+                           reduction=case.reduction, tensor_cores=case.tensor_cores, clip_value=clip_value,
+                           weights=None if weights is None else weights.to(x.device))
     return value, (value * weight.to(value.dtype)).sum()
 
 
@@ -492,12 +551,7 @@ def overflow_threshold(dtype: torch.dtype) -> float:
         return math.inf
 
 
-def rounded(expected: torch.Tensor, dtype, via=None) -> torch.Tensor:
-    """``expected`` as the op returns it: rounded to ``via`` (the dtype it computes in), then to ``dtype``."""
-    return expected.to(via or dtype).to(dtype)
-
-
-def compare(name, actual, expected, dtype, tol, problems, via=None, copies=None):
+def compare(name, actual, expected, dtype, tol, problems, via=None, copies=None, copy_overflows=None):
     """Appends to ``problems`` what is wrong with ``actual`` (returned in ``dtype``, computed through
     ``via``); returns err / tol (0 when not checked). ``copies``: per element of ``actual``, how many
     of the op's output elements autograd summed into it (an expanded input's gradient sums its
@@ -513,12 +567,20 @@ def compare(name, actual, expected, dtype, tol, problems, via=None, copies=None)
         problems.append(f"{name}: dtype {actual.dtype}, expected {dtype}")
     # A value beyond the output's range is infinite there, as a cast gives it (SPEC §2); one within
     # the tolerance of the overflow threshold may come back either way.
-    threshold = min(overflow_threshold(d) for d in (dtype, via or dtype))
+    # The leaf's own rounding to dtype; the op's outputs (copy_overflows) to via; without them
+    # (no view gradients), the leaf through via.
+    threshold = overflow_threshold(dtype) if copy_overflows is not None else min(
+        overflow_threshold(d) for d in (dtype, via or dtype))
     magnitude = expected.double().abs()
-    either_way = (magnitude >= threshold / (1 + tol)) & (magnitude <= threshold * (1 + tol))
-    bad_actual, bad_expected = ~actual.isfinite(), ~rounded(expected, dtype, via).isfinite()
-    same_sign = (actual.double().sign() == expected.double().sign()) | actual.isnan()
-    mismatch = (bad_actual != bad_expected) & ~(either_way & same_sign)
+    bad_actual = ~actual.isfinite()
+    bad_expected = ~expected.isfinite() | (magnitude >= threshold * (1 + tol))  # must be non-finite
+    may_be_bad = bad_expected | (magnitude >= threshold / (1 + tol))
+    same_sign = (actual.double().sign() == expected.double().sign()) | actual.isnan() | ~expected.isfinite()
+    may_be_bad &= same_sign | ~bad_actual
+    if copy_overflows is not None:
+        must, may = copy_overflows
+        bad_expected, may_be_bad = bad_expected | must, may_be_bad | may
+    mismatch = (bad_actual & ~may_be_bad) | (~bad_actual & bad_expected)
     if mismatch.any():
         extra, missing = (mismatch & bad_actual).sum().item(), (mismatch & bad_expected).sum().item()
         problems.append(f"{name}: {extra} non-finite entries where the oracle is finite, "
@@ -555,9 +617,22 @@ class Result:
         return f"python tests/fuzz_backends.py --backends {self.backend} --case '{self.case.to_json()}'"
 
 
-def ecf_means(x, a, knots, t_max):
-    """``C, S [*B, K, T]``: the float64 ECF of the projections (slice chunk by slice chunk)."""
+def effective_size(case: Case, weights) -> torch.Tensor:
+    """``[*B]``: the statistic's N, ``(sum w)^2 / sum w^2`` with weights (0 where there are none)."""
+    if weights is None:
+        return torch.full(case.batch, float(case.n), dtype=torch.float64)
+    total, squares = weights.sum(dim=-1), weights.square().sum(dim=-1)
+    return torch.where(total > 0, total.square() / squares.clamp_min(1e-300), 0.0)
+
+
+def ecf_means(x, a, knots, t_max, weights=None):
+    """``C, S [*B, K, T]``: the float64 ECF of the projections (slice chunk by slice chunk), weighted
+    means with sample weights (rows of weight 0 left out; 0 for a batch index without weight)."""
     from sigreg_kernels import quadrature
+
+    if weights is not None:
+        x = torch.where(weights.unsqueeze(-1) > 0, x, 0.0)
+        share = (weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-300))[..., None, None]  # [*B, N, 1, 1]
 
     t, _, _ = quadrature(knots, t_max, dtype=torch.float64)
     slices = x.shape[-1] if a is None else a.shape[1]
@@ -566,14 +641,19 @@ def ecf_means(x, a, knots, t_max):
     for k0 in range(0, slices, chunk):
         p = x[..., k0:k0 + chunk] if a is None else x @ a[:, k0:k0 + chunk]
         angles = p.unsqueeze(-1) * t  # [*B, N, k, T]
-        cos.append(angles.cos().mean(dim=-3))
-        sin.append(angles.sin().mean(dim=-3))
+        if weights is None:
+            cos.append(angles.cos().mean(dim=-3))
+            sin.append(angles.sin().mean(dim=-3))
+        else:
+            cos.append((angles.cos() * share).sum(dim=-3))
+            sin.append((angles.sin() * share).sum(dim=-3))
     return torch.cat(cos, dim=-2), torch.cat(sin, dim=-2)
 
 
-def slice_derivatives(x, a, C, S, knots, t_max):
+def slice_derivatives(x, a, C, S, knots, t_max, weights=None):
     """``G = d stat_k / d P_nk`` (SPEC §1) and ``H = dG / dP_nk``, ``[*B, N, K]`` in float64
-    (slice chunk by slice chunk); NaN and Inf count as 0."""
+    (slice chunk by slice chunk); NaN and Inf count as 0. Sample weights: both times
+    ``w_n sum w / sum w^2`` (the statistic's N over the means' sum w)."""
     from sigreg_kernels import quadrature
 
     t, phi, w = quadrature(knots, t_max, dtype=torch.float64)
@@ -589,7 +669,11 @@ def slice_derivatives(x, a, C, S, knots, t_max):
         s = S[..., k0:k0 + chunk, :].nan_to_num(0.0).unsqueeze(-3)
         g.append(((s * cos - dc * sin) * c).sum(dim=-1))
         h.append(((-s * sin - dc * cos) * (c * t)).sum(dim=-1))
-    return torch.cat(g, dim=-1).nan_to_num(0.0), torch.cat(h, dim=-1).nan_to_num(0.0)
+    g, h = torch.cat(g, dim=-1).nan_to_num(0.0), torch.cat(h, dim=-1).nan_to_num(0.0)
+    if weights is not None:
+        row = weights * weights.sum(dim=-1, keepdim=True) / weights.square().sum(dim=-1, keepdim=True).clamp_min(1e-300)
+        g, h = g * row.unsqueeze(-1), h * row.unsqueeze(-1)
+    return g, h
 
 
 class RoundingModel:
@@ -622,7 +706,10 @@ class RoundingModel:
 
         self.case, self.inputs = case, inputs
         (x_leaf, x_view), a_in = inputs
+        self.weights = sample_weights(case)
         self.x = x_view(x_leaf).nan_to_num(0.0, 0.0, 0.0)
+        if self.weights is not None:  # rows of weight 0 (and their garbage) count for nothing
+            self.x = torch.where(self.weights.unsqueeze(-1) > 0, self.x, 0.0)
         self.a = None if a_in is None else a_in[1](a_in[0]).nan_to_num(0.0, 0.0, 0.0)
         p = self.x if self.a is None else self.x @ self.a
         eps = torch.finfo(torch.float64 if case.dtype == "float64" else torch.float32).eps
@@ -631,17 +718,22 @@ class RoundingModel:
         rounding = eps * t * p.square().mean().sqrt()  # [T], independent over knots and samples
         # The recurrence rounds (cos - 1, sin) relative to their size, ~min(1, |t_j p|) (alike for alike angles).
         walk = eps * torch.arange(case.knots).sqrt() * (t * p.square().mean().sqrt()).clamp(max=1.0)  # [T]
-        self.dp = self.projection_error(eps / 2)  # [*B, N, K], one error per sample and slice
+        # One error per sample and slice, the same at every knot: the rounding of p = x . a, and that
+        # of the unit angle delta p that the recurrence rotates by j times (t_j p errs by j times it).
+        self.dp = (self.projection_error(eps / 2).square() + (eps / 2 * (self.x if self.a is None else
+                                                                          self.x @ self.a)).square()).sqrt()
         projection = t * self.dp.square().mean().sqrt()  # [T]
         self.e = (rounding.square() + walk.square() + projection.square()).sqrt()  # all of it, per value
         self.copies = case.x_layout == "expanded" and not case.batch  # every row the same sample
-        averaged = 1 if self.copies else case.n
+        self.size = effective_size(case, self.weights)  # [*B], the statistic's N
+        averaged = 1 if self.copies else max(1.0, self.size.min().item()) if self.size.numel() else case.n
         self.e_values = (rounding.square() + walk.square()).sqrt()  # per value, the parts independent over knots
         self.e_means = (rounding.square() / averaged + walk.square()).sqrt()  # of C and S
         self.e_means_linear = projection / averaged ** 0.5  # dp through C and S: summed over knots
         # dp through each value: d stat / dp = G and dG / dp = H, exactly (slice_derivatives).
-        self.g, self.h = slice_derivatives(self.x, self.a, C, S, case.knots, case.t_max)
+        self.g, self.h = slice_derivatives(self.x, self.a, C, S, case.knots, case.t_max, self.weights)
         self.u = torch.finfo(DTYPES[case.dtype]).eps / 2
+        self.subnormal = torch.finfo(DTYPES[case.dtype]).smallest_normal * torch.finfo(DTYPES[case.dtype]).eps
         self.dc, self.s = (C - phi).nan_to_num(0.0), S.nan_to_num(0.0)  # [*B, K, T]
         self.weight = weight
 
@@ -664,7 +756,7 @@ class RoundingModel:
         """Relative error of the value: ``stat_k`` errs by ``2 N sum_j w_j ((C - phi) dC + S dS)``,
         and by ``sum_n G_nk dp_nk`` through the projection's rounding."""
         size = (self.dc.square() + self.s.square())  # [*B, K, T]
-        independent = (2 * self.case.n) ** 2 * (size @ (self.w * self.e_means).square())
+        independent = (2 * self.size[..., None]) ** 2 * (size @ (self.w * self.e_means).square())
         if self.copies:  # one sample's error, N times
             projection = (self.g.sum(dim=-2) * self.dp[..., 0, :]).square()
         else:
@@ -673,10 +765,12 @@ class RoundingModel:
         rms, exact = torch.where(kept, rms, 0.0), torch.where(kept, stats, 0.0).nan_to_num(0.0)
         if self.case.reduction == "none":
             return (rms.norm() / exact.norm().clamp_min(1e-300)).item()
-        # Copies of one slice err alike: their errors add (expanded directions: the slices of a batch
-        # index; x expanded: the first batch dim), distinct slices' in quadrature.
-        if self.case.a_layout == "expanded":
-            rms = rms.sum(dim=-1)
+        # Copies of one slice err alike: their errors add (equal directions up to sign, as expanded
+        # ones or a single feature give them; x expanded: the first batch dim), distinct slices'
+        # in quadrature.
+        if self.a is not None:
+            _, group = torch.unique(self.a.abs().mT, dim=0, return_inverse=True)
+            rms = torch.zeros(*rms.shape[:-1], int(group.max()) + 1, dtype=rms.dtype).index_add_(-1, group, rms)
         if self.case.x_layout == "expanded" and self.case.batch:
             rms = rms.sum(dim=0)
         return (rms.norm() / exact.sum().abs().clamp_min(1e-300)).item()
@@ -690,13 +784,25 @@ class RoundingModel:
         through_values = ((size @ (c * self.e_values).square()).unsqueeze(-2)
                           + (self.h * self.dp).square()).sqrt()  # [*B, N, K]
         through_means = (2 * (c * self.e_means).square().sum() + 2 * (c * self.e_means_linear).sum().square()).sqrt()
-        held = self.u * self.g.abs()  # G rounded to the input dtype for the GEMMs: relative to G
-        g_rms = scale.unsqueeze(-2) * (through_values + through_means + held)  # [*B, N, K]
+        g_rms = scale.unsqueeze(-2) * (through_values + through_means + self.u * self.g.abs())  # [*B, N, K]
+        # G rounded to the input dtype for the GEMMs (SPEC §3): relative to G, and to half a subnormal
+        # spacing where G is that small (16-bit G of small angles or a large batch).
+        g_rms = g_rms + (scale.unsqueeze(-2) > 0) * self.subnormal / 2
         rms = {}
-        if "x" in truth:  # G A^T: quadrature over the slices
-            rms["x"] = g_rms if self.a is None else (g_rms.square() @ self.a.mT.square()).sqrt()
-        if "directions" in truth:  # x^T G: quadrature over the samples and batch indices
-            rms["directions"] = torch.einsum("...nd,...nk->dk", self.x.square(), g_rms.square()).sqrt()
+        # Through the GEMMs: quadrature over independent terms, linearly over copies of one slice
+        # (expanded directions) or of one sample (expanded x), which err alike.
+        if "x" in truth:  # G A^T, over the slices
+            if self.a is None:
+                rms["x"] = g_rms
+            elif self.case.a_layout == "expanded":
+                rms["x"] = g_rms @ self.a.mT.abs()
+            else:
+                rms["x"] = (g_rms.square() @ self.a.mT.square()).sqrt()
+        if "directions" in truth:  # x^T G, over the samples and batch indices
+            if self.copies:
+                rms["directions"] = torch.einsum("...nd,...nk->dk", self.x.abs(), g_rms)
+            else:
+                rms["directions"] = torch.einsum("...nd,...nk->dk", self.x.square(), g_rms.square()).sqrt()
         result = {}
         for name, bound in rms.items():
             leaf, view = self.inputs[0] if name == "x" else self.inputs[1]
@@ -705,6 +811,24 @@ class RoundingModel:
             (leaf_rms,) = torch.autograd.grad(view(leaf), leaf, grad_outputs=bound)
             result[name] = (leaf_rms.norm() / truth[name].nan_to_num(0.0).norm().clamp_min(1e-300)).item()
         return result
+
+
+def copies_overflowing(inputs, name: str, view_grad, tol: float, dtype):
+    """Per element of leaf ``name``, ``(must, may)``: whether an element of the view the op sees
+    (the leaf itself, or a copy of an expanded input) has an exact gradient beyond ``dtype``'s
+    overflow threshold by more than the tolerance, or within it. The op returns that gradient in
+    ``dtype`` (the dtype it computes in), infinite where it overflows (SPEC §2); autograd then sums
+    the copies (in the leaf's dtype), infinity with them, however small the exact sum is."""
+    if view_grad is None:
+        return None
+    leaf, view = inputs[0] if name == "x" else inputs[1]
+    def any_copy(condition):
+        target = torch.zeros_like(leaf, requires_grad=True)
+        (count,) = torch.autograd.grad(view(target), target, grad_outputs=condition.double())
+        return count > 0
+
+    magnitude, threshold = view_grad.double().abs(), overflow_threshold(dtype)
+    return any_copy(magnitude >= threshold * (1 + tol)), any_copy(magnitude >= threshold / (1 + tol))
 
 
 def copies_per_element(inputs, name: str) -> torch.Tensor:
@@ -725,16 +849,19 @@ def run_case(case: Case, backend: Backend) -> Result:
     with torch.no_grad():
         x = inputs[0][1](inputs[0][0])
         a = None if inputs[1] is None else inputs[1][1](inputs[1][0])
-        C, S = ecf_means(x, a, case.knots, case.t_max)
+        weights = sample_weights(case)
+        C, S = ecf_means(x, a, case.knots, case.t_max, weights)
         _, phi, w = quadrature(case.knots, case.t_max, dtype=torch.float64)
-        stats = ((C - phi).square() + S.square()) @ w * case.n
+        stats = ((C - phi).square() + S.square()) @ w * effective_size(case, weights)[..., None]
     # clip_value ten value tolerances (before clipping) away from every statistic.
     model = RoundingModel(case, inputs, weight, C, S)
     finite = stats[stats.isfinite()]
     value_bound = 3 * model.value(stats, stats.isfinite())
     margin = 10 * max(floor(case, "value"), value_bound) * (finite.abs().max().item() if finite.numel() else 0.0)
     clip_value = resolve_clip(case, stats, margin)
-    truth = evaluate(oracle_fn(case, torch.float64), case, inputs, weight, clip_value, dtype=torch.float64)
+    truth_views = {}
+    truth = evaluate(oracle_fn(case, torch.float64), case, inputs, weight, clip_value, dtype=torch.float64,
+                     views=truth_views)
     try:
         ours = evaluate(lambda x, a, w, c: backend.fn(case, x, a, w, c), case, inputs, weight, clip_value,
                         device=backend.device)
@@ -760,11 +887,18 @@ def run_case(case: Case, backend: Backend) -> Result:
     value_dtype = torch.float64 if case.dtype == "float64" else torch.float32
     ratios.append(compare("value", ours[0], truth[0], value_dtype, tolerance("value", fp32[0], truth[0], value_bound),
                           problems))
+    if case.weights == "mask" and case.reduction == "none" and clip_value is None:
+        # The second oracle: the statistics of the compacted batch (each batch index without its masked rows).
+        compacted = compacted_stats(case, inputs)
+        ratios.append(compare("value (compacted batch)", ours[0], compacted, value_dtype,
+                              max(terms["value"].values()), problems))
     for name, expected in truth[1].items():
         tol = tolerance(name, fp32[1][name], expected, grad_bounds[name])
         grad_dtype = DTYPES[case.dtype if name == "x" else case.a_dtype]
         ratios.append(compare(f"grad_{name}", ours[1].get(name), expected, grad_dtype, tol, problems,
-                              via=DTYPES[case.dtype], copies=copies_per_element(inputs, name)))
+                              via=DTYPES[case.dtype], copies=copies_per_element(inputs, name),
+                              copy_overflows=copies_overflowing(inputs, name, truth_views.get(name), tol,
+                                                               DTYPES[case.dtype])))
     return Result(case, backend.name, problems, max(ratios), model.e[-1].item() >= 1, time.perf_counter() - start,
                   terms)
 

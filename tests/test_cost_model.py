@@ -114,3 +114,22 @@ ptxas info    : Used 96 registers, used 1 barriers, 8 bytes cumulative stack siz
     assert resources.parse_demangled(name) == ("ecf_partials_kernel", ["__nv_bfloat16", "true", "64", "32"])
     if shutil.which("c++filt") or shutil.which("cu++filt"):
         assert resources.demangle(["_Z1kILi64EEvv"]) == ["void k<64>()"]
+
+
+def test_weighted_passes_add_their_ops_and_cost_more(tmp_path):
+    """--weights: the weights' sums and the mask on grad_x as ops of their own, and kernels that cost
+    at least the unweighted ones (a load and a multiply per row)."""
+    def rows(*extra):
+        path = tmp_path / f"rows{len(extra)}.csv"
+        done = run_model("--gpu", "H200", "--shapes", "4096,512,1024", "--batch", "1", "--dtypes", "bf16",
+                         "--csv", str(path), "--quiet", *extra)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        with open(path) as f:
+            return {(r["backend"], r["kernel"]): float(r["predicted_us"]) for r in csv.DictReader(f)}
+
+    plain, weighted = rows(), rows("--weights")
+    for backend in BACKENDS:
+        assert (backend, "weight_moments") in weighted and (backend, "mask_grad_x") in weighted
+        assert (backend, "weight_moments") not in plain
+        for kernel in ("ecf_partials", "slice_gradient"):
+            assert weighted[backend, kernel] > plain[backend, kernel]

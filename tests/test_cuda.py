@@ -206,6 +206,61 @@ def test_kernels_match_the_contract(shape, dtype, with_directions, matmul, preci
         assert torch.equal(projection, g)
 
 
+@pytest.mark.parametrize("dtype, with_directions, matmul", KERNEL_CASES, ids=str)
+@pytest.mark.parametrize("shape, knots", [((3, 300, 48, 72), 17), ((2, 70, 40, 40), 40)], ids=str)
+def test_weighted_kernels_match_the_contract(shape, knots, dtype, with_directions, matmul, precision):
+    """Sample weights: random weights with zeros, NaN/Inf in rows of weight 0, a batch index of
+    no weight (stat and coef exactly 0), against primitives.py's weighted contract in float64;
+    all-ones weights give the unweighted results."""
+    from sigreg_kernels import cuda_ops
+
+    precision(matmul)
+    batch, samples, dim, slices = shape
+    x, directions = random_case((batch,), samples, dim, slices, dtype=dtype, device="cuda", seed=3)
+    directions = directions if with_directions else None
+    slices = slices if with_directions else dim
+    generator = torch.Generator().manual_seed(4)
+    weights = torch.rand(batch, samples, generator=generator) * 2
+    weights = torch.where(torch.rand(batch, samples, generator=generator) < 0.35, 0.0, weights)
+    weights[-1] = 0  # a batch index of no weight
+    weights = weights.cuda()
+    x_clean = x.clone()
+    x[weights == 0] = float("nan")  # left out, whatever they hold
+    x[(weights == 0).nonzero()[::2].unbind(1)] = float("inf")
+    moments = torch.stack((weights.double().sum(1), weights.double().square().sum(1)), dim=1).float()
+    partials = cuda_ops.ecf_partials(x, directions, knots, 3.0, None, weights)
+    truth = primitives.ecf_partials(f64(x), f64(directions), knots, 3.0, weights=f64(weights))
+    stat, coef, loss = cuda_ops.statistic(partials, samples, knots, 3.0, "sum", None, 2.0, None, moments)
+    true_stat, true_coef, true_loss = primitives.statistic(truth, samples, knots, 3.0, "sum", None, 2.0,
+                                                           moments=f64(moments))
+    scale = torch.randn(batch, slices, generator=generator).cuda()
+    g = cuda_ops.slice_gradient(true_coef.float(), scale, x, directions, knots, 3.0, weights)
+    true_g = primitives.slice_gradient(true_coef, f64(scale), f64(x), f64(directions), knots, 3.0, f64(weights))
+    for value in (partials, stat, coef, loss, g):
+        assert value.isfinite().all()
+    assert (stat[-1] == 0).all() and (coef[-1] == 0).all() and (g[weights == 0] == 0).all()
+    tf32 = dtype == torch.float32 and matmul == "high" and with_directions
+    if dtype != torch.float32:
+        stat_tol, grad_tol = LOW_PRECISION_VALUE_TOL, LOW_PRECISION_GRAD_TOL
+    else:
+        largest_angle = 3.0 * primitives.projection(f64(x_clean), f64(directions)).abs().max().item()
+        stat_tol = grad_tol = 2e-2 if tf32 else max(1e-5, torch.finfo(torch.float32).eps * largest_angle)
+    assert_relative_close("stat", stat, true_stat, stat_tol)
+    assert_relative_close("coef", coef, true_coef, stat_tol)
+    assert_relative_close("loss", loss, true_loss, stat_tol)
+    assert_relative_close("G", g, true_g, grad_tol)
+    if directions is None:
+        projection = x.clone()
+        cuda_ops.slice_gradient_(projection, true_coef.float(), scale, knots, 3.0, weights)
+        assert torch.equal(projection, g)
+    ones = torch.ones(batch, samples, device="cuda")
+    plain = cuda_ops.ecf_partials(x_clean, directions, knots, 3.0)
+    assert torch.equal(cuda_ops.ecf_partials(x_clean, directions, knots, 3.0, None, ones), plain)
+    _, plain_coef, _ = cuda_ops.statistic(plain, samples, knots, 3.0, "sum", None, 1.0)
+    assert torch.equal(cuda_ops.slice_gradient(plain_coef, scale, x_clean, directions, knots, 3.0, ones),
+                       cuda_ops.slice_gradient(plain_coef, scale, x_clean, directions, knots, 3.0))
+
+
 def loss_of(stat, reduction):
     """The statistic kernel's loss, exactly: its float32 statistics summed in float64, scaled, rounded once."""
     return (stat.double().sum() / primitives.loss_divisor(reduction, *stat.shape)).float()

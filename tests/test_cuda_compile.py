@@ -70,12 +70,13 @@ def test_device_code_includes_no_torch_header():
 # ptxas: report registers and shared memory, warn on spills; warnings are errors.
 PTXAS_FLAGS = ["-Xptxas", "-v,-warn-spills,-Werror"]
 INSTANCE = re.compile(r"(ecf_partials_kernel|slice_gradient_kernel)I(f|6__half|13__nv_bfloat16)"
-                      r"LNS0_4TileE(\d)ELNS0_4ModeE(\d)E")
+                      r"LNS0_4TileE(\d)ELNS0_4ModeE(\d)ELb([01])E")
 MANGLED_TYPES = {"f": "float", "6__half": "__half", "13__nv_bfloat16": "__nv_bfloat16"}
 
 
 def ptxas_resources(report: str, arch: str) -> dict:
-    """{(kernel, ctype, tile, mode): (registers, shared bytes)} of the templated kernels in a ``-v`` report."""
+    """{(kernel, ctype, tile, mode, weighted): (registers, shared bytes)} of the templated kernels in a
+    ``-v`` report."""
     found, current = {}, None
     for line in report.splitlines():
         entry = re.search(r"Compiling entry function '(\S+)' for '(\w+)'", line)
@@ -87,7 +88,7 @@ def ptxas_resources(report: str, arch: str) -> dict:
             match = INSTANCE.search(current)
             if match:
                 key = (match.group(1), MANGLED_TYPES[match.group(2)], cuda_plan.TILES[int(match.group(3))],
-                       cuda_plan.MODES[int(match.group(4))])
+                       cuda_plan.MODES[int(match.group(4))], match.group(5) == "1")
                 found[key] = (int(used.group(1)), int(used.group(2)))
             current = None
     return found
@@ -126,8 +127,8 @@ def test_plans_know_the_compiled_resources(ptxas_reports):
         for projected in (False, True):
             modes = ("projected",) if projected else ("tensor_cores", "fma")
             for tile in cuda_plan.TILES:
-                per_sm = {cuda_plan.blocks_per_sm(*found[kernel, ctype, tile, mode])
-                          for ctype in cuda_plan.CTYPES.values() for mode in modes}
+                per_sm = {cuda_plan.blocks_per_sm(*found[kernel, ctype, tile, mode, weighted])
+                          for ctype in cuda_plan.CTYPES.values() for mode in modes for weighted in (False, True)}
                 assert per_sm == {table[projected][tile]}, (kernel, projected, tile, per_sm)
         rows = ["{" + ", ".join(str(table[projected][tile]) for tile in cuda_plan.TILES) + "}"
                 for projected in (False, True)]

@@ -212,6 +212,152 @@ def test_nan_input_reaches_only_its_batch_index(kernels):
     assert partials[0, :, 0, :, 0].isnan().any() and partials[1].isfinite().all()
 
 
+# ---- Sample weights: each kernel against primitives.py's weighted contract in float64 ----
+
+def sample_weights(batch, samples, kind, seed):
+    """float32 [B, N]: "random" (in [0, 2), about a third exactly 0) or "mask" (0/1)."""
+    generator = torch.Generator().manual_seed(seed)
+    if kind == "mask":
+        return (torch.rand(batch, samples, generator=generator) < 0.6).float()
+    weights = torch.rand(batch, samples, generator=generator) * 2
+    return torch.where(torch.rand(batch, samples, generator=generator) < 0.35, 0.0, weights)
+
+
+def moments_of(weights):
+    """(sum w, sum w^2) per batch index, float32 [B, 2], as the caller passes them."""
+    w = weights.double()
+    return torch.stack((w.sum(1), w.square().sum(1)), dim=1).float()
+
+
+def check_weighted_kernels(kernels, x, directions, weights, *, tensor_cores, knots=17, t_max=3.0, clip_value=None):
+    """The three kernels with sample weights against primitives.py in float64: finite (x's
+    rows of weight 0 may hold NaN/Inf), and G exactly 0 on rows of weight 0."""
+    batch, samples, _ = x.shape
+    slices = x.shape[2] if directions is None else directions.shape[1]
+    moments = moments_of(weights)
+    partials = kernels.ecf_partials(x, directions, knots, t_max, None, weights, tensor_cores=tensor_cores)
+    truth = primitives.ecf_partials(f64(x), f64(directions), knots, t_max, weights=f64(weights))
+    stat, coef, loss = kernels.statistic(partials, samples, knots, t_max, "sum", clip_value, 2.0, moments=moments)
+    true_stat, true_coef, true_loss = primitives.statistic(truth, samples, knots, t_max, "sum", clip_value, 2.0,
+                                                           moments=f64(moments))
+    scale = torch.randn(batch, slices, generator=torch.Generator().manual_seed(5))
+    g = kernels.slice_gradient(true_coef.float(), scale, x, directions, knots, t_max, weights,
+                               tensor_cores=tensor_cores)
+    true_g = primitives.slice_gradient(true_coef, f64(scale), f64(x), f64(directions), knots, t_max, f64(weights))
+    for name, value in (("partials", partials), ("stat", stat), ("coef", coef), ("loss", loss), ("G", g)):
+        assert value.isfinite().all(), f"{name}: a row of weight 0 leaked NaN/Inf"
+    assert (g[weights == 0] == 0).all(), "G is 0 on rows of weight 0"
+
+    def fp32_error():  # the weighted contract run in float32
+        p32 = primitives.ecf_partials(x, directions, knots, t_max, weights=weights)
+        s32, c32, _ = primitives.statistic(p32, samples, knots, t_max, "sum", clip_value, 2.0, moments=moments)
+        g32 = primitives.slice_gradient(true_coef.float(), scale, x, directions, knots, t_max, weights)
+        return max(relative_error(s32, true_stat), relative_error(c32, true_coef)), relative_error(g32, true_g)
+
+    x_finite = torch.where(weights[..., None] > 0, x, 0)  # (the angle bound of the rows that count)
+    stat_tol, grad_tol = tolerances(x_finite, directions, tensor_cores, knots, t_max, fp32_error)
+    assert_relative_close("stat", stat, true_stat, stat_tol)
+    assert_relative_close("coef", coef, true_coef, stat_tol)
+    assert torch.equal(loss, loss_of(stat, "sum"))
+    assert_relative_close("loss", loss, true_loss, stat_tol)
+    assert_relative_close("G", g, true_g, grad_tol)
+    return partials, stat, coef, g
+
+
+WEIGHTED_CONFIGS = ["fp32-fma", "fp32-projected", "bf16-wmma", "fp16-wmma", "bf16-fma", "bf16-projected"]
+
+
+@pytest.mark.parametrize("kind", ["random", "mask"])
+@pytest.mark.parametrize("config", WEIGHTED_CONFIGS, ids=str)
+def test_weighted_kernels_match_the_contract(kernels, config, kind):
+    """Random weights with zeros, or a 0/1 mask whose masked rows hold NaN and Inf; several row
+    splits (N = 300 on the emulation's 4 SMs) and blocks, rows not a multiple of the tiles."""
+    dtype, tensor_cores, with_directions = CONFIGS[config]
+    x, directions = flat_case((2,), 300, 48, 72, dtype=dtype, seed=20)
+    weights = sample_weights(2, 300, kind, seed=21)
+    if kind == "mask":
+        masked = (weights == 0).nonzero()
+        x[masked[::2, 0], masked[::2, 1]] = float("nan")
+        x[masked[1::2, 0], masked[1::2, 1], 0] = float("inf")
+    assert kernels.plan_ecf_partials(2, 300, 72, 17, not with_directions)["splits"] > 1
+    check_weighted_kernels(kernels, x, directions if with_directions else None, weights, tensor_cores=tensor_cores)
+
+
+@pytest.mark.parametrize("config", ["fp32-fma", "bf16-wmma", "fp32-projected"])
+def test_weighted_knot_passes(kernels, config):
+    """knots = 40: three passes of 16 knots, each weighted (the gradient's passes accumulate w G)."""
+    dtype, tensor_cores, with_directions = CONFIGS[config]
+    x, directions = flat_case((2,), 70, 40, 40, dtype=dtype, seed=22)
+    check_weighted_kernels(kernels, x, directions if with_directions else None, sample_weights(2, 70, "random", 23),
+                           tensor_cores=tensor_cores, knots=40, t_max=4.0)
+
+
+def test_weighted_empty_batch_index(kernels):
+    """A batch index whose weights are all 0: statistic 0 and coef 0 exactly (not 0 / 0), G 0,
+    even where its rows hold NaN; a clip value keeps the other indices' slices apart."""
+    x, directions = flat_case((3,), 90, 24, 40, seed=24)
+    weights = sample_weights(3, 90, "random", seed=25)
+    weights[1] = 0
+    x[1, 7] = float("nan")
+    _, stat, coef, g = check_weighted_kernels(kernels, x, directions, weights, tensor_cores=False, clip_value=0.01)
+    assert (stat[1] == 0).all() and (coef[1] == 0).all() and (g[1] == 0).all()
+    assert (stat[0] != 0).any() and (stat[2] != 0).any()
+
+
+@pytest.mark.parametrize("config", ["fp32-fma", "bf16-wmma", "fp32-projected"])
+def test_unit_weights_are_no_weights(kernels, config):
+    """All weights 1 (moments N, N): w u is u, w (c, s) is (c, s), N^2 / N is N, so the weighted
+    kernels give the unweighted results bit for bit."""
+    dtype, tensor_cores, with_directions = CONFIGS[config]
+    x, directions = flat_case((2,), 150, 40, 70, dtype=dtype, seed=26)
+    directions = directions if with_directions else None
+    ones = torch.ones(2, 150)
+    plain = kernels.ecf_partials(x, directions, 17, 3.0, tensor_cores=tensor_cores)
+    weighted = kernels.ecf_partials(x, directions, 17, 3.0, None, ones, tensor_cores=tensor_cores)
+    assert torch.equal(plain, weighted)
+    plain_stat = kernels.statistic(plain, 150, 17, 3.0, "sum", None, 1.0)
+    weighted_stat = kernels.statistic(plain, 150, 17, 3.0, "sum", None, 1.0, moments=moments_of(ones))
+    for a, b in zip(plain_stat, weighted_stat):
+        assert torch.equal(a, b)
+    coef, scale = plain_stat[1], torch.randn(2, 70, generator=torch.Generator().manual_seed(27))
+    g = kernels.slice_gradient(coef, scale, x, directions, 17, 3.0, tensor_cores=tensor_cores)
+    assert torch.equal(g, kernels.slice_gradient(coef, scale, x, directions, 17, 3.0, ones,
+                                                 tensor_cores=tensor_cores))
+
+
+def test_weighted_gradient_in_place(kernels):
+    """slice_gradient_ with weights overwrites the projection with the weighted G."""
+    x, directions = flat_case((2,), 90, 24, 40, dtype=torch.bfloat16, seed=28)
+    weights = sample_weights(2, 90, "mask", seed=29)
+    coef = torch.randn(2, 2, 40, 17, generator=torch.Generator().manual_seed(30)) / 100
+    scale = torch.randn(40, 2).t()
+    projection = (x.float() @ directions.float()).to(torch.bfloat16)
+    projection[weights == 0] = float("nan")  # left out whatever they hold
+    true_g = primitives.slice_gradient(f64(coef), f64(scale), f64(projection), None, 17, 3.0, f64(weights))
+    expected = kernels.slice_gradient(coef, scale, projection, None, 17, 3.0, weights)
+    kernels.slice_gradient_(projection, coef, scale, 17, 3.0, weights)
+    assert torch.equal(projection, expected) and (projection[weights == 0] == 0).all()
+    assert projection.isfinite().all() and true_g.isfinite().all()
+    assert_relative_close("G", projection, true_g, LOW_PRECISION_GRAD_TOL)
+
+
+def test_weighted_kernels_in_any_thread_order(kernels):
+    """The weighted instances (their weight staging included) do not depend on thread order."""
+    x, directions = flat_case((2,), 150, 70, 130, dtype=torch.bfloat16, seed=31)
+    weights = sample_weights(2, 150, "random", seed=32)
+
+    def run():
+        partials = kernels.ecf_partials(x, directions, 17, 3.0, None, weights)
+        _, coef, _ = kernels.statistic(partials, 150, 17, 3.0, "sum", None, 1.0, moments=moments_of(weights))
+        return partials, kernels.slice_gradient(coef, torch.ones(2, 130), x, directions, 17, 3.0, weights)
+
+    ascending = run()
+    with kernels.descending():
+        descending = run()
+    for a, b in zip(ascending, descending):
+        assert torch.equal(a, b) and a.isfinite().all()
+
+
 # ---- The whole op: fused.py around the emulated kernels, against the float64 oracle ----
 
 @pytest.mark.parametrize("dtype,tensor_cores", [(torch.float32, False), (torch.bfloat16, True),

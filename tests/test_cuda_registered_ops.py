@@ -36,22 +36,23 @@ def emulated_ops(tmp_path_factory):
     kernels = EmulatedKernels(build(tmp_path_factory.mktemp("cuda_host_emulation")), num_sms=SMS)
     library = torch.library.Library("sigreg", "IMPL")
 
-    def ecf_partials(x, directions, knots, t_max, arrivals=None):
+    def ecf_partials(x, directions, knots, t_max, arrivals=None, weights=None):
         directions = None if directions is None else directions.contiguous()
-        return kernels.ecf_partials(x.contiguous(), directions, knots, t_max, arrivals,
+        return kernels.ecf_partials(x.contiguous(), directions, knots, t_max, arrivals, weights,
                                     tensor_cores=tensor_cores(x.dtype)).clone()
 
-    def statistic(partials, samples, knots, t_max, reduction, clip_value, grad_factor, arrivals=None):
-        outputs = kernels.statistic(partials, samples, knots, t_max, reduction, clip_value, grad_factor, arrivals)
+    def statistic(partials, samples, knots, t_max, reduction, clip_value, grad_factor, arrivals=None, moments=None):
+        outputs = kernels.statistic(partials, samples, knots, t_max, reduction, clip_value, grad_factor, arrivals,
+                                    moments)
         return tuple(t.clone() for t in outputs)
 
-    def slice_gradient(coef, scale, x, directions, knots, t_max):
+    def slice_gradient(coef, scale, x, directions, knots, t_max, weights=None):
         directions = None if directions is None else directions.contiguous()
-        return kernels.slice_gradient(coef, scale, x.contiguous(), directions, knots, t_max,
+        return kernels.slice_gradient(coef, scale, x.contiguous(), directions, knots, t_max, weights,
                                       tensor_cores=tensor_cores(x.dtype)).clone()
 
-    def slice_gradient_(projection, coef, scale, knots, t_max):
-        kernels.slice_gradient_(projection, coef, scale, knots, t_max)
+    def slice_gradient_(projection, coef, scale, knots, t_max, weights=None):
+        kernels.slice_gradient_(projection, coef, scale, knots, t_max, weights)
 
     for name, kernel in [("ecf_partials", ecf_partials), ("statistic", statistic),
                          ("slice_gradient", slice_gradient), ("slice_gradient_", slice_gradient_)]:
@@ -118,6 +119,9 @@ def test_opcheck():
     _, coef, _ = torch.ops.sigreg.statistic(partials, 37, 17, 3.0, "sum", 0.1, 1.0)
     scale = torch.randn(65, 2).t()
     arrivals = torch.zeros(1, dtype=torch.int32)
+    weights = torch.rand(2, 37)
+    weights[:, ::3] = 0
+    moments = torch.stack((weights.sum(1), weights.square().sum(1)), dim=1)
     samples = [
         (torch.ops.sigreg.ecf_partials.default, (x, directions, 17, 3.0)),
         (torch.ops.sigreg.ecf_partials.default, (x_strided, None, 5, 2.0)),
@@ -126,6 +130,10 @@ def test_opcheck():
         (torch.ops.sigreg.statistic.default, (partials, 37, 17, 3.0, "none", 0.5, 1.0, arrivals)),
         (torch.ops.sigreg.slice_gradient.default, (coef, scale, x_strided, directions, 17, 3.0)),
         (torch.ops.sigreg.slice_gradient_.default, ((x @ directions).contiguous(), coef, scale, 17, 3.0)),
+        (torch.ops.sigreg.ecf_partials.default, (x, directions, 17, 3.0, arrivals, weights)),
+        (torch.ops.sigreg.statistic.default, (partials, 37, 17, 3.0, "sum", None, 1.0, arrivals, moments)),
+        (torch.ops.sigreg.slice_gradient.default, (coef, scale, x_strided, directions, 17, 3.0, weights)),
+        (torch.ops.sigreg.slice_gradient_.default, ((x @ directions).contiguous(), coef, scale, 17, 3.0, weights)),
     ]
     for op, args in samples:
         torch.library.opcheck(op, args)

@@ -116,3 +116,48 @@ def check_against_one_process(results_path, expected):
             torch.testing.assert_close(loss, loss_1p, rtol=1e-5, atol=0)
             for g, g_1p in zip(grads, grads_1p):
                 torch.testing.assert_close(g, g_1p, rtol=1e-4, atol=1e-6)
+
+
+# ---- Sample weights: each rank its own valid count, one all-reduce (sums, count, sum w, sum w^2)
+
+def weighted_problem():
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(2, WORLD * 12, 5, generator=generator, dtype=torch.float64)
+    directions = torch.randn(5, 7, generator=generator, dtype=torch.float64)
+    mask = torch.ones(2, WORLD * 12, dtype=torch.bool)
+    mask[:, :9] = False  # rank 0 keeps 3 rows per batch index, rank 1 all 12
+    mask[1, 12:20] = False
+    x[~mask] = float("nan")  # garbage in the masked rows
+    return x, directions, mask
+
+
+def weighted_worker(rank, port, backend, results_path):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    x, directions, mask = weighted_problem()
+    rows = slice(rank * 12, (rank + 1) * 12)
+    shard = x[:, rows].clone().requires_grad_()
+    real_all_reduce, calls = dist.all_reduce, []
+    dist.all_reduce = lambda tensor, *a, **k: calls.append(tensor.numel()) or real_all_reduce(tensor, *a, **k)
+    loss = sigreg(shard, directions, weights=mask[:, rows], backend=backend)
+    (grad,) = torch.autograd.grad(loss, shard)
+    dist.all_reduce = real_all_reduce
+    torch.save({"loss": loss.detach(), "grad": grad, "calls": calls}, f"{results_path}.{rank}")
+    shut_down()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_weighted_two_processes_match_one_process(backend, tmp_path):
+    results_path = str(tmp_path / "rank")
+    mp.spawn(weighted_worker, args=(free_port(), backend, results_path), nprocs=WORLD, join=True)
+    x, directions, mask = weighted_problem()
+    whole = x.clone().requires_grad_()
+    loss = sigreg(whole, directions, weights=mask, backend=backend)
+    (grad,) = torch.autograd.grad(loss, whole)
+    for rank in range(WORLD):
+        result = torch.load(f"{results_path}.{rank}")
+        assert len(result["calls"]) == 1, "one all-reduce: the sums, the count and the weights' moments"
+        torch.testing.assert_close(result["loss"], loss, rtol=1e-12, atol=0)
+        # DDP averages over ranks: each rank's gradient is the world size times its rows' share.
+        torch.testing.assert_close(result["grad"], WORLD * grad[:, rank * 12:(rank + 1) * 12], rtol=1e-10, atol=1e-14)
+        assert torch.isfinite(result["grad"]).all()

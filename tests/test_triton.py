@@ -321,6 +321,14 @@ def test_opcheck(device):
         (op.triton_slice_gradient, (coef_p, scale_p, x, None, 5, 3.0)),
         (op.triton_slice_gradient_, ((x @ directions), coef, scale, 5, 3.0)),
     ]
+    weights = _sample_weights(2, 24, device=device)
+    samples += [  # with sample weights
+        (op.triton_ecf_partials, (x, directions, 5, 3.0, None, weights)),
+        (op.triton_ecf_partials, (x, None, 5, 3.0, torch.empty(1, dtype=torch.int32, device=device), weights)),
+        (op.triton_statistic, (partials, 24, 5, 3.0, "sum", 0.5, 1.0, None, _moments(weights))),
+        (op.triton_slice_gradient, (coef, scale, x, directions, 5, 3.0, weights)),
+        (op.triton_slice_gradient_, ((x @ directions), coef, scale, 5, 3.0, weights)),
+    ]
     for fn, args in samples:
         torch.library.opcheck(fn, args)
 
@@ -415,3 +423,148 @@ def test_cuda_large(device, dtype, dim):
     assert_relative_close("G", grad, expected, 2e-2 if dtype == "bf16" else tolerance(x, directions))
     assert torch.equal(grad, op.slice_gradient(coef, scale, x, directions, 17, 3.0))
     assert relative_error(partials, op.ecf_partials(x, directions, 17, 3.0)) == 0
+
+
+# ---- sample weights (primitives.py, "Sample weights"): each kernel against the contract in float64.
+
+def _sample_weights(batch, samples, seed=2, zeros=0.3, device="cpu"):
+    """Random weights in [0, 2) with a fraction ``zeros`` of exact zeros, float32 [B, N]."""
+    generator = torch.Generator().manual_seed(seed)
+    weights = 2 * torch.rand(batch, samples, generator=generator)
+    weights[torch.rand(batch, samples, generator=generator) < zeros] = 0.0
+    return weights.to(device)
+
+
+def _moments(weights):
+    return torch.stack((weights.double().sum(1), weights.double().square().sum(1)), dim=1).float()
+
+
+def _weighted_coefficients(x, directions, knots, weights, seed=1):
+    partials = primitives.ecf_partials(*_double(x, directions), knots, 3.0, weights=weights.double())
+    _, coef, _ = primitives.statistic(partials, x.shape[1], knots, 3.0, "sum", None, 1.0,
+                                      moments=_moments(weights).double())
+    scale = torch.randn(coef.shape[0], coef.shape[2], generator=torch.Generator().manual_seed(seed))
+    return coef.float().to(x.device), scale.to(x.device)
+
+
+def _check_weighted(op, x, directions, weights, knots, tol, grad_tol):
+    """Every kernel with ``weights`` against the contract; returns (partials, stat, coef, G)."""
+    exact, exact_weights, moments = _double(x, directions), weights.double(), _moments(weights)
+    partials = op.ecf_partials(x, directions, knots, 3.0, None, weights)
+    expected = primitives.ecf_partials(*exact, knots, 3.0, weights=exact_weights)
+    assert_relative_close("weighted sums", partials.sum(1), expected.sum(1).float(), tol)
+    stat, coef, loss = op.statistic(partials, x.shape[1], knots, 3.0, "sum", None, 2.0, None, moments)
+    expected = primitives.statistic(partials.double(), x.shape[1], knots, 3.0, "sum", None, 2.0,
+                                    moments=moments.double())
+    for name, value, exact_value in zip(("stat", "coef", "loss"), (stat, coef, loss), expected):
+        assert_relative_close(f"weighted {name}", value, exact_value, 1e-5)
+    coef, scale = _weighted_coefficients(x, directions, knots, weights)
+    expected = primitives.slice_gradient(coef.double(), scale.double(), *exact, knots, 3.0, exact_weights)
+    grad = op.slice_gradient(coef, scale, x, directions, knots, 3.0, weights)
+    assert grad.dtype == x.dtype
+    assert_relative_close("weighted G", grad, expected, grad_tol)
+    if directions is None and x.dtype == torch.float32:  # the "highest" route: G over the projection, in place
+        projection = x.clone()
+        assert op.slice_gradient_(projection, coef, scale, knots, 3.0, weights) is None
+        assert_relative_close("weighted G in place", projection, expected, grad_tol)
+    return partials, stat, coef, grad
+
+
+# (dtype, route, B, N, D, K, knots): each route in fp32 and bf16, fp16 once.
+WEIGHTED_CASES = [
+    pytest.param(dtype, route, *shape, id=f"{dtype}-{route}-{name}")
+    for name, shape, dtypes, routes in [
+        ("multi-block", (1, 70, 20, 70, 17), ("fp32", "bf16", "fp16"), ("directions", "projected")),  # splits, tiles
+        ("knots=33", (2, 30, 9, 20, 33), ("fp32", "bf16"), ("directions", "projected")),  # two knot chunks
+        ("slice-blocks", (1, 20, 6, 130, 5), ("fp32",), ("directions",)),  # two slice blocks
+    ]
+    for dtype in dtypes for route in routes if not (dtype == "fp16" and route == "projected")
+]
+
+
+@pytest.mark.parametrize("dtype, route, batch, samples, dim, slices, knots", WEIGHTED_CASES)
+def test_weighted_primitives_match(device, dtype, route, batch, samples, dim, slices, knots):
+    projected = route == "projected"
+    op = _import_op_module()
+    x, directions = _case((batch,), samples, dim, slices, dtype, projected=projected, device=device)
+    weights = _sample_weights(batch, samples, device=device)
+    tol = tolerance(x, directions)
+    _check_weighted(op, x, directions, weights, knots, tol, tol if dtype == "fp32" else 2e-2)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, on the interpreter's NaN
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_weighted_mask_ignores_nan_and_empty_batch(device, dtype):
+    # A 0/1 mask with NaN and Inf written into masked rows: those rows count as P = 0 with
+    # weight 0, so every result is finite and as the contract says; a batch index whose
+    # weights are all 0 has sums 0, statistic 0 and coefficients 0 (not 0 / 0), and G = 0.
+    op = _import_op_module()
+    x, directions = _case((3,), 40, 6, 10, dtype, device=device)
+    weights = (_sample_weights(3, 40, seed=5, zeros=0.4, device=device) > 0).float()
+    weights[2] = 0.0
+    masked = weights == 0
+    x[masked] = float("nan")
+    x[0, masked[0].nonzero()[0, 0]] = float("inf")
+    x[1, masked[1].nonzero()[-1, 0], 2] = -float("inf")
+    for inputs in ((x, directions), (x, None)):
+        tol = tolerance(x[~masked].reshape(1, -1, 6), None)
+        partials, stat, coef, grad = _check_weighted(op, *inputs, weights, 17, tol,
+                                                     tol if dtype == "fp32" else 2e-2)
+        for value in (partials, stat, coef, grad):
+            assert value.isfinite().all()
+        assert (partials[2] == 0).all() and (stat[2] == 0).all() and (coef[2] == 0).all()
+        assert (grad[masked] == 0).all()
+        # As the reduction fused.py asks for: the loss sums the finite statistics.
+        moments = _moments(weights)
+        _, _, loss = op.statistic(partials, 40, 17, 3.0, "sum", 0.01, 1.0, None, moments)
+        assert loss.isfinite()
+
+
+@pytest.mark.parametrize("projected", [False, True], ids=["directions", "projected"])
+def test_unit_weights_are_no_weights(device, projected):
+    op = _import_op_module()
+    x, directions = _case((2,), 45, 12, 36, projected=projected, device=device)
+    weights = torch.ones(2, 45, device=device)
+    tol = tolerance(x, directions)
+    partials = op.ecf_partials(x, directions, 17, 3.0)
+    weighted = op.ecf_partials(x, directions, 17, 3.0, None, weights)
+    assert_relative_close("sums", weighted.sum(1), partials.sum(1), tol)
+    results = op.statistic(partials, 45, 17, 3.0, "mean", 0.01, 1.5)
+    weighted = op.statistic(partials, 45, 17, 3.0, "mean", 0.01, 1.5, None, _moments(weights))
+    for name, value, expected in zip(("stat", "coef", "loss"), weighted, results):
+        assert_relative_close(name, value, expected, 1e-6)
+    coef, scale = _coefficients(x, directions, 17)
+    assert_relative_close("G", op.slice_gradient(coef, scale, x, directions, 17, 3.0, weights),
+                          op.slice_gradient(coef, scale, x, directions, 17, 3.0), tol)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, on the interpreter's 0 / 0 (then replaced)
+def test_weighted_statistic_clip(device):
+    op = _import_op_module()
+    x, directions = _case((3,), 30, 5, 37, device=device)
+    weights = _sample_weights(3, 30, device=device)
+    weights[1] = 0.0
+    partials = primitives.ecf_partials(*_double(x, directions), 17, 3.0, weights=weights.double()).float()
+    moments = _moments(weights)
+    expected = primitives.statistic(partials.double(), 30, 17, 3.0, "none", None, 1.0, moments=moments.double())
+    clip_value = expected[0][0].median().item()
+    expected = primitives.statistic(partials.double(), 30, 17, 3.0, "none", clip_value, 1.0,
+                                    moments=moments.double())
+    stat, coef, loss = op.statistic(partials, 30, 17, 3.0, "none", clip_value, 1.0, None, moments)
+    assert torch.equal(stat == 0, expected[0] == 0) and (stat[1] == 0).all() and (coef[1] == 0).all()
+    for name, value, exact_value in zip(("stat", "coef", "loss"), (stat, coef, loss), expected):
+        assert_relative_close(name, value, exact_value, 1e-5)
+
+
+def test_rejects_bad_weights(device):
+    op = _import_op_module()
+    x, directions = _case((2,), 8, 4, 3, device=device)
+    with pytest.raises(ValueError, match="weights"):
+        op.ecf_partials(x, directions, 17, 3.0, None, torch.ones(2, 7, device=device))
+    with pytest.raises(ValueError, match="weights"):
+        op.ecf_partials(x, directions, 17, 3.0, None, torch.ones(2, 8, device=device, dtype=torch.float64))
+    with pytest.raises(ValueError, match="weights"):
+        op.ecf_partials(x, directions, 17, 3.0, None, torch.ones(8, 2, device=device).t())
+    partials = op.ecf_partials(x, directions, 17, 3.0)
+    with pytest.raises(ValueError, match="moments"):
+        op.statistic(partials, 8, 17, 3.0, "sum", None, 1.0, None, torch.ones(2, 3, device=device))

@@ -2,7 +2,7 @@
 recorded resources, and every planned kernel compiled for sm_90 (no GPU needed).
 
 Run as a script to measure the resources the plan records:
-    python tests/test_triton_plan.py            # prints RESOURCES for triton_plan.py
+    python tests/test_triton_plan.py            # prints RESOURCES, WEIGHTED_RESOURCES for triton_plan.py
 """
 
 import inspect
@@ -35,23 +35,25 @@ GRID_DTYPES = (("bf16", torch.bfloat16, True), ("fp32-tf32", torch.float32, True
 
 
 def _planned(name, dtype, tf32, batch, samples, dim, slices, num_sms=H200_SMS, ecf_candidates=None,
-             grad_candidates=None):
+             grad_candidates=None, weighted=False):
     """(ecf_partials plan, slice_gradient plan) as fused.py's routes would launch them."""
     projected = dtype == torch.float32 and not tf32  # fp32 "highest": SGEMM, then the projected kernels
     ecf = plan.plan_ecf_partials(batch, samples, dim, slices, KNOTS, dtype, tf32, projected, num_sms,
-                                 candidates=ecf_candidates)
+                                 candidates=ecf_candidates, weighted=weighted)
     grad = plan.plan_slice_gradient(batch, samples, dim, slices, KNOTS, dtype, tf32, projected, num_sms,
-                                    candidates=grad_candidates)
+                                    candidates=grad_candidates, weighted=weighted)
     return ecf, grad
 
 
-def every_config_case():
+def every_config_case(weighted=False):
     """(shape, ecf candidate, grad candidate): each candidate of the plans in each operand
-    class and feature block the benchmark grid can give it (D = 64, 512, 2048)."""
+    class and feature block the benchmark grid can give it (D = 64, 512, 2048); ``weighted``:
+    the candidates of weighted calls."""
     for name, _, tf32 in GRID_DTYPES:
         projected = name == "fp32"
         ecf = plan.ECF_PROJECTED_CANDIDATES if projected else plan.ECF_CANDIDATES
         grad = plan.GRAD_PROJECTED_CANDIDATES if projected else plan.GRAD_CANDIDATES
+        ecf, grad = plan._weighted_candidates(ecf, weighted), plan._weighted_candidates(grad, weighted)
         operands = "16" if name == "bf16" else "tf32"
         for i in range(max(len(ecf), len(grad))):
             pair = ecf[min(i, len(ecf) - 1)], grad[min(i, len(grad) - 1)]
@@ -64,10 +66,10 @@ def every_config_case():
                 yield (name, 1, 4096, dim, 1024), pair[0], pair[1]
 
 
-def benchmark_plans():
+def benchmark_plans(weighted=False):
     for (name, dtype, tf32), batch, samples, dim, slices in itertools.product(
             GRID_DTYPES, GRID_BATCH, GRID_N, GRID_D, GRID_K):
-        ecf, grad = _planned(name, dtype, tf32, batch, samples, dim, slices)
+        ecf, grad = _planned(name, dtype, tf32, batch, samples, dim, slices, weighted=weighted)
         yield (name, batch, samples, dim, slices), ecf, grad
 
 
@@ -88,15 +90,27 @@ def test_plans_use_recorded_resources():
     # Every config the grid uses was compiled and measured (no fallback guess), and
     # fits an SM: registers and shared memory as recorded give at least one block.
     missing = set()
-    for shape, ecf, grad in benchmark_plans():
-        name = shape[0]
-        for kernel_plan in (ecf, grad):
-            key = _resource_key(kernel_plan, name)
-            if key not in plan.RESOURCES:
-                missing.add(key)
+    for weighted, table in ((False, plan.RESOURCES), (True, plan.WEIGHTED_RESOURCES)):
+        for shape, ecf, grad in benchmark_plans(weighted):
+            name = shape[0]
+            for kernel_plan in (ecf, grad):
+                key = _resource_key(kernel_plan, name)
+                if key not in table:
+                    missing.add((weighted, key))
+        for (config, _, _), (registers, shared) in table.items():
+            assert registers <= 255 and shared + plan.SHARED_RESERVED_PER_BLOCK <= plan.SM_SHARED_BYTES, config
     assert not missing, sorted(missing)
-    for (config, _, _), (registers, shared) in plan.RESOURCES.items():
-        assert registers <= 255 and shared + plan.SHARED_RESERVED_PER_BLOCK <= plan.SM_SHARED_BYTES, config
+
+
+def test_weighted_plans():
+    # Weighted calls plan with their own resources and skip the configs that spill with
+    # weights; the waves criterion holds for them too.
+    failures = []
+    for shape, ecf, grad in benchmark_plans(weighted=True):
+        assert ecf.tile["config"] != plan.ECF_128x32.name, shape
+        if shape[2] * shape[4] >= 2 ** 20:
+            failures += [(shape, p.tile["config"]) for p in (ecf, grad) if plan.waves(p, H200_SMS) < 2]
+    assert not failures, failures
 
 
 def _resource_key(kernel_plan: KernelPlan, dtype_name: str):
@@ -141,10 +155,11 @@ def test_headline_plan():
 
 # ---- compiling the planned kernels for sm_90, as the launcher would call them.
 
-def launch_specs(cases=None):
+def launch_specs(cases=None, weighted=False):
     """{(kernel name, constexprs, options): spec} for the plans of the benchmark grid (or
     ``cases``: (shape, ecf config, grad config) with forced configs), built from the
-    launchers' own argument functions on meta tensors and Triton's own specialization rules."""
+    launchers' own argument functions on meta tensors and Triton's own specialization rules.
+    ``weighted``: the kernels with sample weights (and the statistic with their moments)."""
     from triton._C.libtriton import native_specialize_impl
     from triton.backends.compiler import BaseBackend
 
@@ -179,7 +194,7 @@ def launch_specs(cases=None):
                json.dumps(signature, sort_keys=True))
         entry = specs.setdefault(key, {"kernel": kernel_name, "signature": signature, "constexprs": constexprs,
                                        "attrs": sorted(attrs), "options": options, "shapes": [],
-                                       "resources": resource_key})
+                                       "resources": resource_key, "weighted": weighted})
         entry["shapes"].append(key_extra)
 
     meta_device = torch.device("meta")
@@ -195,22 +210,26 @@ def launch_specs(cases=None):
             directions = None if projected else torch.empty(dim, slices, dtype=dtype, device=meta_device)
             ecf, grad = _planned(name, dtype, tf32, batch, samples, dim, slices,
                                  ecf_candidates=ecf_candidate and (ecf_candidate,),
-                                 grad_candidates=grad_candidate and (grad_candidate,))
+                                 grad_candidates=grad_candidate and (grad_candidate,), weighted=weighted)
             partials = torch.empty(batch, ecf.splits, 2, slices, KNOTS, device=meta_device)
             arrivals = torch.empty(1, dtype=torch.int32, device=meta_device)  # as fused.py passes it
-            _, args, meta = op.ecf_partials_args(x, directions, partials, ecf, KNOTS, T_MAX, 0, batch, arrivals)
+            weights = torch.empty(batch, samples, device=meta_device) if weighted else None
+            moments = torch.empty(batch, 2, device=meta_device) if weighted else None
+            _, args, meta = op.ecf_partials_args(x, directions, partials, ecf, KNOTS, T_MAX, 0, batch, arrivals,
+                                                 weights)
             add(ecf.kernel, args, dict(meta), (name, batch, samples, dim, slices), _resource_key(ecf, name))
             coef = torch.empty(batch, 2, slices, KNOTS, device=meta_device)
             scale = torch.empty(1, device=meta_device).expand(batch, slices)
             out = x if projected else torch.empty(batch, samples, slices, dtype=dtype, device=meta_device)
-            _, args, meta = op.slice_gradient_args(coef, scale, x, directions, out, grad, KNOTS, T_MAX, 0, batch)
+            _, args, meta = op.slice_gradient_args(coef, scale, x, directions, out, grad, KNOTS, T_MAX, 0, batch,
+                                                   weights)
             add(grad.kernel, args, dict(meta), (name, batch, samples, dim, slices), _resource_key(grad, name))
             stat_plan = plan.plan_statistic(batch, ecf.splits, slices, KNOTS, H200_SMS)
             stat = torch.empty(batch, slices, device=meta_device)
             block_sums = torch.empty(stat_plan.grid[0], dtype=torch.float64, device=meta_device)
             loss = torch.empty((), device=meta_device)
             _, args, meta = op.statistic_args(partials, stat, coef, block_sums, loss, arrivals, stat_plan, samples,
-                                              KNOTS, T_MAX, 1.0, None, batch * slices)
+                                              KNOTS, T_MAX, 1.0, None, batch * slices, moments)
             add("statistic_kernel", args, dict(meta), (name, batch, samples, dim, slices),
                 (plan.STAT_CONFIG.name, "fp32", "-"))
         finally:
@@ -319,16 +338,18 @@ COMPILE_SHAPES = [  # the smallest, the headline and the largest shapes, each ro
 
 def test_planned_kernels_compile_for_sm90():
     """The kernels the plans launch at the smallest, headline and largest shapes (bf16 and
-    fp32 "highest"; SIGREG_TRITON_COMPILE_ALL=1: every candidate in every operand class)
-    compile for sm_90 without a GPU: no spills, shared memory within a block's 227 KiB,
+    fp32 "highest"; SIGREG_TRITON_COMPILE_ALL=1: every candidate in every operand class),
+    without and with sample weights, compile for sm_90 without a GPU: no spills, shared memory within a block's 227 KiB,
     wgmma with warps along the slices only (the layout the forward's in-thread sums assume),
     and, with the triton the resources were measured with, the recorded occupancy."""
     import triton
 
-    if os.environ.get("SIGREG_TRITON_COMPILE_ALL") == "1":
-        specs = launch_specs(list(every_config_case()))
-    else:
-        specs = launch_specs([(shape, None, None) for shape in COMPILE_SHAPES])
+    specs = {}
+    for weighted in (False, True):
+        if os.environ.get("SIGREG_TRITON_COMPILE_ALL") == "1":
+            specs.update(launch_specs(list(every_config_case(weighted)), weighted))
+        else:
+            specs.update(launch_specs([(shape, None, None) for shape in COMPILE_SHAPES], weighted))
     try:
         reports = compile_specs(specs)
     except RuntimeError as error:
@@ -349,7 +370,7 @@ def test_planned_kernels_compile_for_sm90():
             if not report["wgmma"] or report["mma"] != [3, config.num_warps, 1]:
                 problems.append((spec["resources"], "not wgmma with warps along the slices", report))
         if triton.__version__.startswith(plan.RESOURCES_TRITON) and "registers" in report:
-            recorded = plan.resources(config, operands, block)
+            recorded = plan.resources(config, operands, block, spec["weighted"])
             compiled = plan.blocks_per_sm(report["registers"], report["shared"], config.threads)
             if compiled != plan.blocks_per_sm(*recorded, config.threads):
                 problems.append((spec["resources"], "occupancy differs from RESOURCES", recorded, report))
@@ -357,21 +378,25 @@ def test_planned_kernels_compile_for_sm90():
 
 
 def measure(python=sys.executable):
-    """Compile every kernel the benchmark grid plans; print the RESOURCES table for triton_plan.py."""
-    specs = launch_specs(list(every_config_case()))
-    print(f"# {len(specs)} distinct kernels", file=sys.stderr)
-    reports = compile_specs(specs, python)
-    table = {}
-    for key, report in reports.items():
-        spec = specs[key]
-        print(json.dumps({"kernel": key[0], "resources": spec["resources"], **report}), file=sys.stderr)
-        registers, shared = table.get(tuple(spec["resources"]), (0, 0))
-        table[tuple(spec["resources"])] = (max(registers, report["registers"]), max(shared, report["shared"]))
-    print("RESOURCES = {")
-    for key in sorted(table):
-        print(f"    {key!r}: {table[key]!r},")
-    print("}")
-    return table
+    """Compile every kernel the benchmark grid plans, without and with sample weights; print the
+    RESOURCES and WEIGHTED_RESOURCES tables for triton_plan.py."""
+    tables = {}
+    for weighted, name in ((False, "RESOURCES"), (True, "WEIGHTED_RESOURCES")):
+        specs = launch_specs(list(every_config_case(weighted)), weighted=weighted)
+        print(f"# {name}: {len(specs)} distinct kernels", file=sys.stderr)
+        reports = compile_specs(specs, python)
+        table = tables[name] = {}
+        for key, report in reports.items():
+            spec = specs[key]
+            print(json.dumps({"kernel": key[0], "resources": spec["resources"], "weighted": weighted, **report}),
+                  file=sys.stderr)
+            registers, shared = table.get(tuple(spec["resources"]), (0, 0))
+            table[tuple(spec["resources"])] = (max(registers, report["registers"]), max(shared, report["shared"]))
+        print(f"{name} = {{")
+        for key in sorted(table):
+            print(f"    {key!r}: {table[key]!r},")
+        print("}")
+    return tables
 
 
 if __name__ == "__main__":

@@ -66,6 +66,7 @@ LEAN_ROTATION_SLOTS = 6         # the forward's lean tiles: u' = u + (u u1 + u1 
 ACCUMULATE_SLOTS = 2            # forward: 2 FADD into the knot's sums; backward: 2 FFMA into g
 FORWARD_EXTRA_SLOTS = 7         # delta * p, knot 0's 0 * p, masking, the per-thread reduction's share,
                                 # cos - 1 (FADD, compare, select: the polynomial's own in quadrant 0)
+WEIGHT_SLOTS = 2                # with sample weights: the row's select (p = 0 where w = 0) and its multiply
 BACKWARD_EXTRA_SLOTS = 6        # delta * p, scale, conversion to the output dtype, the store
 STATISTIC_SLOTS = 24            # per (b, k, j) besides the S partial adds: C, S, weights, coef, clip
 

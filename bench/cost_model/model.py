@@ -28,6 +28,7 @@ class Case:
     knots: int = 17
     grad_directions: bool = False
     cast_directions: bool = True  # the benchmark's directions are float32, cast under autocast
+    weights: bool = False  # sample weights (a padding mask): a load and a multiply per row in the kernels
 
     @property
     def sgemm_route(self) -> bool:
@@ -131,6 +132,8 @@ def elementwise_slots(case: Case, role: str, lean_rotation: bool = False) -> tup
     rotation = hw.LEAN_ROTATION_SLOTS if lean_rotation else hw.ROTATION_SLOTS
     slots = elements * (hw.SINCOS_SLOTS + (case.knots - 1) * (rotation + hw.ACCUMULATE_SLOTS))
     extra = hw.FORWARD_EXTRA_SLOTS if role == "ecf_partials" else hw.BACKWARD_EXTRA_SLOTS
+    if case.weights:
+        extra += hw.WEIGHT_SLOTS
     return slots + elements * extra, floor
 
 
@@ -158,6 +161,9 @@ def own_kernel(gpu, case: Case, pass_: str, role: str, plan, kernel: Kernel, spl
             floor_compute += tc_flops / (gpu.bf16_tflops * 1e12)
             floor_bytes = inputs / (gpu.dram_tbs * 1e12)
         dram += b * plan.splits * 2 * k * t * 4 if role == "ecf_partials" else coef_bytes  # partials out, coef in
+        if case.weights:  # one float per row (re-read per slice tile from L2)
+            dram += b * n * 4
+            l2 += b * n * 4 * math.ceil(k / plan.tile.get("BLOCK_K", 64))
         floor_compute += floor_slots / gpu.issue_rate
     floor_us = max(floor_compute, floor_bytes) * 1e6  # roofline: the compulsory bytes overlap the arithmetic
     threads = plan.threads

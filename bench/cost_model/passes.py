@@ -21,9 +21,9 @@ HEADLINE_RATIO = 2.0
 MIN_WAVES, WAVES_FROM = 2.0, 2 ** 20
 
 
-def grid_cases(backends, shapes=None, batches=GRID_BATCH, dtypes=GRID_DTYPES, grad_directions=False):
+def grid_cases(backends, shapes=None, batches=GRID_BATCH, dtypes=GRID_DTYPES, grad_directions=False, weights=False):
     shapes = shapes or list(itertools.product(GRID_N, GRID_D, GRID_K))
-    return [Case(backend, dtype, batch, n, d, k, grad_directions=grad_directions)
+    return [Case(backend, dtype, batch, n, d, k, grad_directions=grad_directions, weights=weights)
             for backend in backends for dtype in dtypes for batch in batches for n, d, k in shapes]
 
 
@@ -116,6 +116,8 @@ def case_rows(gpu, backend, case: Case) -> list:
     plan, kernel = backend.resolve(case, "ecf_partials")
     rows.append(own_kernel(gpu, case, "fwd", "ecf_partials", plan, kernel))
     splits = plan.splits
+    if case.weights:  # their sums per batch index (fused.py), and the weighted mean's divisor
+        rows.append(small_op(gpu, case, "fwd", "weight_moments", b * n, b * n * 4 + b * 8))
     plan, kernel = backend.resolve(case, "statistic", splits)
     rows.append(own_kernel(gpu, case, "fwd", "statistic", plan, kernel, splits=splits))  # and the loss
     # backward
@@ -124,6 +126,8 @@ def case_rows(gpu, backend, case: Case) -> list:
     plan, kernel = backend.resolve(case, "slice_gradient")
     rows.append(own_kernel(gpu, case, "bwd", "slice_gradient", plan, kernel))
     rows.append(library_gemm(gpu, case, "bwd", "gemm_grad_x", b * n, d, k, case.dtype, x_bytes))
+    if case.weights:  # grad_x exactly 0 on rows of weight 0 (a select over B N D)
+        rows.append(small_op(gpu, case, "bwd", "mask_grad_x", b * n * d, 2 * x_bytes + b * n * 4))
     if case.grad_directions:
         rows.append(library_gemm(gpu, case, "bwd", "gemm_grad_directions", d, k, b * n, case.dtype, a_bytes))
     return rows
@@ -175,8 +179,8 @@ def totals(rows) -> list:
     return [Total(*key, s["fwd"][0], s["bwd"][0], s["fwd"][1], s["bwd"][1]) for key, s in groups.items()]
 
 
-def headline_cases(backends, grad_directions=False):
-    return [replace(Case(backend, **HEADLINE), grad_directions=grad_directions) for backend in backends]
+def headline_cases(backends, grad_directions=False, weights=False):
+    return [replace(Case(backend, **HEADLINE), grad_directions=grad_directions, weights=weights) for backend in backends]
 
 
 def check(rows, headline_rows) -> list:

@@ -117,36 +117,42 @@ SIGREG_INLINE void store_lanes(T* p, const lanes_t<T>& v) {
 // cos/sin (and cos - 1 unless cosm1 is null) of delta * p for up to kRows rows of one slice block; lanes
 // past `width` get angle 0 so every vector loop runs over whole kSliceBlock lanes.
 constexpr int kRows = 2;  // rows per pass: they share the accumulator / coefficient traffic
+// weights (null: none): a row of weight 0 gets angle 0 whatever p holds (NaN, Inf), so that
+// it contributes exactly nothing.
 template <typename scalar_t>
 SIGREG_INLINE void unit_rotations(const scalar_t* p, int64_t stride, int rows, int64_t width, scalar_t delta,
-                           scalar_t (&cos1)[kRows][kSliceBlock], scalar_t (&sin1)[kRows][kSliceBlock],
-                           scalar_t (*cosm1)[kSliceBlock]) {
+                           const scalar_t* weights, scalar_t (&cos1)[kRows][kSliceBlock],
+                           scalar_t (&sin1)[kRows][kSliceBlock], scalar_t (*cosm1)[kSliceBlock]) {
   scalar_t angle[kSliceBlock];
   for (int r = 0; r < rows; ++r) {
-    for (int64_t i = 0; i < kSliceBlock; ++i) angle[i] = i < width ? delta * p[r * stride + i] : scalar_t(0);
+    const int64_t used = weights != nullptr && !(weights[r] > 0) ? 0 : width;
+    for (int64_t i = 0; i < kSliceBlock; ++i) angle[i] = i < used ? delta * p[r * stride + i] : scalar_t(0);
     sincos_block(angle, kSliceBlock, sin1[r], cos1[r], cosm1 == nullptr ? nullptr : cosm1[r]);
   }
 }
 
 // acc_cos/acc_sin [knots][kSliceBlock] += cos(t_j p) - 1 / sin(t_j p) summed over `rows` (<= kRows)
-// rows. Knot 0 (cos 0 - 1 = 0, sin 0 = 0) adds nothing.
-template <int ROWS, typename scalar_t>
+// rows. Knot 0 (cos 0 - 1 = 0, sin 0 = 0) adds nothing. WEIGHTED: each row's terms times its
+// weight w, carried as (w (cos - 1), w sin) from the additive constants (w u1, w sin1) that
+// unit_weights made (cosm1 scaled in place, wsin1), the rotation itself by (c1, s1).
+template <int ROWS, bool WEIGHTED, typename scalar_t>
 SIGREG_INLINE void accumulate_ecf(const scalar_t (&cos1)[kRows][kSliceBlock], const scalar_t (&sin1)[kRows][kSliceBlock],
-                           const scalar_t (&cosm1)[kRows][kSliceBlock], int64_t knots, scalar_t* acc_cos,
-                           scalar_t* acc_sin) {
+                           const scalar_t (&cosm1)[kRows][kSliceBlock], const scalar_t (&wsin1)[kRows][kSliceBlock],
+                           int64_t knots, scalar_t* acc_cos, scalar_t* acc_sin) {
   using V = lanes_t<scalar_t>;
   for (int64_t l0 = 0; l0 < kSliceBlock; l0 += kLanes) {
-    V c1[ROWS], s1[ROWS], u1[ROWS], u[ROWS], s[ROWS];
+    V c1[ROWS], s1[ROWS], u1[ROWS], ws1[ROWS], u[ROWS], s[ROWS];
     for (int r = 0; r < ROWS; ++r) {
       c1[r] = load_lanes(&cos1[r][l0]);
       s1[r] = load_lanes(&sin1[r][l0]);
       u1[r] = load_lanes(&cosm1[r][l0]);
+      if (WEIGHTED) ws1[r] = load_lanes(&wsin1[r][l0]);
       u[r] = u1[r];  // knot 1
-      s[r] = s1[r];
+      s[r] = WEIGHTED ? ws1[r] : s1[r];
     }
     for (int64_t j = 1; j < knots; ++j) {
       if (j > 1) {
-        for (int r = 0; r < ROWS; ++r) rotate_cosm1(u[r], s[r], c1[r], u1[r], s1[r]);
+        for (int r = 0; r < ROWS; ++r) rotate_cosm1(u[r], s[r], c1[r], u1[r], s1[r], WEIGHTED ? ws1[r] : s1[r]);
       }
       V sum_c = u[0], sum_s = s[0];
       for (int r = 1; r < ROWS; ++r) {
@@ -161,17 +167,40 @@ SIGREG_INLINE void accumulate_ecf(const scalar_t (&cos1)[kRows][kSliceBlock], co
   }
 }
 
+// The additive constants of a weighted row: cos - 1 scaled in place, w sin1 beside sin1.
+template <typename scalar_t>
+SIGREG_INLINE void unit_weights(const scalar_t* weights, int rows, const scalar_t (&sin1)[kRows][kSliceBlock],
+                                scalar_t (&cosm1)[kRows][kSliceBlock], scalar_t (&wsin1)[kRows][kSliceBlock]) {
+  for (int r = 0; r < rows; ++r) {
+    const scalar_t w = weights[r] > 0 ? weights[r] : scalar_t(0);
+    for (int64_t i = 0; i < kSliceBlock; ++i) {
+      cosm1[r][i] *= w;
+      wsin1[r][i] = w * sin1[r][i];
+    }
+  }
+}
+
+// weights: null (every row weighs 1), or the rows' weights.
 template <typename scalar_t>
 SIGREG_CPU_CLONES void accumulate_ecf_rows(const scalar_t* p, int64_t stride, int64_t rows, int64_t width,
-                                           int64_t knots, scalar_t delta, scalar_t* acc_cos, scalar_t* acc_sin) {
-  scalar_t cos1[kRows][kSliceBlock], sin1[kRows][kSliceBlock], cosm1[kRows][kSliceBlock];
+                                           int64_t knots, scalar_t delta, const scalar_t* weights,
+                                           scalar_t* acc_cos, scalar_t* acc_sin) {
+  scalar_t cos1[kRows][kSliceBlock], sin1[kRows][kSliceBlock], cosm1[kRows][kSliceBlock], wsin1[kRows][kSliceBlock];
   for (int64_t n = 0; n < rows; n += kRows) {
     const int pass_rows = static_cast<int>(std::min<int64_t>(kRows, rows - n));
-    unit_rotations(p + n * stride, stride, pass_rows, width, delta, cos1, sin1, cosm1);
-    if (pass_rows == kRows) {
-      accumulate_ecf<kRows>(cos1, sin1, cosm1, knots, acc_cos, acc_sin);
+    const scalar_t* w = weights == nullptr ? nullptr : weights + n;
+    unit_rotations(p + n * stride, stride, pass_rows, width, delta, w, cos1, sin1, cosm1);
+    if (w != nullptr) {
+      unit_weights(w, pass_rows, sin1, cosm1, wsin1);
+      if (pass_rows == kRows) {
+        accumulate_ecf<kRows, true>(cos1, sin1, cosm1, wsin1, knots, acc_cos, acc_sin);
+      } else {
+        accumulate_ecf<1, true>(cos1, sin1, cosm1, wsin1, knots, acc_cos, acc_sin);
+      }
+    } else if (pass_rows == kRows) {
+      accumulate_ecf<kRows, false>(cos1, sin1, cosm1, wsin1, knots, acc_cos, acc_sin);
     } else {
-      accumulate_ecf<1>(cos1, sin1, cosm1, knots, acc_cos, acc_sin);
+      accumulate_ecf<1, false>(cos1, sin1, cosm1, wsin1, knots, acc_cos, acc_sin);
     }
   }
 }
@@ -202,13 +231,15 @@ SIGREG_INLINE void gradient_rows(const scalar_t (&cos1)[kRows][kSliceBlock], con
   }
 }
 
-// sums [B, 2, K, knots] from the projection [B, N, K].
+// sums [B, 2, K, knots] from the projection [B, N, K] (weights: undefined, or [B, N]).
 template <typename scalar_t>
-void ecf_sums_from_projection(const at::Tensor& projection, int64_t knots, double t_max, at::Tensor& sums) {
+void ecf_sums_from_projection(const at::Tensor& projection, const at::Tensor& weights, int64_t knots, double t_max,
+                              at::Tensor& sums) {
   const int64_t batch = projection.size(0), samples = projection.size(1), slices = projection.size(2);
   const int64_t slice_blocks = (slices + kSliceBlock - 1) / kSliceBlock;
   const scalar_t delta = static_cast<scalar_t>(knot_spacing(static_cast<int>(knots), t_max));
   const scalar_t* proj = projection.data_ptr<scalar_t>();
+  const scalar_t* w = weights.defined() ? weights.data_ptr<scalar_t>() : nullptr;
   scalar_t* out = sums.data_ptr<scalar_t>();
 
   at::parallel_for(0, batch * slice_blocks, 1, [&](int64_t begin, int64_t end) {
@@ -224,7 +255,8 @@ void ecf_sums_from_projection(const at::Tensor& projection, int64_t knots, doubl
         std::fill(acc.begin(), acc.end(), scalar_t(0));
         const int64_t row1 = std::min(samples, row0 + kRowBlock);
         accumulate_ecf_rows(proj + (b * samples + row0) * slices + k0, slices, row1 - row0, width, knots, delta,
-                            acc.data(), acc.data() + knots * kSliceBlock);
+                            w == nullptr ? nullptr : w + b * samples + row0, acc.data(),
+                            acc.data() + knots * kSliceBlock);
         for (size_t i = 0; i < acc.size(); ++i) total[i] += static_cast<double>(acc[i]);
       }
       for (int64_t part = 0; part < 2; ++part) {  // 0: cos - 1, 1: sin
@@ -240,18 +272,26 @@ void ecf_sums_from_projection(const at::Tensor& projection, int64_t knots, doubl
 }
 
 // G rows of `rows` (<= kRows) consecutive rows of one batch, all slices.
+// weights: null, or the rows' weights (G times the weight; 0 on a row of weight 0).
 template <typename scalar_t>
 SIGREG_CPU_CLONES void gradient_of_rows(const scalar_t* p, int rows, int64_t slices, int64_t knots, scalar_t delta,
-                                        const scalar_t* coef_cos, const scalar_t* coef_sin, int64_t coef_stride,
-                                        scalar_t* g_out) {
+                                        const scalar_t* weights, const scalar_t* coef_cos, const scalar_t* coef_sin,
+                                        int64_t coef_stride, scalar_t* g_out) {
   scalar_t cos1[kRows][kSliceBlock], sin1[kRows][kSliceBlock], g[kRows][kSliceBlock];
   for (int64_t k0 = 0; k0 < slices; k0 += kSliceBlock) {
     const int64_t width = std::min(kSliceBlock, slices - k0);
-    unit_rotations(p + k0, slices, rows, width, delta, cos1, sin1, static_cast<scalar_t (*)[kSliceBlock]>(nullptr));
+    unit_rotations(p + k0, slices, rows, width, delta, weights, cos1, sin1,
+                   static_cast<scalar_t (*)[kSliceBlock]>(nullptr));
     if (rows == kRows) {
       gradient_rows<kRows>(cos1, sin1, knots, coef_cos + k0, coef_sin + k0, coef_stride, g);
     } else {
       gradient_rows<1>(cos1, sin1, knots, coef_cos + k0, coef_sin + k0, coef_stride, g);
+    }
+    if (weights != nullptr) {
+      for (int r = 0; r < rows; ++r) {
+        const scalar_t w = weights[r] > 0 ? weights[r] : scalar_t(0);
+        for (int64_t i = 0; i < width; ++i) g[r][i] *= w;
+      }
     }
     for (int r = 0; r < rows; ++r) std::memcpy(g_out + r * slices + k0, g[r], width * sizeof(scalar_t));
   }
@@ -260,16 +300,16 @@ SIGREG_CPU_CLONES void gradient_of_rows(const scalar_t* p, int rows, int64_t sli
 // G rows [row0, row1) of the flattened [B*N, K] projection into g_tile [row1-row0, K].
 // coef: [B, 2, knots, coef_stride] (cos then sin coefficients, slices padded to whole blocks).
 template <typename scalar_t>
-void gradient_tile(const scalar_t* proj, const scalar_t* coef, int64_t samples, int64_t slices, int64_t coef_stride,
-                   int64_t knots, scalar_t delta, int64_t row0, int64_t row1, scalar_t* g_tile) {
+void gradient_tile(const scalar_t* proj, const scalar_t* weights, const scalar_t* coef, int64_t samples, int64_t slices,
+                   int64_t coef_stride, int64_t knots, scalar_t delta, int64_t row0, int64_t row1, scalar_t* g_tile) {
   at::parallel_for(row0, row1, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end;) {
       const int64_t b = r / samples;
       // Rows of one pass share their batch's coefficients.
       const int rows = (r + 1 < end && (r + 1) / samples == b) ? kRows : 1;
       const scalar_t* coef_cos = coef + b * 2 * knots * coef_stride;
-      gradient_of_rows(proj + r * slices, rows, slices, knots, delta, coef_cos, coef_cos + knots * coef_stride,
-                       coef_stride, g_tile + (r - row0) * slices);
+      gradient_of_rows(proj + r * slices, rows, slices, knots, delta, weights == nullptr ? nullptr : weights + r,
+                       coef_cos, coef_cos + knots * coef_stride, coef_stride, g_tile + (r - row0) * slices);
       r += rows;
     }
   });
@@ -300,19 +340,32 @@ int64_t check_inputs(const at::Tensor& x, const std::optional<at::Tensor>& direc
   return directions->size(1);
 }
 
+// The sample weights as the kernels read them: undefined, or [B, N] contiguous in the accumulation dtype.
+at::Tensor checked_weights(const std::optional<at::Tensor>& weights, const at::Tensor& x, at::ScalarType acc) {
+  if (!weights.has_value()) return at::Tensor();
+  const at::Tensor& w = *weights;
+  TORCH_CHECK(w.dim() == 2 && w.size(0) == x.size(0) && w.size(1) == x.size(1),
+              "sigreg: weights must have shape (B, N) = (", x.size(0), ", ", x.size(1), "), got ", w.sizes());
+  TORCH_CHECK(w.device() == x.device(), "sigreg: weights must be on ", x.device(), ", got ", w.device());
+  TORCH_CHECK(at::isFloatingType(w.scalar_type()) || w.scalar_type() == at::kBool,
+              "sigreg: weights must be bool or floating point, got ", w.scalar_type());
+  return w.to(acc).contiguous();
+}
+
 // Without directions P = x: no product, and nothing to keep for the backward
 // (it reads x, which autograd saves anyway), so the projection output is empty.
 std::tuple<at::Tensor, at::Tensor> ecf_sums_cpu(const at::Tensor& x, const std::optional<at::Tensor>& directions,
-                                                int64_t knots, double t_max) {
+                                                int64_t knots, double t_max, const std::optional<at::Tensor>& weights) {
   const int64_t slices = check_inputs(x, directions, knots, t_max);
   NoAutocastGuard no_autocast;
   const auto acc = accumulation_dtype(x.scalar_type());
+  const at::Tensor w = checked_weights(weights, x, acc);
   const at::Tensor projection = directions.has_value()
                                     ? at::matmul(x.to(acc), directions->to(acc)).contiguous()
                                     : x.to(acc).contiguous();
   at::Tensor sums = at::empty({x.size(0), 2, slices, knots}, x.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES(acc, "sigreg_ecf_sums_cpu",
-                             [&] { ecf_sums_from_projection<scalar_t>(projection, knots, t_max, sums); });
+                             [&] { ecf_sums_from_projection<scalar_t>(projection, w, knots, t_max, sums); });
   if (!directions.has_value()) return {sums, at::empty({0}, x.options().dtype(acc))};
   return {sums, projection};
 }
@@ -320,7 +373,8 @@ std::tuple<at::Tensor, at::Tensor> ecf_sums_cpu(const at::Tensor& x, const std::
 std::tuple<at::Tensor, at::Tensor> ecf_sums_backward_cpu(const at::Tensor& grad_sums, const at::Tensor& x,
                                                          const std::optional<at::Tensor>& directions,
                                                          const at::Tensor& projection, int64_t knots, double t_max,
-                                                         bool need_grad_directions) {
+                                                         bool need_grad_directions,
+                                                         const std::optional<at::Tensor>& weights) {
   const int64_t slices = check_inputs(x, directions, knots, t_max);
   TORCH_CHECK(grad_sums.dim() == 4 && grad_sums.size(0) == x.size(0) && grad_sums.size(1) == 2 &&
                   grad_sums.size(2) == slices && grad_sums.size(3) == knots,
@@ -333,7 +387,10 @@ std::tuple<at::Tensor, at::Tensor> ecf_sums_backward_cpu(const at::Tensor& grad_
   const auto acc = accumulation_dtype(x.scalar_type());
   const int64_t batch = x.size(0), samples = x.size(1), dim = x.size(2);
   const int64_t rows = batch * samples;
-  const at::Tensor x_acc = x.to(acc).contiguous().view({rows, dim});
+  const at::Tensor w = checked_weights(weights, x, acc);
+  at::Tensor x_acc = x.to(acc).contiguous().view({rows, dim});
+  // A row of weight 0 gets G = 0; it must not bring NaN or Inf into x^T G either.
+  if (w.defined() && need_grad_directions) x_acc = at::where(w.view({rows, 1}) > 0, x_acc, at::zeros({}, x_acc.options()));
   const at::Tensor a_acc = directions.has_value() ? directions->to(acc).contiguous() : at::Tensor();
   // Without directions P = x. A projection from the forward is reused; without one (a direct call), recompute it.
   const at::Tensor proj = !directions.has_value()               ? x_acc
@@ -355,9 +412,12 @@ std::tuple<at::Tensor, at::Tensor> ecf_sums_backward_cpu(const at::Tensor& grad_
     // dx = G: written straight into grad_x, all rows at once (no product follows).
     AT_DISPATCH_FLOATING_TYPES(acc, "sigreg_ecf_sums_backward_cpu", [&] {
       const scalar_t delta = static_cast<scalar_t>(knot_spacing(static_cast<int>(knots), t_max));
-      gradient_tile<scalar_t>(proj.data_ptr<scalar_t>(), coef.data_ptr<scalar_t>(), samples, slices, coef_stride,
-                              knots, delta, 0, rows, grad_x.data_ptr<scalar_t>());
+      gradient_tile<scalar_t>(proj.data_ptr<scalar_t>(), w.defined() ? w.data_ptr<scalar_t>() : nullptr,
+                              coef.data_ptr<scalar_t>(), samples, slices, coef_stride, knots, delta, 0, rows,
+                              grad_x.data_ptr<scalar_t>());
     });
+    // A row of weight 0 gets exactly 0, even where the statistic is NaN (0 * NaN coefficients).
+    if (w.defined()) grad_x = at::where(w.view({rows, 1}) > 0, grad_x, at::zeros({}, grad_x.options()));
     return {grad_x.view({batch, samples, dim}).to(x.scalar_type()), at::empty({0}, x.options())};
   }
 
@@ -370,11 +430,18 @@ std::tuple<at::Tensor, at::Tensor> ecf_sums_backward_cpu(const at::Tensor& grad_
     for (int64_t row0 = 0; row0 < rows; row0 += tile_rows) {
       const int64_t row1 = std::min(rows, row0 + tile_rows);
       at::Tensor g_rows = g_tile.narrow(0, 0, row1 - row0);
-      gradient_tile<scalar_t>(proj.data_ptr<scalar_t>(), coef.data_ptr<scalar_t>(), samples, slices, coef_stride,
-                              knots, delta,
-                              row0, row1, g_rows.data_ptr<scalar_t>());
+      gradient_tile<scalar_t>(proj.data_ptr<scalar_t>(), w.defined() ? w.data_ptr<scalar_t>() : nullptr,
+                              coef.data_ptr<scalar_t>(), samples, slices, coef_stride, knots, delta, row0, row1,
+                              g_rows.data_ptr<scalar_t>());
       at::Tensor grad_x_rows = grad_x.narrow(0, row0, row1 - row0);
       at::mm_out(grad_x_rows, g_rows, a_acc.t());
+      if (w.defined()) {  // rows of weight 0: exactly 0, even with NaN directions or statistics (0 * NaN)
+        const scalar_t* wr = w.data_ptr<scalar_t>() + row0;
+        scalar_t* out = grad_x_rows.data_ptr<scalar_t>();
+        for (int64_t r = 0; r < row1 - row0; ++r) {
+          if (!(wr[r] > 0)) std::fill(out + r * dim, out + (r + 1) * dim, scalar_t(0));
+        }
+      }
       if (need_grad_directions) grad_a.addmm_(x_acc.narrow(0, row0, row1 - row0).t(), g_rows);
     }
   });

@@ -114,6 +114,20 @@ void check_coef(const at::Tensor& coef, const at::Tensor& scale, const cuda::Pro
               x.device());
 }
 
+// Sample weights: float32 [batch, samples], contiguous (the kernels index rows
+// directly), on x's device; as the kernels see them (nullptr: no weights).
+const float* weights_ptr(const std::optional<at::Tensor>& weights, const at::Tensor& x) {
+  if (!weights.has_value()) return nullptr;
+  const at::Tensor& w = *weights;
+  TORCH_CHECK(w.scalar_type() == at::kFloat, "sigreg: weights must be float32, got ", w.scalar_type());
+  TORCH_CHECK(w.dim() == 2 && w.size(0) == x.size(0) && w.size(1) == x.size(1), "sigreg: weights must be (B, N) = (",
+              x.size(0), ", ", x.size(1), "), got ", w.sizes());
+  TORCH_CHECK(w.device() == x.device(), "sigreg: weights must be on x's device (", x.device(), "), got ",
+              w.device());
+  TORCH_CHECK(w.is_contiguous(), "sigreg: weights must be contiguous, got strides ", w.strides());
+  return w.const_data_ptr<float>();
+}
+
 // statistic's arrival counter: int32, one element, on `device`; as the kernels see it.
 unsigned int* arrivals_ptr(const at::Tensor& arrivals, const at::Device& device) {
   TORCH_CHECK(arrivals.scalar_type() == at::kInt && arrivals.numel() == 1 && arrivals.device() == device,
@@ -123,9 +137,11 @@ unsigned int* arrivals_ptr(const at::Tensor& arrivals, const at::Device& device)
 }
 
 at::Tensor ecf_partials_cuda(const at::Tensor& x_in, const std::optional<at::Tensor>& directions_in, int64_t knots,
-                             double t_max, const std::optional<at::Tensor>& arrivals) {
+                             double t_max, const std::optional<at::Tensor>& arrivals,
+                             const std::optional<at::Tensor>& weights) {
   const cuda::Problem p = check_x(x_in, directions_in, knots, t_max);
   unsigned int* arrivals_out = arrivals.has_value() ? arrivals_ptr(*arrivals, x_in.device()) : nullptr;
+  const float* weights_in = weights_ptr(weights, x_in);
   const bool projected = !directions_in.has_value();
   const c10::cuda::CUDAGuard guard(x_in.device());
   const DeviceInfo device = device_info(x_in);
@@ -136,7 +152,7 @@ at::Tensor ecf_partials_cuda(const at::Tensor& x_in, const std::optional<at::Ten
   const at::Tensor x = x_in.contiguous();
   const at::Tensor directions = projected ? at::Tensor() : directions_in->contiguous();
   const void* directions_ptr = projected ? nullptr : directions.const_data_ptr();
-  const cuda::PartialsArgs args{x.const_data_ptr(), directions_ptr, partials.data_ptr<float>(),
+  const cuda::PartialsArgs args{x.const_data_ptr(), directions_ptr, weights_in, partials.data_ptr<float>(),
                                 p.batch, p.samples, p.dim, p.slices, p.knots, p.delta,
                                 plan.k_tiles, plan.passes, plan.splits, plan.rows_per_split,
                                 rows_of_vectors(x.const_data_ptr(), x.size(2), x),
@@ -151,7 +167,8 @@ at::Tensor ecf_partials_cuda(const at::Tensor& x_in, const std::optional<at::Ten
 std::tuple<at::Tensor, at::Tensor, at::Tensor> statistic_cuda(const at::Tensor& partials_in, int64_t samples,
                                                               int64_t knots, double t_max, c10::string_view reduction,
                                                               std::optional<double> clip_value, double grad_factor,
-                                                              const std::optional<at::Tensor>& arrivals_in) {
+                                                              const std::optional<at::Tensor>& arrivals_in,
+                                                              const std::optional<at::Tensor>& moments_in) {
   TORCH_CHECK(partials_in.dim() == 5 && partials_in.size(2) == 2 && partials_in.size(4) == knots &&
                   partials_in.size(1) > 0,
               "sigreg: partials must be (B, S, 2, K, knots) with S >= 1 and knots = ", knots, ", got ",
@@ -159,7 +176,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> statistic_cuda(const at::Tensor& 
   TORCH_CHECK(partials_in.is_cuda() && partials_in.scalar_type() == at::kFloat,
               "sigreg: partials must be a float32 CUDA tensor, got ", partials_in.scalar_type(), " on ",
               partials_in.device());
-  TORCH_CHECK(samples > 0, "sigreg: samples must be > 0, got ", samples);
+  // With moments the weights' sums stand in for the sample count, which is not used.
+  TORCH_CHECK(moments_in.has_value() || samples > 0, "sigreg: samples must be > 0, got ", samples);
+  if (moments_in.has_value()) {
+    const at::Tensor& m = *moments_in;
+    TORCH_CHECK(m.scalar_type() == at::kFloat, "sigreg: moments must be float32, got ", m.scalar_type());
+    TORCH_CHECK(m.dim() == 2 && m.size(0) == partials_in.size(0) && m.size(1) == 2,
+                "sigreg: moments must be (B, 2) = (", partials_in.size(0), ", 2) (sum w, sum w^2), got ", m.sizes());
+    TORCH_CHECK(m.device() == partials_in.device(), "sigreg: moments must be on the partials' device (",
+                partials_in.device(), "), got ", m.device());
+    TORCH_CHECK(m.is_contiguous(), "sigreg: moments must be contiguous, got strides ", m.strides());
+  }
   check_knots(knots, t_max);
   cuda::Reduction kind;
   if (reduction == "mean") {
@@ -188,8 +215,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> statistic_cuda(const at::Tensor& 
   const at::Tensor block_sums = at::empty({plan.blocks}, options.dtype(at::kDouble));  // every block writes its own
   const double elements = static_cast<double>(batch * slices);
   const double factor = mean ? grad_factor / elements : grad_factor;
+  const float* moments = moments_in.has_value() ? moments_in->const_data_ptr<float>() : nullptr;
   const cuda::StatisticArgs args{partials.const_data_ptr<float>(), stat.data_ptr<float>(), coef.data_ptr<float>(),
-                                 batch, partials.size(1), slices, knots, samples,
+                                 moments, batch, partials.size(1), slices, knots, samples,
                                  knot_spacing(static_cast<int>(knots), t_max), factor,
                                  clip_value.has_value(), static_cast<float>(clip_value.value_or(0.0)),
                                  plan.slices_per_block, plan.cached, block_sums.data_ptr<double>(),
@@ -201,7 +229,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> statistic_cuda(const at::Tensor& 
 
 // G of coef and scale at x (with directions) or at the projection x (without), into g.
 void slice_gradient_into(const at::Tensor& g, const at::Tensor& coef_in, const at::Tensor& scale,
-                         const at::Tensor& x, const at::Tensor& directions, const cuda::Problem& p) {
+                         const at::Tensor& x, const at::Tensor& directions, const float* weights,
+                         const cuda::Problem& p) {
   const bool projected = !directions.defined();
   const DeviceInfo device = device_info(x);
   const cuda::GradientPlan plan =
@@ -210,7 +239,7 @@ void slice_gradient_into(const at::Tensor& g, const at::Tensor& coef_in, const a
   const at::Tensor coef = coef_in.contiguous();
   const void* directions_ptr = projected ? nullptr : directions.const_data_ptr();
   const cuda::GradientArgs args{coef.const_data_ptr<float>(), scale.const_data_ptr<float>(), scale.stride(0),
-                                scale.stride(1), x.const_data_ptr(), directions_ptr, g.data_ptr(),
+                                scale.stride(1), x.const_data_ptr(), directions_ptr, weights, g.data_ptr(),
                                 p.batch, p.samples, p.dim, p.slices, p.knots, p.delta,
                                 plan.n_tiles, plan.k_tiles, plan.passes,
                                 rows_of_vectors(x.const_data_ptr(), x.size(2), x),
@@ -222,25 +251,28 @@ void slice_gradient_into(const at::Tensor& g, const at::Tensor& coef_in, const a
 }
 
 at::Tensor slice_gradient_cuda(const at::Tensor& coef, const at::Tensor& scale, const at::Tensor& x_in,
-                               const std::optional<at::Tensor>& directions_in, int64_t knots, double t_max) {
+                               const std::optional<at::Tensor>& directions_in, int64_t knots, double t_max,
+                               const std::optional<at::Tensor>& weights) {
   const cuda::Problem p = check_x(x_in, directions_in, knots, t_max);
   check_coef(coef, scale, p, x_in);
+  const float* weights_in = weights_ptr(weights, x_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   at::Tensor g = at::empty({p.batch, p.samples, p.slices}, x_in.options());
   const at::Tensor x = x_in.contiguous();
   const at::Tensor directions = directions_in.has_value() ? directions_in->contiguous() : at::Tensor();
-  slice_gradient_into(g, coef, scale, x, directions, p);
+  slice_gradient_into(g, coef, scale, x, directions, weights_in, p);
   return g;
 }
 
 void slice_gradient_inplace_cuda(const at::Tensor& projection, const at::Tensor& coef, const at::Tensor& scale,
-                                 int64_t knots, double t_max) {
+                                 int64_t knots, double t_max, const std::optional<at::Tensor>& weights) {
   const cuda::Problem p = check_x(projection, std::nullopt, knots, t_max);
   check_coef(coef, scale, p, projection);
+  const float* weights_in = weights_ptr(weights, projection);
   TORCH_CHECK(projection.is_contiguous(), "sigreg: slice_gradient_ overwrites a contiguous projection, got strides ",
               projection.strides());
   const c10::cuda::CUDAGuard guard(projection.device());
-  slice_gradient_into(projection, coef, scale, projection, at::Tensor(), p);
+  slice_gradient_into(projection, coef, scale, projection, at::Tensor(), weights_in, p);
 }
 
 }  // namespace

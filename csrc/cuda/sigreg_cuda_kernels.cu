@@ -41,7 +41,7 @@
 //   fused.py runs an SGEMM and the kernels read P (Mode::kProjected).
 // - Resources (CUDA 13.0, sm_90a, ptxas -v; listed per instance in
 //   sigreg_kernels/cuda_plan.py, checked by tests/test_cuda_compile.py; no
-//   spills, ptxas warnings fatal): ecf_partials 92-128 registers (capped at 128
+//   spills, ptxas warnings fatal): ecf_partials 88-128 registers (capped at 128
 //   by __launch_bounds__(256, 2)), 5-38 KB shared memory: 2 blocks per SM;
 //   slice_gradient 72-80 registers (cap 80: __launch_bounds__(256, 3)), 7-46 KB:
 //   3 blocks per SM; statistic 60 registers, 16.3 KB. The 32-byte stack frame is
@@ -70,7 +70,9 @@ struct PartialsSmem {
 // Shared memory of slice_gradient. Product: [stages, later the float G
 // accumulator (and G itself for float)] [P] [G in T for 16-bit types].
 // Projected: [the projection tile in T, overwritten by G] [the float G accumulator].
-template <typename T, Tile TILE, Mode MODE>
+// WEIGHTED: then the tile's block_n row weights (read from shared memory, they hold
+// no 64-bit pointer in registers through the element loop).
+template <typename T, Tile TILE, Mode MODE, bool WEIGHTED>
 struct GradientSmem {
   using G = Geometry<TILE>;
   using S = Smem<T, TILE>;
@@ -80,19 +82,23 @@ struct GradientSmem {
   static constexpr int kGOffset = kProjected ? 0 : (sizeof(T) == 4 ? 0 : kPOffset + G::kSplit * G::kPBytes);
   static constexpr int kAccOffset = kProjected ? S::kQBytes : 0;
   static constexpr int kLdG = !kProjected && sizeof(T) == 4 ? G::kLdP : S::kLdQ;
-  static constexpr int kBytes = kProjected ? S::kQBytes + G::kPBytes
-                                           : (sizeof(T) == 4 ? kPOffset + G::kSplit * G::kPBytes
-                                                             : kPOffset + G::kSplit * G::kPBytes + S::kQBytes);
+  static constexpr int kWeightsOffset = kProjected ? S::kQBytes + G::kPBytes
+                                                   : (sizeof(T) == 4 ? kPOffset + G::kSplit * G::kPBytes
+                                                                     : kPOffset + G::kSplit * G::kPBytes + S::kQBytes);
+  static constexpr int kBytes = kWeightsOffset + (WEIGHTED ? round_up_128(G::kN * 4) : 0);
   static_assert(kBytes <= 48 * 1024, "static shared memory limit");
 };
 
 // Adds the elements of one tile (rows < valid) to this thread's column sums of
 // cos - 1 and sin at knots j_first .. j_first + 15 (the rotation carries cos - 1:
 // rotate_cosm1); zero_terms += 0 * p keeps NaN/Inf for knot 0.
-template <Tile TILE, typename Read>
-__device__ __forceinline__ void accumulate_tile(const Read& read, int valid, float delta, int j_first,
-                                                float (&sum_cos)[kKnotsPerPass], float (&sum_sin)[kKnotsPerPass],
-                                                float& zero_terms) {
+// WEIGHTED: weights[row] is the tile's row weight w; a row of weight 0 counts as
+// p = 0 (so NaN/Inf in it never reach the sums), and each row adds w u and w s:
+// an FFMA in place of the FADD, so the weights cost one load and one select per row.
+template <Tile TILE, bool WEIGHTED, typename Read>
+__device__ __forceinline__ void accumulate_tile(const Read& read, const float* weights, int valid, float delta,
+                                                int j_first, float (&sum_cos)[kKnotsPerPass],
+                                                float (&sum_sin)[kKnotsPerPass], float& zero_terms) {
   using G = Geometry<TILE>;
   const float t_first = static_cast<float>(j_first) * delta;
   const int rg = G::row_group();
@@ -100,8 +106,13 @@ __device__ __forceinline__ void accumulate_tile(const Read& read, int valid, flo
   for (int i = 0; i < G::kRowsPerThread; ++i) {
     const int row = rg + G::kRowGroups * i;
     if (row >= valid) break;
-    const float p = read(row);
-    zero_terms += 0.0f * p;
+    const float w = WEIGHTED ? weights[row] : 1.0f;
+    const float p = !WEIGHTED || w > 0.0f ? read(row) : 0.0f;
+    if constexpr (WEIGHTED) {
+      zero_terms = fmaf(w, 0.0f * p, zero_terms);
+    } else {
+      zero_terms += 0.0f * p;
+    }
     float s1, c1, u1, s, c, u;
     sincos_cosm1_accurate(delta * p, &s1, &c1, &u1);
     if (j_first == 1) {
@@ -112,16 +123,21 @@ __device__ __forceinline__ void accumulate_tile(const Read& read, int valid, flo
     }
 #pragma unroll
     for (int q = 0; q < kKnotsPerPass; ++q) {  // knots past the last are summed but never written
-      sum_cos[q] += u;
-      sum_sin[q] += s;
+      if constexpr (WEIGHTED) {
+        sum_cos[q] = fmaf(w, u, sum_cos[q]);
+        sum_sin[q] = fmaf(w, s, sum_sin[q]);
+      } else {
+        sum_cos[q] += u;
+        sum_sin[q] += s;
+      }
       if (q + 1 < kKnotsPerPass) rotate_cosm1(u, s, c1, u1, s1);
     }
   }
 }
 
 // partials[b, s, :, k0 : k0 + block_k, j_first : j_first + 16] (and knot 0 in
-// pass 0) for block (b, pass, split s, slice tile).
-template <typename T, Tile TILE, Mode MODE>
+// pass 0) for block (b, pass, split s, slice tile); WEIGHTED: a.weights are the rows' weights.
+template <typename T, Tile TILE, Mode MODE, bool WEIGHTED>
 __global__ void __launch_bounds__(kThreads, kPartialsMinBlocks) ecf_partials_kernel(PartialsArgs a) {
   using G = Geometry<TILE>;
   using S = Smem<T, TILE>;
@@ -158,9 +174,10 @@ __global__ void __launch_bounds__(kThreads, kPartialsMinBlocks) ecf_partials_ker
                                  a.slices, a.x_vec);
       __pipeline_commit();
       const T* q = tiles + buffer * kTileElems;
-      accumulate_tile<TILE>([&](int row) { return to_float(q[row * S::kLdQ + col]); },
-                            static_cast<int>(min(static_cast<int64_t>(G::kN), row_end - n0)), a.delta, j_first,
-                            sum_cos, sum_sin, zero_terms);
+      accumulate_tile<TILE, WEIGHTED>([&](int row) { return to_float(q[row * S::kLdQ + col]); },
+                                      WEIGHTED ? a.weights + b * a.samples + n0 : nullptr,
+                                      static_cast<int>(min(static_cast<int64_t>(G::kN), row_end - n0)), a.delta,
+                                      j_first, sum_cos, sum_sin, zero_terms);
       buffer ^= 1;
     }
   } else {
@@ -170,9 +187,10 @@ __global__ void __launch_bounds__(kThreads, kPartialsMinBlocks) ecf_partials_ker
     projection.first_stage(row_begin);
     for (int64_t n0 = row_begin; n0 < row_end; n0 += G::kN) {
       projection.run(n0, n0 + G::kN < row_end ? n0 + G::kN : -1);
-      accumulate_tile<TILE>([&](int row) { return product_value<TILE>(p, row, col); },
-                            static_cast<int>(min(static_cast<int64_t>(G::kN), row_end - n0)), a.delta, j_first,
-                            sum_cos, sum_sin, zero_terms);
+      accumulate_tile<TILE, WEIGHTED>([&](int row) { return product_value<TILE>(p, row, col); },
+                                      WEIGHTED ? a.weights + b * a.samples + n0 : nullptr,
+                                      static_cast<int>(min(static_cast<int64_t>(G::kN), row_end - n0)), a.delta,
+                                      j_first, sum_cos, sum_sin, zero_terms);
     }
   }
 
@@ -199,7 +217,7 @@ __global__ void __launch_bounds__(kThreads, kPartialsMinBlocks) ecf_partials_ker
       out_sin[j] = sum_sin[q];
     }
   }
-  if (pass == 0 && rg == 0) {  // knot 0: cos(0 p) - 1 = 0 p, sin(0 p) = 0 p
+  if (pass == 0 && rg == 0) {  // knot 0: cos(0 p) - 1 = 0 p, sin(0 p) = 0 p (weighted: sum w (0 p))
     out_cos[0] = zero_terms;
     out_sin[0] = zero_terms;
   }
@@ -210,7 +228,10 @@ __global__ void __launch_bounds__(kThreads, kPartialsMinBlocks) ecf_partials_ker
 // (clipped) and d loss / d sums, all in double, rounded once. Then the loss: the
 // block's statistics summed in slice order (double) to block_sums, and the block
 // that arrives last sums block_sums in block order (a fixed order, whichever block
-// that is) and resets the counter for the next call.
+// that is) and resets the counter for the next call. With moments (W1 = sum w,
+// W2 = sum w^2 of b's weights): the means divide by W1, the statistic's N is the
+// effective sample size W1^2 / W2, and a batch index with W1 = 0 (no weight at
+// all) has stat 0 and coef 0, not the NaN of 0 / 0.
 __global__ void __launch_bounds__(kStatisticThreads) statistic_kernel(StatisticArgs a) {
   constexpr int kKeptOffset = kStatisticCache * sizeof(double);
   constexpr int kValuesOffset = kKeptOffset + kStatisticSlices * sizeof(float);
@@ -226,9 +247,19 @@ __global__ void __launch_bounds__(kStatisticThreads) statistic_kernel(StatisticA
   const int64_t b = linear / groups, k0 = linear % groups * a.slices_per_block;
   const int64_t count = min(a.slices_per_block, a.slices - k0), per_part = count * a.knots;
   const int64_t split_stride = 2 * a.slices * a.knots;
-  const double samples = static_cast<double>(a.samples);
+  // Unweighted: `samples` rows of weight 1 (total = size, so gain = 1 exactly and
+  // the products below are the unweighted ones bit for bit).
+  double total = static_cast<double>(a.samples), size = total;
+  bool empty = false;
+  if (a.moments != nullptr) {
+    const double w1 = static_cast<double>(a.moments[2 * b]), w2 = static_cast<double>(a.moments[2 * b + 1]);
+    total = w1;
+    size = w1 * w1 / w2;
+    empty = w1 == 0.0;
+  }
+  const double gain = size / total;  // d stat / d sums = gain * 2 w_j (mean - phi_m1), resp. gain * 2 w_j mean
   // Element e of the group: part (cos 0, sin 1) e / per_part, slice k0 + r / knots, knot r % knots.
-  auto total = [&](int64_t e) {
+  auto sum_of = [&](int64_t e) {
     const int64_t part = e / per_part, r = e % per_part;
     const float* from = a.partials + b * a.splits * split_stride + part * a.slices * a.knots + k0 * a.knots + r;
     double sum = 0.0;
@@ -241,11 +272,15 @@ __global__ void __launch_bounds__(kStatisticThreads) statistic_kernel(StatisticA
   // with their digits where C and phi are both near 1.
   auto weight = [&](int64_t j, double* phi_m1) {
     const double t = static_cast<double>(j) * a.delta;
-    *phi_m1 = expm1(-0.5 * t * t);
-    return (j == 0 || j == a.knots - 1 ? a.delta : 2.0 * a.delta) * (1.0 + *phi_m1);  // phi, within an ulp
+    const double x = -0.5 * t * t, phi = exp(x);
+    // expm1 by its series where exp - 1 would cancel (error < x^5 / 120), exp - 1 elsewhere: one
+    // transcendental call (exp and expm1 both: the kernel spills). phi itself from exp, not as
+    // 1 + (phi - 1), which keeps no digits where phi is tiny (large t).
+    *phi_m1 = x > -1e-3 ? x * (1.0 + x * (0.5 + x * (1.0 / 6.0 + x * (1.0 / 24.0)))) : phi - 1.0;
+    return (j == 0 || j == a.knots - 1 ? a.delta : 2.0 * a.delta) * phi;
   };
   if (a.cached) {
-    for (int64_t e = threadIdx.x; e < 2 * per_part; e += kStatisticThreads) cache[e] = total(e);
+    for (int64_t e = threadIdx.x; e < 2 * per_part; e += kStatisticThreads) cache[e] = sum_of(e);
     __syncthreads();
   }
   if (threadIdx.x < count) {
@@ -253,13 +288,13 @@ __global__ void __launch_bounds__(kStatisticThreads) statistic_kernel(StatisticA
     double sum = 0.0;
     for (int64_t j = 0; j < a.knots; ++j) {
       const int64_t e = kk * a.knots + j;
-      const double u = (a.cached ? cache[e] : total(e)) / samples;  // mean of cos - 1
-      const double s = (a.cached ? cache[per_part + e] : total(per_part + e)) / samples;
+      const double u = (a.cached ? cache[e] : sum_of(e)) / total;  // mean of cos - 1
+      const double s = (a.cached ? cache[per_part + e] : sum_of(per_part + e)) / total;
       double phi_m1;
       const double w = weight(j, &phi_m1);
       sum += w * ((u - phi_m1) * (u - phi_m1) + s * s);
     }
-    const float stat = static_cast<float>(samples * sum);
+    const float stat = empty ? 0.0f : static_cast<float>(size * sum);
     const bool keep = !(a.clip && stat < a.clip_value);  // a NaN statistic stays NaN, as in the reference
     a.stat[b * a.slices + k0 + kk] = keep ? stat : 0.0f;
     values[kk] = keep ? stat : 0.0f;
@@ -276,12 +311,12 @@ __global__ void __launch_bounds__(kStatisticThreads) statistic_kernel(StatisticA
   }
   for (int64_t e = threadIdx.x; e < 2 * per_part; e += kStatisticThreads) {
     const int64_t part = e / per_part, r = e % per_part, kk = r / a.knots, j = r % a.knots;
-    const double mean = (a.cached ? cache[e] : total(e)) / samples;
+    const double mean = (a.cached ? cache[e] : sum_of(e)) / total;
     double phi_m1;
     const double w = weight(j, &phi_m1);
-    const double d_sum = 2.0 * w * (part == 0 ? mean - phi_m1 : mean);  // d stat / d sum, times N
-    a.coef[(b * 2 + part) * a.slices * a.knots + k0 * a.knots + r] =
-        static_cast<float>(a.factor * d_sum * static_cast<double>(kept[kk]));  // NaN stays NaN when clipped
+    const double d_sum = 2.0 * w * (part == 0 ? mean - phi_m1 : mean);  // d stat / d sum, over gain
+    const double coef = a.factor * d_sum * gain * static_cast<double>(kept[kk]);  // NaN stays NaN when clipped
+    a.coef[(b * 2 + part) * a.slices * a.knots + k0 * a.knots + r] = empty ? 0.0f : static_cast<float>(coef);
   }
   if (threadIdx.x == 0) *last = ticket == static_cast<unsigned int>(a.blocks - 1) ? 1 : 0;
   __syncthreads();  // *last is set, and the cache is free: the coef loop is done with it
@@ -307,11 +342,14 @@ __global__ void __launch_bounds__(kStatisticThreads) statistic_kernel(StatisticA
 }
 
 // G[b, n0 : n0 + block_n, k0 : k0 + block_k] for block (b, row tile, slice tile).
-template <typename T, Tile TILE, Mode MODE>
+// WEIGHTED: G at p = 0 on rows of weight 0 (whatever x holds), times the row's
+// weight w: the rotation is linear, so starting it from w (cos, sin) gives every
+// knot's term times w (two multiplies per row, and w is dead before the knot loop).
+template <typename T, Tile TILE, Mode MODE, bool WEIGHTED>
 __global__ void __launch_bounds__(kThreads, kGradientMinBlocks) slice_gradient_kernel(GradientArgs a) {
   using G = Geometry<TILE>;
   using S = Smem<T, TILE>;
-  using L = GradientSmem<T, TILE, MODE>;
+  using L = GradientSmem<T, TILE, MODE, WEIGHTED>;
   using Out = typename std::conditional<L::kProjected || sizeof(T) != 4, T, float>::type;
   __shared__ __align__(128) unsigned char smem[L::kBytes];
   const int64_t linear = a.block_offset + blockIdx.x;
@@ -321,6 +359,11 @@ __global__ void __launch_bounds__(kThreads, kGradientMinBlocks) slice_gradient_k
   const int64_t row_length = L::kProjected ? a.slices : a.dim;
   const T* x_b = static_cast<const T*>(a.x) + b * a.samples * row_length;
   const int col = G::col(), rg = G::row_group();
+  float* w_tile = reinterpret_cast<float*>(smem + L::kWeightsOffset);  // (WEIGHTED only)
+  if constexpr (WEIGHTED) {  // visible after the barrier that ends the tile's copy or product below
+    const int row = static_cast<int>(threadIdx.x);  // block_n <= kThreads rows
+    if (row < valid) w_tile[row] = a.weights[b * a.samples + n0 + row];
+  }
   float* acc = reinterpret_cast<float*>(smem + L::kAccOffset);
   Out* g_tile = reinterpret_cast<Out*>(smem + L::kGOffset);
 
@@ -365,7 +408,11 @@ __global__ void __launch_bounds__(kThreads, kGradientMinBlocks) slice_gradient_k
       for (int i = 0; i < G::kRowsPerThread; ++i) {
         const int row = rg + G::kRowGroups * i;
         if (row >= valid) break;
-        const float p = read(row);
+        float p = read(row), w = 1.0f;
+        if constexpr (WEIGHTED) {
+          w = w_tile[row];
+          p = w > 0.0f ? p : 0.0f;
+        }
         float s1, c1, s, c;
         sincos_accurate(a.delta * p, &s1, &c1);
         if (j_first == 1) {
@@ -373,6 +420,10 @@ __global__ void __launch_bounds__(kThreads, kGradientMinBlocks) slice_gradient_k
           c = c1;
         } else {
           sincos_accurate(t_first * p, &s, &c);
+        }
+        if constexpr (WEIGHTED) {
+          s *= w;
+          c *= w;
         }
         float g_cos = 0.0f, g_sin = 0.0f;
 #pragma unroll
@@ -425,17 +476,26 @@ cudaError_t launch_blocks(int64_t blocks, Args& args, int64_t max_grid_x, Launch
   return cudaSuccess;
 }
 
+// The weighted instance where the caller passes weights, the unweighted one otherwise.
 template <typename T, Tile TILE, Mode MODE>
 cudaError_t partials_instance(const PartialsPlan& plan, PartialsArgs& a, cudaStream_t stream, int64_t max_grid) {
   return launch_blocks(plan.blocks, a, max_grid, [&](unsigned int blocks) {
-    ecf_partials_kernel<T, TILE, MODE><<<dim3(blocks), dim3(kThreads), 0, stream>>>(a);
+    if (a.weights != nullptr) {
+      ecf_partials_kernel<T, TILE, MODE, true><<<dim3(blocks), dim3(kThreads), 0, stream>>>(a);
+    } else {
+      ecf_partials_kernel<T, TILE, MODE, false><<<dim3(blocks), dim3(kThreads), 0, stream>>>(a);
+    }
   });
 }
 
 template <typename T, Tile TILE, Mode MODE>
 cudaError_t gradient_instance(const GradientPlan& plan, GradientArgs& a, cudaStream_t stream, int64_t max_grid) {
   return launch_blocks(plan.blocks, a, max_grid, [&](unsigned int blocks) {
-    slice_gradient_kernel<T, TILE, MODE><<<dim3(blocks), dim3(kThreads), 0, stream>>>(a);
+    if (a.weights != nullptr) {
+      slice_gradient_kernel<T, TILE, MODE, true><<<dim3(blocks), dim3(kThreads), 0, stream>>>(a);
+    } else {
+      slice_gradient_kernel<T, TILE, MODE, false><<<dim3(blocks), dim3(kThreads), 0, stream>>>(a);
+    }
   });
 }
 

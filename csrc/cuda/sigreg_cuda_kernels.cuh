@@ -11,7 +11,12 @@
 //                   ecf_partials zeroes (unsigned int, one element)
 //   slice_gradient  coef, scale [B, K] (any strides), x (+ directions) -> G [B, N, K]
 //                   in x's type; with no directions G may overwrite x (slice_gradient_).
-// x, directions, partials and coef are contiguous.
+// Sample weights (optional): ecf_partials and slice_gradient take float weights
+// [B, N] (a row of weight 0 counts as P = 0, whatever x holds), statistic their
+// moments [B, 2] (sum w, sum w^2); a null pointer means no weights. The weighted
+// kernels are instances of their own (a template flag), so the unweighted ones
+// compile exactly as without weights.
+// x, directions, weights, partials and coef are contiguous.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -150,6 +155,7 @@ inline const char* unsupported_reason(const Problem& p) {
 struct PartialsArgs {
   const void* x;           // [B, N, D], or the projection [B, N, K] (Mode::kProjected)
   const void* directions;  // [D, K] (unused when projected)
+  const float* weights;    // [B, N] sample weights, or nullptr
   float* partials;         // [B, S, 2, K, T]
   int64_t batch, samples, dim, slices, knots;
   float delta;
@@ -165,6 +171,8 @@ struct StatisticArgs {
   const float* partials;  // [B, S, 2, K, T]
   float* stat;            // [B, K]
   float* coef;            // [B, 2, K, T]
+  // moments [B, 2] (sum w, sum w^2) of sample weights, or nullptr (samples rows of weight 1).
+  const float* moments;
   int64_t batch, splits, slices, knots, samples;
   double delta, factor;   // factor: d loss / d stat of each slice (grad_factor / (B K) for a mean)
   bool clip;
@@ -191,6 +199,7 @@ struct GradientArgs {
   int64_t scale_stride_b, scale_stride_k;
   const void* x;           // [B, N, D], or the projection [B, N, K] (Mode::kProjected)
   const void* directions;  // [D, K] (unused when projected)
+  const float* weights;    // [B, N] sample weights (G times w), or nullptr
   void* g;                 // [B, N, K] in x's type; may be x itself when projected
   int64_t batch, samples, dim, slices, knots;
   float delta;

@@ -77,16 +77,17 @@ void sigreg_emu_plan_statistic(int64_t batch, int64_t slices, int64_t knots, int
 
 // mode: sigreg::cuda::Mode (kProjected: directions is null, x holds the projection).
 // arrivals: statistic's counter (one int32), set to 0 by the kernel, or null.
+// weights: float [batch, samples] sample weights, or null.
 int sigreg_emu_ecf_partials(int dtype, int mode, const void* x, const void* directions, float* partials,
                             int64_t batch, int64_t samples, int64_t dim, int64_t slices, int64_t knots, double t_max,
-                            int64_t num_sms, int32_t* arrivals) {
+                            int64_t num_sms, int32_t* arrivals, const float* weights) {
   const Problem problem{batch, samples, dim, slices, knots, knot_spacing_f(knots, t_max)};
   if (unsupported_reason(problem) != nullptr) return kUnsupported;
   const bool projected = static_cast<Mode>(mode) == Mode::kProjected;
   const PartialsPlan plan = plan_ecf_partials(batch, samples, slices, knots, projected, num_sms,
                                               static_cast<int64_t>(emu::state.max_grid_x));
   if (batch == 0) return cudaSuccess;
-  const PartialsArgs args{x, directions, partials, batch, samples, dim, slices, knots, problem.delta,
+  const PartialsArgs args{x, directions, weights, partials, batch, samples, dim, slices, knots, problem.delta,
                           plan.k_tiles, plan.passes, plan.splits, plan.rows_per_split,
                           rows_of_vectors(x, dim, element_size(dtype)),
                           !projected && rows_of_vectors(directions, slices, element_size(dtype)),
@@ -97,16 +98,18 @@ int sigreg_emu_ecf_partials(int dtype, int mode, const void* x, const void* dire
 
 // reduction: sigreg::cuda::Reduction; clip: whether clip_value applies. arrivals: the
 // counter (holding 0), block_sums: the plan's blocks doubles, loss: one float (the
-// caller fills loss for an empty problem: no launch).
+// caller fills loss for an empty problem: no launch). moments: float [batch, 2] (sum w,
+// sum w^2) of sample weights, or null.
 int sigreg_emu_statistic(const float* partials, float* stat, float* coef, int64_t batch, int64_t splits,
                          int64_t slices, int64_t knots, int64_t samples, double t_max, int reduction, int clip,
-                         double clip_value, double grad_factor, int32_t* arrivals, double* block_sums, float* loss) {
+                         double clip_value, double grad_factor, int32_t* arrivals, double* block_sums, float* loss,
+                         const float* moments) {
   const StatisticPlan plan = plan_statistic(batch, slices, knots, static_cast<int64_t>(emu::state.max_grid_x));
   if (plan.blocks == 0) return cudaSuccess;
   const bool mean = static_cast<Reduction>(reduction) == Reduction::kMean;
   const double elements = static_cast<double>(batch * slices);
   const double factor = mean ? grad_factor / elements : grad_factor;
-  const StatisticArgs args{partials, stat, coef, batch, splits, slices, knots, samples,
+  const StatisticArgs args{partials, stat, coef, moments, batch, splits, slices, knots, samples,
                            sigreg::knot_spacing(static_cast<int>(knots), t_max), factor, clip != 0,
                            static_cast<float>(clip_value), plan.slices_per_block, plan.cached, block_sums,
                            reinterpret_cast<unsigned int*>(arrivals), loss, mean ? elements : 1.0,
@@ -114,18 +117,18 @@ int sigreg_emu_statistic(const float* partials, float* stat, float* coef, int64_
   return launch_statistic(plan, args, nullptr, static_cast<int64_t>(emu::state.max_grid_x));
 }
 
-// g may be x itself (projected: slice_gradient_).
+// g may be x itself (projected: slice_gradient_). weights: float [batch, samples], or null.
 int sigreg_emu_slice_gradient(int dtype, int mode, const float* coef, const float* scale, int64_t scale_stride_b,
                               int64_t scale_stride_k, const void* x, const void* directions, void* g, int64_t batch,
                               int64_t samples, int64_t dim, int64_t slices, int64_t knots, double t_max,
-                              int64_t num_sms) {
+                              int64_t num_sms, const float* weights) {
   const Problem problem{batch, samples, dim, slices, knots, knot_spacing_f(knots, t_max)};
   if (unsupported_reason(problem) != nullptr) return kUnsupported;
   const bool projected = static_cast<Mode>(mode) == Mode::kProjected;
   const GradientPlan plan = plan_slice_gradient(batch, samples, slices, knots, projected, num_sms,
                                                 static_cast<int64_t>(emu::state.max_grid_x));
   if (plan.blocks == 0) return cudaSuccess;
-  const GradientArgs args{coef, scale, scale_stride_b, scale_stride_k, x, directions, g,
+  const GradientArgs args{coef, scale, scale_stride_b, scale_stride_k, x, directions, weights, g,
                           batch, samples, dim, slices, knots, problem.delta,
                           plan.n_tiles, plan.k_tiles, plan.passes,
                           rows_of_vectors(x, dim, element_size(dtype)),
