@@ -37,6 +37,8 @@ def statistic_from_sums(sums, samples: int, knots: int, t_max: float, clip_value
     ecf_sin = sums[:, 1] / total[:, None, None]
     err = ecf_cos_minus_phi.square() + ecf_sin.square()
     stat = (err * w).sum(dim=-1) * size[:, None]
+    if moments is not None:  # no weight: 0, even where non-finite directions made the sums NaN
+        stat = torch.where(present[:, None], stat, 0.0)
     if clip_value is not None:
         stat = torch.where(stat < clip_value, 0.0, stat)
     return stat

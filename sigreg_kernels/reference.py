@@ -39,6 +39,8 @@ def sigreg_reference(x, directions, *, knots: int = 17, t_max: float = 3.0, redu
         samples = total.square() / torch.where(total > 0, weights.square().sum(dim=-1), 1.0)  # effective N
     err = (ecf_cos - phi).square() + ecf_sin.square()
     stat = (err * w).sum(dim=-1) * samples[..., None]  # [*B, K]
+    if weights is not None:  # a batch index without weight: 0, even where non-finite directions make it NaN
+        stat = torch.where(total[..., None] > 0, stat, torch.zeros_like(stat))
     if clip_value is not None:
         stat = torch.where(stat < clip_value, torch.zeros_like(stat), stat)
     if reduction == "mean":

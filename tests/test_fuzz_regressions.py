@@ -97,9 +97,17 @@ ACCURACY_CORNERS = [
 #   infinite however small the exact sum);
 # - one sample repeated, its slices alike up to sign (d = 1): their errors add, and the unit angle's
 #   rounding is rotated j times (a term of the model now);
-# - torch's CPU bf16 GEMM lets a NaN row leak into the next one: the GPU path multiplies 16-bit
-#   operands in float32 on CPU tensors (what cuBLAS does on a GPU).
+# - torch's CPU bf16 GEMM lets a NaN row leak into the next one: the GPU path's 16-bit products
+#   on CPU tensors skip oneDNN;
+# - a batch index with no weight and -inf in the directions: the reference made its statistic
+#   0 * NaN; it is 0 (SPEC §2), as every backend computes it.
 SOAK_2026_12_04 = [
+    ("empty-batch-index-nonfinite-directions", "cpu,triton,cuda-emulated",
+     '{"seed":964650710,"batch":[1,1],"n":120,"d":2,"k":128,"knots":37,"t_max":3.0,"scale":478.0,'
+     '"dist":"normal","dtype":"float16","a_dtype":"float16","unit_columns":false,'
+     '"x_layout":"transposed","a_layout":"expanded","grad":"x","reduction":"mean","clip":0.172,'
+     '"nonfinite":{"in":"directions","value":"-inf","rows":[0.8149685351520269]},'
+     '"tensor_cores":false,"weights":"mask","garbage":false}'),
     ("cuda-statistic-phi-at-large-t", "cuda-emulated",
      '{"seed":108456139,"batch":[],"n":2,"d":127,"k":17,"knots":2,"t_max":8.0244,"scale":4.56,'
      '"dist":"heavy","dtype":"bfloat16","a_dtype":"bfloat16","unit_columns":true,'

@@ -122,6 +122,16 @@ def test_a_batch_index_without_weight_is_zero_and_left_out_of_the_mean(backend):
     assert all(torch.equal(t, torch.zeros_like(t)) for t in nothing), "no weight at all: a loss of 0, no gradient"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_empty_batch_index_is_zero_even_with_non_finite_directions(backend):
+    x, directions, mask = problem(batch=(2,), seed=11)
+    mask[1] = False
+    directions = directions.clone()
+    directions[0, 0] = -float("inf")
+    stat = run(backend, x, directions, mask, "none")
+    assert torch.equal(stat[1], torch.zeros_like(stat[1])) and stat[0, 0].isnan()
+
+
 def test_weights_broadcast_over_the_batch_dims_and_the_module_takes_them():
     x, directions, mask = problem(batch=(2, 3), seed=7)
     per_time_step = mask[0]  # [3, N]: the same validity for every index of the first batch dim
