@@ -122,6 +122,8 @@ def reference_ecf_sums(x, directions, knots: int, t_max: float, weights=None):
         weights = weights.to(acc).unsqueeze(-1)
         x = torch.where(weights > 0, x, 0.0)
     projection = (x if directions is None else x @ directions).to(acc)
+    if weights is not None:  # and masked projections 0 even where non-finite directions make 0 * inf
+        projection = torch.where(weights > 0, projection, 0.0)
     angles = projection.unsqueeze(-1) * t
     cos_minus_one = -2 * (angles / 2).sin().square()  # cos - 1, full relative precision near 0
     sin = angles.sin()

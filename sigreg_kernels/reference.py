@@ -24,6 +24,8 @@ def sigreg_reference(x, directions, *, knots: int = 17, t_max: float = 3.0, redu
         weights = torch.broadcast_to(weights, x.shape[:-1]).to(torch.promote_types(x.dtype, torch.float32))
         x = torch.where(weights.unsqueeze(-1) > 0, x, torch.zeros_like(x))  # masked rows: NaN, Inf, anything
     proj = x if directions is None else x @ directions  # [*B, N, K]
+    if weights is not None:  # and masked projections 0 even where non-finite directions make 0 * inf
+        proj = torch.where(weights.unsqueeze(-1) > 0, proj, torch.zeros_like(proj))
     t, phi, w = quadrature(knots, t_max, dtype=torch.promote_types(proj.dtype, torch.float32), device=x.device)
     angles = proj.unsqueeze(-1) * t  # [*B, N, K, T]
     if weights is None:

@@ -100,8 +100,14 @@ ACCURACY_CORNERS = [
 # - torch's CPU bf16 GEMM lets a NaN row leak into the next one: the GPU path's 16-bit products
 #   on CPU tensors skip oneDNN;
 # - a batch index with no weight and -inf in the directions: the reference made its statistic
-#   0 * NaN; it is 0 (SPEC §2), as every backend computes it.
+#   (and its gradient) 0 * NaN; they are 0 (SPEC §2), as every backend computes them.
 SOAK_2026_12_04 = [
+    ("empty-batch-index-inf-directions-gradient", "cpu,triton,cuda-emulated",
+     '{"seed":636787470,"batch":[1],"n":481,"d":31,"k":174,"knots":2,"t_max":3.0,"scale":0.827,'
+     '"dist":"uniform","dtype":"float16","a_dtype":"float16","unit_columns":true,'
+     '"x_layout":"expanded","a_layout":"contiguous","grad":"both","reduction":"mean","clip":null,'
+     '"nonfinite":{"in":"directions","value":"inf","rows":[0.6424319783697542,0.9256913430723769]},'
+     '"tensor_cores":true,"weights":"mask","garbage":false}'),
     ("empty-batch-index-nonfinite-directions", "cpu,triton,cuda-emulated",
      '{"seed":964650710,"batch":[1,1],"n":120,"d":2,"k":128,"knots":37,"t_max":3.0,"scale":478.0,'
      '"dist":"normal","dtype":"float16","a_dtype":"float16","unit_columns":false,'

@@ -130,6 +130,9 @@ def test_an_empty_batch_index_is_zero_even_with_non_finite_directions(backend):
     directions[0, 0] = -float("inf")
     stat = run(backend, x, directions, mask, "none")
     assert torch.equal(stat[1], torch.zeros_like(stat[1])) and stat[0, 0].isnan()
+    mask[0] = False  # nothing left: a loss of 0, and no gradient (not 0 * NaN)
+    _, grad_x, grad_directions = grads(lambda u, a: run(backend, u, a, mask), x, directions)
+    assert torch.equal(grad_x, torch.zeros_like(grad_x)) and torch.equal(grad_directions, torch.zeros_like(grad_directions))
 
 
 def test_weights_broadcast_over_the_batch_dims_and_the_module_takes_them():
