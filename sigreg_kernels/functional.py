@@ -6,7 +6,7 @@ from . import backends
 from ._validation import check_sigreg_args, check_weights
 from .distributed import all_reduce_ecf_sums, is_distributed
 from .op_registration import accumulation_dtype
-from .fused import fused_sigreg
+from .fused import fused_sigreg, mean_divisor, weight_moments
 from .quadrature import phi_minus_one, quadrature
 
 # Backends that run the kernels of primitives.py through fused.py; the others
@@ -109,13 +109,3 @@ def sigreg(x, directions, *, knots: int = 17, t_max: float = 3.0, reduction: str
     stat = stat.reshape(*batch_shape, slices)
     return stat.sum() if reduction == "sum" else stat
 
-
-def weight_moments(weights):
-    """``[B, 2]``: the sum of each batch index's weights, and of their squares."""
-    return torch.stack((weights.sum(dim=-1), weights.square().sum(dim=-1)), dim=-1)
-
-
-def mean_divisor(moments, slices: int):
-    """What a weighted "mean" divides the sum of the statistics by: the slices of the batch
-    indices that hold any weight (at least 1: a loss of 0 when none does)."""
-    return (slices * (moments[:, 0] > 0).sum()).clamp_min(1)

@@ -58,6 +58,17 @@ def projection_first(x: torch.Tensor) -> bool:
     return x.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
 
 
+def weight_moments(weights):
+    """``[B, 2]``: the sum of each batch index's weights, and of their squares."""
+    return torch.stack((weights.sum(dim=-1), weights.square().sum(dim=-1)), dim=-1)
+
+
+def mean_divisor(moments, slices: int):
+    """What a weighted "mean" divides the sum of the statistics by: the slices of the batch
+    indices that hold any weight (at least 1: a loss of 0 when none does)."""
+    return (slices * (moments[:, 0] > 0).sum()).clamp_min(1)
+
+
 def _gemm(a, b):
     """``a @ b``, a library GEMM. On CPU tensors (the kernels under the Triton interpreter or the
     CUDA emulation) 16-bit products skip oneDNN: its bf16 GEMM lets a NaN row leak into the next
@@ -94,7 +105,7 @@ class _FusedSigreg(torch.autograd.Function):
             partials = kernels.ecf_partials(x, directions, knots, t_max, arrivals, *_weighted(weights))
         # Weights: their sums per batch index (one op), and a weighted "mean" asks the kernel for the
         # sum: its divisor counts the batch indices that hold any weight, known only on the device.
-        moments = None if weights is None else torch.stack((weights.sum(-1), weights.square().sum(-1)), dim=-1)
+        moments = None if weights is None else weight_moments(weights)
         kernel_reduction = "sum" if weights is not None and reduction == "mean" else reduction
         grad_factor = 1.0
         if across_ranks:
@@ -105,7 +116,7 @@ class _FusedSigreg(torch.autograd.Function):
                                              grad_factor, arrivals, *(() if moments is None else (moments,)))
         divisor = None
         if kernel_reduction != reduction:
-            divisor = (coef.shape[2] * (moments[:, 0] > 0).sum()).clamp_min(1).to(loss.dtype)
+            divisor = mean_divisor(moments, coef.shape[2]).to(loss.dtype)
             loss = loss / divisor
         ctx.save_for_backward(x, directions, coef, weights, divisor)
         ctx.kernels, ctx.knots, ctx.t_max, ctx.reduction = kernels, knots, t_max, reduction

@@ -106,3 +106,14 @@ def assert_matches_oracle(fn, x, directions, weight, *, tolerance=None, **kwargs
     for name, actual, expected, tol in zip(("value", "grad_x", "grad_directions"), ours, truth, tolerances):
         assert_relative_close(name, actual, expected, tol)
     assert ours[1].dtype == x.dtype and ours[2].dtype == directions.dtype, "gradients come back in the input dtype"
+
+
+def run_steps(model, loss_fn, data, steps=2):
+    """Loss and parameter gradients of ``steps`` training steps of ``loss_fn(model(data))``."""
+    out = []
+    for _ in range(steps):
+        model.zero_grad()
+        loss = loss_fn(model(data))
+        loss.backward()
+        out.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    return out

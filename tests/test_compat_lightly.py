@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import assert_relative_close
+from helpers import assert_relative_close, run_steps
 from test_distributed import SAMPLES, SLICES, WORLD, free_port, make_problem, shut_down
 from test_lejepa import epps_pulley_oracle, value_and_grad
 
@@ -199,16 +199,6 @@ def test_bad_arguments(make, error, message):
 # ----------------------------------------------------------------------------- torch.distributed
 
 SEED = 100  # rank r seeds its global generator with SEED + r: different draws per rank
-
-
-def run_steps(model, loss_fn, data, steps=2):
-    out = []
-    for _ in range(steps):
-        model.zero_grad()
-        loss = loss_fn(model(data))
-        loss.backward()
-        out.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
-    return out
 
 
 def shard(data, rank):

@@ -14,22 +14,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers import assert_relative_close
 from test_distributed import SAMPLES, SLICES, WORLD, free_port, make_problem, shut_down
-from test_lejepa import published_directions, value_and_grad
+from test_lejepa import epps_pulley_oracle, published_directions, value_and_grad
 
 from sigreg_kernels.compat.stable_pretraining import EppsPulley, SlicedEppsPulley
 from sigreg_kernels.lejepa import LeJEPAArgumentError
 
 
 def dim0_oracle(x, t_max=3.0, n_points=17):
-    """stable-pretraining's statistic in float64: the mean over dimension 0 of ``exp(i t x)``."""
-    x = x.double()
-    t = torch.linspace(0.0, t_max, n_points, dtype=torch.float64)
-    dt = t_max / (n_points - 1)
-    trapezoid = torch.full((n_points,), 2 * dt, dtype=torch.float64)
-    trapezoid[0] = trapezoid[-1] = dt
-    phi = torch.exp(-t.square() / 2)
-    ecf = torch.exp(1j * x.unsqueeze(-1) * t).mean(dim=0)
-    return x.shape[0] * ((ecf - phi).abs().square() * trapezoid * phi).sum(dim=-1)
+    """stable-pretraining's statistic in float64: the test of every column, samples along dimension 0."""
+    return epps_pulley_oracle(x.reshape(x.shape[0], -1), t_max, n_points).reshape(x.shape[1:])
 
 
 def sliced_oracle(x, step, num_slices, t_max=3.0, n_points=17):

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import assert_relative_close, random_case
+from helpers import assert_relative_close, random_case, run_steps
 from test_distributed import SAMPLES, SLICES, WORLD, free_port, make_problem, shut_down
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -418,16 +418,6 @@ def make_loss(variant):
         return SlicingUnivariateTest(PlainEppsPulley(), SLICES)
     test = EppsPulley()
     return lambda proj: test(proj).mean()
-
-
-def run_steps(model, loss_fn, data, steps=2):
-    out = []
-    for _ in range(steps):
-        model.zero_grad()
-        loss = loss_fn(model(data))
-        loss.backward()
-        out.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
-    return out
 
 
 def worker(rank, port, results_path):
