@@ -11,11 +11,13 @@
 #             ptxas -v register/spill report and cuobjdump's resource usage
 #   parity    bench/parity_smoke.py: cuda and triton x fp32/bf16/fp16 against a float64 oracle
 #   bench     headline benchmark (N=4096, D=512, K=1024), bf16 and fp32, all providers
+#   profile   the headline's kernels: the torch profiler (GPU busy vs wall), then Nsight Compute
+#             (duration, occupancy, SM/DRAM throughput, registers, shared memory, stalls, tensor pipes)
 #   sanitize  compute-sanitizer: memcheck for cuda and triton, racecheck for cuda
 #   sweep     bf16 fwd+bwd over K and over D at N=4096
-#   tests     the GPU tests, pytest -n 8
-#   train     a short pretraining run: steps/s with the cuda and the reference backend
-#   step      bench/bench_step.py --device cuda --quick, where the checkout has it
+#   tests     the GPU tests and the extension's toolchain check, pytest -n 8
+#   train     a short pretraining run: steps/s with the cuda and the reference backend (bench.txt)
+#   step      bench/bench_step.py --device cuda --quick, where the checkout has it (bench.txt)
 # The last three also share whatever time the others leave. Output goes to at most
 # 8 files directly under $OUT (default bench/results/<gpu>-<date>), appended as it
 # is printed (no pipe holds it), so a stage cut off by its limit keeps what it wrote.
@@ -30,18 +32,20 @@ cd "$HERE/.." || exit 2
 
 BUDGET=540   # seconds: a 10-minute device call, less the machine's start and the transfers
 MAX_FILES=8  # files that come back from $OUT
-PLAN=(build parity bench sanitize sweep tests train step)
-declare -A LIMIT=([build]=150 [parity]=75 [bench]=125 [sanitize]=45 [sweep]=80 [tests]=25 [train]=30 [step]=10)
+PLAN=(build parity bench profile sanitize sweep tests train step)
+declare -A LIMIT=([build]=120 [parity]=60 [bench]=100 [profile]=75 [sanitize]=35 [sweep]=70 [tests]=40 [train]=30
+                  [step]=10)
 SHARE_LEFTOVER=" tests train step "
 declare -A WHAT=(
   [build]="versions, nvidia-smi; build for this GPU's arch only (FORCE_CUDA=1, MAX_JOBS=16), ptxas -v, cuobjdump"
   [parity]="parity smoke: cuda, triton x fp32/bf16/fp16 vs a float64 oracle on the GPU, bit-identical rerun, the losses = their statistics' sum"
   [bench]="headline N=4096 D=512 K=1024: reference, reference+compile, triton, cuda; bf16, fp32; memory, floor"
+  [profile]="kernels at the headline, bf16 fwd+bwd, cuda and triton: torch profiler (GPU busy vs wall), then ncu"
   [sanitize]="compute-sanitizer: memcheck cuda, memcheck triton, racecheck cuda, side by side"
   [sweep]="bf16 fwd+bwd at N=4096: K 256, 4096 at D=512; D 64, 2048 at K=1024 (the headline is the middle)"
-  [tests]="GPU tests (test_cuda.py, test_triton.py on the GPU), pytest -n 8"
-  [train]="python/pretrain_vit.py on the GPU (bf16 autocast): steps/s, cuda vs reference SIGReg backend"
-  [step]="bench/bench_step.py --device cuda --quick, if the checkout has it"
+  [tests]="GPU tests (test_cuda.py, test_triton.py on the GPU; test_extension_toolchain.py), pytest -n 8"
+  [train]="python/pretrain_vit.py on the GPU (bf16 autocast): steps/s, cuda vs reference SIGReg backend (into bench.txt)"
+  [step]="bench/bench_step.py --device cuda --quick, if the checkout has it (into bench.txt)"
 )
 PY=${PYTHON:-python3}
 DRY_RUN=0
@@ -102,6 +106,7 @@ stage_build() {
  platform.python_version(), 'torch', torch.__version__, 'triton', triton.__version__, '|', p.name, 'sm_%d%d' % (p.major,\
  p.minor), p.multi_processor_count, 'SMs', p.total_memory >> 20, 'MiB')"
   step check.log nvcc --version
+  step check.log bash -c 'echo "CXX=${CXX:-(unset: c++ is $(command -v c++))}"; ${CXX:-c++} --version | head -1'
   # NVCC_APPEND_FLAGS reaches every nvcc call without touching setup.py; ninja prints ptxas's report.
   step build.log env FORCE_CUDA=1 MAX_JOBS=16 TORCH_CUDA_ARCH_LIST="$ARCH" NVCC_APPEND_FLAGS="-Xptxas -v" \
     "$PY" -m pip install -v --no-build-isolation --no-deps -e . || return
@@ -118,6 +123,38 @@ stage_parity() {
 stage_bench() {
   step bench.txt "$PY" bench/bench_sigreg.py --device cuda --dtype bfloat16 float32 --sizes 4096,512,1024 \
     --providers reference reference+compile triton cuda --one-compile --csv "$OUT/bench.csv"
+}
+
+# Our kernels and the library GEMMs between them; launches: both backends' fwd+bwd with room to spare.
+NCU_KERNELS='regex:ecf_partials|statistic|slice_gradient|gemm|nvjet|xmma|cutlass'
+
+ncu_reads_counters() {  # one line in profile.txt: can ncu read this GPU's counters?
+  local probe
+  if ((DRY_RUN)); then echo "      (one line: whether ncu can read the counters; if not, the ncu step is skipped)"; return 0; fi
+  probe=$(ncu --metrics gpu__time_duration.sum "$PY" -c "import torch; torch.ones(8, device='cuda').add_(1)" 2>&1)
+  if grep -q "gpu__time_duration.sum" <<< "$probe" && ! grep -q "ERR_NVGPUCTRPERM" <<< "$probe"; then
+    echo "ncu: reads the GPU's counters" >> "$OUT/profile.txt"
+    return 0
+  fi
+  echo "ncu: cannot read the GPU's counters here ($(grep -m1 -E 'ERR|==ERROR==|not found' <<< "$probe")): no ncu profile" \
+    >> "$OUT/profile.txt"
+  return 1
+}
+
+stage_profile() {
+  local tensor metrics=""
+  step profile.txt "$PY" bench/profile_kernels.py --backends cuda triton --dtype bfloat16 --size 4096,512,1024
+  ncu_reads_counters || return 0
+  # The tensor pipes' utilization, by the names this ncu knows (HMMA; GMMA, Hopper's wgmma).
+  if ((!DRY_RUN)); then
+    for tensor in $(ncu --query-metrics 2>/dev/null | grep -oE 'sm__pipe_tensor_op_[a-z]*mma_cycles_active' | sort -u); do
+      metrics+=${metrics:+,}$tensor.avg.pct_of_peak_sustained_active
+    done
+  fi
+  step profile.txt ncu --clock-control none --profile-from-start off --kernel-name "$NCU_KERNELS" --launch-count 24 \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+    ${metrics:+--metrics "$metrics"} \
+    "$PY" bench/profile_kernels.py --backends cuda triton --dtype bfloat16 --size 4096,512,1024 --ncu-range
 }
 
 stage_sanitize() {
@@ -141,7 +178,7 @@ stage_sweep() {
 stage_tests() {
   # Left out: the interpreter, emulation and nvcc-only tests and the CPU kernel's (CPU matters), and
   # test_cuda_large (the headline cases of the parity stage cover it).
-  step tests.txt "$PY" -m pytest tests/test_cuda.py tests/test_triton.py -n 8 -v -rfEs -p no:cacheprovider \
+  step tests.txt "$PY" -m pytest tests/test_cuda.py tests/test_triton.py tests/test_extension_toolchain.py -n 8 -v -rfEs -p no:cacheprovider \
     -k "not cpu and not compile_for_h100 and not cuda_large"
 }
 
@@ -151,9 +188,9 @@ stage_train() {
     run=runs/gpu_check/pretrain-$backend
     ((DRY_RUN)) || rm -rf "$run"
     # --steps sets a long schedule, --stop-after ends the run early: no final evaluation.
-    step train.txt "$PY" python/pretrain_vit.py --device cuda --sigreg-backend "$backend" \
+    step bench.txt "$PY" python/pretrain_vit.py --device cuda --sigreg-backend "$backend" \
       --steps 100000 --stop-after 300 --max-minutes 0 --out "$run" || continue
-    step train.txt "$PY" -c "import sys, torch; c = torch.load(sys.argv[1], weights_only=False); s, t = c['step'],\
+    step bench.txt "$PY" -c "import sys, torch; c = torch.load(sys.argv[1], weights_only=False); s, t = c['step'],\
  c['trained_seconds']; print('pretrain_vit, SIGReg backend', sys.argv[2] + ':', s, 'steps in', round(t, 1), 's,',\
  round(s / t, 1), 'steps/s (warm-up included)')" "$run/checkpoint.pt" "$backend"
   done
@@ -161,12 +198,12 @@ stage_train() {
 
 stage_step() {
   if [ -f bench/bench_step.py ]; then
-    step train.txt "$PY" bench/bench_step.py --device cuda --quick
+    step bench.txt "$PY" bench/bench_step.py --device cuda --quick
   elif ((DRY_RUN)); then
     echo "      (skipped: bench/bench_step.py is not in this checkout; with it:)"
-    step train.txt "$PY" bench/bench_step.py --device cuda --quick
+    step bench.txt "$PY" bench/bench_step.py --device cuda --quick
   else
-    echo "bench/bench_step.py is not in this checkout: skipped" >> "$OUT/train.txt"
+    echo "bench/bench_step.py is not in this checkout: skipped" >> "$OUT/bench.txt"
   fi
 }
 
@@ -227,7 +264,8 @@ summary() {  # the lines that matter, last, where a reply that keeps only the ou
   pick bench.txt '^# |^sweep|fwd\+bwd|failed'
   pick sanitizer.txt 'SUMMARY|exit status'
   pick tests.txt '^=+ .*(passed|failed|error|skipped)'
-  pick train.txt 'steps/s|skipped|Error'
+  pick profile.txt '^(cuda|triton):|^ncu:'
+  pick bench.txt 'steps/s|skipped|Error'
   return 0
 }
 
@@ -299,9 +337,15 @@ if [[ " ${STAGES[*]} " != *" build "* ]] \
 fi
 walk_plan > /dev/null
 check_plan > /dev/null || { check_plan >&2; exit 1; }
-GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-' | tr -cd 'A-Za-z0-9._-')
+# "NVIDIA H200" -> h200: bench/results/h200-<date>
+GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | sed 's/^NVIDIA //' | tr ' A-Z' '-a-z' \
+  | tr -cd 'a-z0-9._-')
 OUT=${OUT:-bench/results/${GPU_NAME:-gpu}-$(date +%F)}
 mkdir -p "$OUT"
 # torch infers the toolkit root from `which nvcc`, wrong when that is a wrapper script.
 if [ -z "${CUDA_HOME:-}" ] && [ -f /usr/local/cuda/include/cuda_runtime.h ]; then export CUDA_HOME=/usr/local/cuda; fi
+# The system compiler, which links the shared libstdc++ torch uses: a default c++ that links it
+# statically puts a second copy into the extension, whose error messages then crash
+# (tests/test_extension_toolchain.py says why).
+if [ -z "${CXX:-}" ] && [ -x /usr/bin/g++ ]; then export CXX=/usr/bin/g++; fi
 run_stages

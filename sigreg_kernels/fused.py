@@ -53,9 +53,16 @@ def backend_kernels(name: str):
     return _KERNELS[name]
 
 
+@torch.compiler.assume_constant_result
+def _fp32_matmul_is_highest() -> bool:
+    # Read once while torch.compile traces (some torch versions cannot trace a str-valued query);
+    # a compiled graph keeps the route it was traced with.
+    return torch.get_float32_matmul_precision() == "highest"
+
+
 def projection_first(x: torch.Tensor) -> bool:
     """float32 without TF32: the projection by SGEMM beats an FMA tile inside the kernels."""
-    return x.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+    return x.dtype == torch.float32 and _fp32_matmul_is_highest()
 
 
 def weight_moments(weights):
@@ -91,11 +98,12 @@ def _weighted(weights):
 
 class _FusedSigreg(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, directions, backend, knots, t_max, reduction, clip_value, across_ranks, weights):
+    def forward(ctx, x, directions, backend, knots, t_max, reduction, clip_value, across_ranks, weights, first):
         kernels = backend_kernels(backend)
         samples = x.shape[1]
-        # Decided once per call: the backward takes the same route even if the precision changes meanwhile.
-        ctx.projection_first = directions is not None and projection_first(x)
+        # Decided once per call (by the caller): the backward takes the same route even if the
+        # precision changes meanwhile.
+        ctx.projection_first = first
         # The statistic kernel's arrival counter: an allocation (no launch) that ecf_partials zeroes.
         arrivals = torch.empty(1, dtype=torch.int32, device=x.device)
         if ctx.projection_first:
@@ -133,7 +141,7 @@ class _FusedSigreg(torch.autograd.Function):
             scale = scale / divisor
         scale = scale.expand(batch, slices) if ctx.reduction != "none" else scale
         weighted = _weighted(weights)
-        nothing = (None,) * 7
+        nothing = (None,) * 8
         if directions is None:
             g = kernels.slice_gradient(coef, scale, x, None, knots, t_max, *weighted)
             if weights is not None:  # exactly 0 on rows of weight 0, whatever the statistic (NaN) is
@@ -162,4 +170,6 @@ def fused_sigreg(backend: str, x, directions, knots: int, t_max: float, reductio
     ``across_ranks``: the statistic of the global batch (None: whenever torch.distributed is up).
     ``weights``: None, or float32 ``[B, N]`` contiguous sample weights (primitives.py)."""
     across_ranks = is_distributed() if across_ranks is None else across_ranks
-    return _FusedSigreg.apply(x, directions, backend, knots, t_max, reduction, clip_value, across_ranks, weights)
+    first = directions is not None and projection_first(x)
+    return _FusedSigreg.apply(x, directions, backend, knots, t_max, reduction, clip_value, across_ranks, weights,
+                              first)

@@ -1,7 +1,7 @@
 """The Triton backend's four ops: launch by ``triton_plan.py``, registration with torch.
 
     sigreg::triton_ecf_partials(Tensor x, Tensor? directions, int knots, float t_max,
-                                Tensor(a!)? arrivals=None, Tensor? weights=None) -> Tensor
+                                Tensor(a!)? arrivals, Tensor? weights=None) -> Tensor
     sigreg::triton_statistic(Tensor partials, int samples, int knots, float t_max, str reduction,
                              float? clip_value, float grad_factor, Tensor? arrivals=None,
                              Tensor? moments=None) -> (Tensor, Tensor, Tensor)
@@ -299,9 +299,11 @@ def slice_gradient_args(coef, scale, x, directions, out, kernel_plan, knots: int
     return grid, args, meta
 
 
+# arrivals has no default: torch < 2.13 looks a mutated argument up among the arguments as
+# passed, and an omitted one fails there (IndexError). ecf_partials below supplies it.
 @_register("sigreg::triton_ecf_partials", mutates_args=("arrivals",))
 def triton_ecf_partials(x: torch.Tensor, directions: Optional[torch.Tensor], knots: int, t_max: float,
-                        arrivals: Optional[torch.Tensor] = None,
+                        arrivals: Optional[torch.Tensor],
                         weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``partials [B, S, 2, K, knots]`` (float32), and ``arrivals`` set to 0: primitives.ecf_partials."""
     _check_projection_inputs(x, directions)
@@ -409,7 +411,7 @@ def triton_slice_gradient_(projection: torch.Tensor, coef: torch.Tensor, scale: 
 
 if REGISTRATION == "custom_op":  # triton_op traces the launchers as their fake kernels
     @triton_ecf_partials.register_fake
-    def _(x, directions, knots, t_max, arrivals=None, weights=None):
+    def _(x, directions, knots, t_max, arrivals, weights=None):
         batch, _, dim = x.shape
         slices = dim if directions is None else directions.shape[1]
         splits = _ecf_plan(x, directions, knots, weights is not None).splits
@@ -432,8 +434,13 @@ if REGISTRATION == "custom_op":  # triton_op traces the launchers as their fake 
         return None
 
 
-# The plain callables fused.py routes backend="triton" to: the registered ops themselves.
-ecf_partials = triton_ecf_partials
+# The plain callables fused.py routes backend="triton" to: the registered ops (ecf_partials with
+# its counter optional, like the CUDA backend's).
+def ecf_partials(x: torch.Tensor, directions: Optional[torch.Tensor], knots: int, t_max: float,
+                 arrivals: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return triton_ecf_partials(x, directions, knots, t_max, arrivals, weights)
+
+
 statistic = triton_statistic
 slice_gradient = triton_slice_gradient
 slice_gradient_ = triton_slice_gradient_

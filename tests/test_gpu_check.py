@@ -17,7 +17,7 @@ from sigreg_kernels.quadrature import quadrature
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
-STAGES = ["build", "parity", "bench", "sanitize", "sweep", "tests", "train", "step"]
+STAGES = ["build", "parity", "bench", "profile", "sanitize", "sweep", "tests", "train", "step"]
 STAGE_LINE = re.compile(r"^\[(\d+)/\d+\] (\w+) +(\d+) s[^:]*: ", re.M)
 
 
@@ -55,11 +55,18 @@ def test_quick_dry_run_walks_every_stage_within_the_lease(tmp_path):
                      "bench/sanitizer_case.py triton", "--tool racecheck",
                      "--modes fwd+bwd --no-memory --sizes K:4096,512,256 K:4096,512,4096 D:4096,64,1024 "
                      "D:4096,2048,1024",
-                     "-m pytest tests/test_cuda.py tests/test_triton.py -n 8",
+                     "-m pytest tests/test_cuda.py tests/test_triton.py tests/test_extension_toolchain.py -n 8",
                      "--sigreg-backend cuda", "--sigreg-backend reference",
-                     "bench/bench_step.py --device cuda --quick"]:
+                     "bench/bench_step.py --device cuda --quick",
+                     # issue 17's profile: the torch profiler's view, then ncu on the headline's kernels
+                     "bench/profile_kernels.py --backends cuda triton --dtype bfloat16 --size 4096,512,1024 >>",
+                     "whether ncu can read the counters",
+                     "ncu --clock-control none --profile-from-start off --kernel-name regex:ecf_partials|statistic|"
+                     "slice_gradient|", "--launch-count 24 --section SpeedOfLight --section Occupancy --section "
+                     "LaunchStats --section WarpStateStats", "--size 4096,512,1024 --ncu-range >> $OUT/profile.txt"]:
         assert expected in out, expected
     assert out.index("--tool memcheck") < out.index("--tool racecheck")
+    assert out.index("profile_kernels.py") < out.index("can read the counters") < out.index("ncu --clock")
 
 
 def test_dry_run_refuses_a_plan_over_nine_minutes(tmp_path):
@@ -72,9 +79,9 @@ def test_dry_run_refuses_a_ninth_file(tmp_path):
     """A stage that writes one more file than comes back fails the plan check."""
     (tmp_path / "bench").mkdir()
     script = tmp_path / "bench" / "gpu_check.sh"
-    source, step_line = SCRIPT.read_text(), 'step train.txt "$PY" bench/bench_step.py'
+    source, step_line = SCRIPT.read_text(), 'step bench.txt "$PY" bench/bench_step.py'
     assert source.count(step_line) == 2
-    script.write_text(source.replace(step_line, step_line.replace("train.txt", "step.txt")))
+    script.write_text(source.replace(step_line, step_line.replace("bench.txt", "step.txt")))
     result = gpu_check("quick", "--dry-run", script=script, path=bare_path(tmp_path))
     assert result.returncode == 1
     assert "plan error: 9 files, more than 8 come back" in result.stdout

@@ -79,11 +79,11 @@ def _coefficients(x, directions, knots, seed=1, scale_kind="full"):
     _, coef, _ = primitives.statistic(partials, x.shape[1], knots, 3.0, "sum", None, 1.0)
     batch, slices = coef.shape[0], coef.shape[2]
     generator = torch.Generator().manual_seed(seed)
-    if scale_kind == "stride0":  # the gradient of a scalar loss: an expanded view
-        scale = torch.full((1, 1), 1.7).expand(batch, slices)
+    if scale_kind == "stride0":  # the gradient of a scalar loss: an expanded view (made on the device:
+        scale = torch.full((1, 1), 1.7, device=x.device).expand(batch, slices)  # a copy there is dense)
     else:
-        scale = torch.randn(batch, slices, generator=generator)
-    return coef.float().to(x.device), scale.to(x.device)
+        scale = torch.randn(batch, slices, generator=generator).to(x.device)
+    return coef.float().to(x.device), scale
 
 
 # (batch dims, N, D, K, |x| scale, knots)
@@ -267,7 +267,10 @@ def test_fused_path_dispatches_few_ops(device, dtype, precision, reduction, monk
     assert inside <= interpreter_copies, inside
     expected = fused.fused_sigreg("primitives", *[t.detach().double().requires_grad_() for t in inputs], 17, 3.0,
                                   reduction, 0.01)
-    assert_relative_close("loss", loss, expected, 1e-4 if dtype == "fp32" else 2e-3)
+    # "high" on a GPU: the kernels' products round their inputs to TF32 (10-bit mantissas), as
+    # cuBLAS does; the interpreter multiplies in float32 whatever the precision.
+    tf32 = dtype == "fp32" and precision == "high" and device != "cpu"
+    assert_relative_close("loss", loss, expected, 1e-4 if dtype == "fp32" and not tf32 else 5e-3)
     assert all(g is not None and g.isfinite().all() for g in grads)
 
 
@@ -313,8 +316,8 @@ def test_opcheck(device):
     coef_p, scale_p = _coefficients(x, None, 5, scale_kind="stride0")
     partials = op.ecf_partials(x, directions, 5, 3.0)
     samples = [
-        (op.triton_ecf_partials, (x, directions, 5, 3.0)),
-        (op.triton_ecf_partials, (x, None, 5, 3.0)),
+        (op.triton_ecf_partials, (x, directions, 5, 3.0, None)),
+        (op.triton_ecf_partials, (x, None, 5, 3.0, torch.empty(1, dtype=torch.int32, device=device))),
         (op.triton_statistic, (partials, 24, 5, 3.0, "mean", None, 1.0)),
         (op.triton_statistic, (partials, 24, 5, 3.0, "none", 0.5, 2.0)),
         (op.triton_slice_gradient, (coef, scale, x, directions, 5, 3.0)),
@@ -547,7 +550,10 @@ def test_weighted_statistic_clip(device):
     partials = primitives.ecf_partials(*_double(x, directions), 17, 3.0, weights=weights.double()).float()
     moments = _moments(weights)
     expected = primitives.statistic(partials.double(), 30, 17, 3.0, "none", None, 1.0, moments=moments.double())
-    clip_value = expected[0][0].median().item()
+    # Halfway between the two middle statistics of batch index 0: no statistic near the threshold,
+    # where float32 rounding could put it on the other side.
+    middle = expected[0][0].sort().values[17:19]
+    clip_value = middle.mean().item()
     expected = primitives.statistic(partials.double(), 30, 17, 3.0, "none", clip_value, 1.0,
                                     moments=moments.double())
     stat, coef, loss = op.statistic(partials, 30, 17, 3.0, "none", clip_value, 1.0, None, moments)
