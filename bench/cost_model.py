@@ -1,6 +1,6 @@
 """Cost model of the GPU backends (cuda, triton) on an H200 or H100, without a GPU.
 
-    python bench/cost_model.py --gpu H200 --csv FILE [--check] [--measured BENCH_CSV]
+    python bench/cost_model.py --gpu H200 --csv FILE [--check] [--measured BENCH_CSV] [--profile PROFILE_TXT]
 
 For every kernel each pass runs (fused.py's routes: bf16 -> ecf_partials, statistic
 (which also reduces the loss) | slice_gradient, G@A^T; fp32 at "highest" precision -> the SGEMM
@@ -52,6 +52,7 @@ from cost_model import hardware as hw  # noqa: E402  (the package bench/cost_mod
 from cost_model.model import COLUMNS  # noqa: E402
 from cost_model.passes import (GRID_BATCH, GRID_DTYPES, HEADLINE, check, grid_cases, headline_cases,  # noqa: E402
                                model_rows, totals)
+from cost_model.measured import read_profile  # noqa: E402
 from cost_model.resources import ModelError, source_versions  # noqa: E402
 
 
@@ -102,6 +103,31 @@ def print_measured(path, all_totals):
                       f"{predicted[key]:>9.1f} {measured:>9.1f} {measured / predicted[key]:>9.2f}")
 
 
+def print_profile(path, headline_rows):
+    """Each kernel of the headline (bf16 fwd+bwd) predicted beside its measured GPU time, from
+    bench/profile_kernels.py's output: the torch profiler's and, where it ran, ncu's."""
+    measured = read_profile(path)
+    print(f"\n# headline kernels: predicted beside measured ({path}; us per fwd+bwd)")
+    print(f"{'backend':>7} {'kernel':>16} {'pred us':>9} {'profiler':>9} {'ncu':>9} {'prof/pred':>9}")
+    for backend in sorted({r.backend for r in headline_rows}):
+        predicted = {}
+        for r in headline_rows:
+            if r.backend == backend:
+                predicted[r.kernel] = predicted.get(r.kernel, 0.0) + r.predicted_us
+        for kernel, pred in predicted.items():
+            prof = measured.profiler.get(backend, {}).get(kernel)
+            ncu = measured.ncu.get(backend, {}).get(kernel)
+            shown = [f"{v:>9.1f}" if v is not None else f"{'-':>9}" for v in (prof, ncu)]
+            ratio = f"{prof / pred:>9.2f}" if prof is not None and pred > 0 else f"{'-':>9}"
+            print(f"{backend:>7} {kernel:>16} {pred:>9.1f} {shown[0]} {shown[1]} {ratio}")
+        if backend in measured.wall:
+            total = sum(predicted.values())
+            print(f"{backend:>7} {'(all kernels)':>16} {total:>9.1f} {measured.busy[backend]:>9.1f} {'':>9} "
+                  f"{measured.busy[backend] / total:>9.2f}   wall {measured.wall[backend]:.1f} us: the GPU busy "
+                  f"{measured.busy[backend] / measured.wall[backend]:.2f} of it; unmodelled kernels "
+                  f"{measured.other.get(backend, 0.0):.1f} us")
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpu", default="H200", choices=sorted(hw.GPUS))
@@ -117,6 +143,8 @@ def parse_args(argv=None):
     parser.add_argument("--check", action="store_true", help="exit 1 unless the criteria of issue 11 hold")
     parser.add_argument("--quiet", action="store_true", help="totals, headline and checks only")
     parser.add_argument("--measured", help="a CSV of bench/bench_sigreg.py to print beside the prediction")
+    parser.add_argument("--profile", help="bench/profile_kernels.py's output (gpu_check's profile.txt): the "
+                        "headline's kernels, measured beside predicted")
     return parser.parse_args(argv)
 
 
@@ -141,6 +169,8 @@ def main(argv=None):
     print_totals(all_totals)
     if args.measured:
         print_measured(args.measured, all_totals)
+    if args.profile:
+        print_profile(args.profile, headline_rows)
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=COLUMNS)

@@ -133,3 +133,59 @@ def test_weighted_passes_add_their_ops_and_cost_more(tmp_path):
         assert (backend, "weight_moments") not in plain
         for kernel in ("ecf_partials", "slice_gradient"):
             assert weighted[backend, kernel] > plain[backend, kernel]
+
+
+PROFILE_TXT = """\
+# NVIDIA H200, torch 2.11.0+cu130; bfloat16 fwd+bwd, N=4096 D=512 K=1024, 20 iterations
+
+cuda: wall 550.0 us per fwd+bwd, GPU busy 110.0 us (0.20 of it)
+  launches   mean us  kernel
+       1.0      40.0  void ecf_partials_kernel<c10::BFloat16, (TileKind)1, (ProductMode)0, false>(PartialsArgs)
+       1.0      45.0  void slice_gradient_kernel<c10::BFloat16, (TileKind)1, (ProductMode)0, false>(GradientArgs)
+       1.0      10.0  nvjet_tst_128x64_64x8_1x1_v_bz_TNT
+       1.0       5.0  statistic_kernel(StatisticArgs)
+       2.0       5.0  void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>()
+
+triton: wall 1700.0 us per fwd+bwd, GPU busy 200.0 us (0.12 of it)
+  launches   mean us  kernel
+       1.0     120.0  ecf_partials_kernel
+       1.0      70.0  slice_gradient_kernel
+       1.0      10.0  nvjet_tst_128x64_64x8_1x1_v_bz_TNT
+==PROF== Connected to process 1234
+  _Z19ecf_partials_kernelIN3c108BFloat16ELi1ELi0ELb0EEv12PartialsArgs (128, 1, 1)x(256, 1, 1), Context 1, Stream 7, Device 0, CC 9.0
+    Section: GPU Speed Of Light Throughput
+    ----------------------- ----------- ------------
+    Metric Name             Metric Unit Metric Value
+    ----------------------- ----------- ------------
+    DRAM Frequency                  Ghz         3.20
+    Duration                         us        38.50
+  nvjet_tst_128x64_64x8_1x1_v_bz_TNT (32, 8, 1)x(384, 1, 1), Context 1, Stream 7, Device 0, CC 9.0
+    Section: GPU Speed Of Light Throughput
+    Duration                         us         9.00
+  ecf_partials_kernel (256, 1, 1)x(128, 1, 1), Context 1, Stream 7, Device 0, CC 9.0
+    Section: GPU Speed Of Light Throughput
+    Duration                    msecond         0.11
+"""
+
+
+def test_profile_is_read_and_joined_with_the_headline(tmp_path):
+    from cost_model.measured import read_profile
+
+    path = tmp_path / "profile.txt"
+    path.write_text(PROFILE_TXT)
+    measured = read_profile(path)
+    assert measured.wall == {"cuda": 550.0, "triton": 1700.0} and measured.busy["cuda"] == 110.0
+    assert dict(measured.profiler["cuda"]) == {"ecf_partials": 40.0, "slice_gradient": 45.0, "gemm_grad_x": 10.0,
+                                               "statistic": 5.0}
+    assert measured.other["cuda"] == 10.0 and measured.profiler["triton"]["ecf_partials"] == 120.0
+    # ncu: the mangled CUDA kernel, the GEMM after it counted to cuda, Triton's by its plain name, units converted
+    assert dict(measured.ncu["cuda"]) == {"ecf_partials": 38.5, "gemm_grad_x": 9.0}
+    assert measured.ncu["triton"]["ecf_partials"] == pytest.approx(110.0)
+    done = run_model("--gpu", "H200", "--shapes", "4096,512,1024", "--batch", "1", "--dtypes", "bf16",
+                     "--quiet", "--profile", str(path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    section = done.stdout.split("# headline kernels", 1)[-1].split("\n\n")[0]
+    rows = {tuple(line.split()[:2]): line.split() for line in section.splitlines()[2:]}
+    assert rows[("cuda", "ecf_partials")][3:5] == ["40.0", "38.5"], section
+    assert rows[("triton", "ecf_partials")][3:5] == ["120.0", "110.0"], section
+    assert "wall 550.0 us: the GPU busy 0.20 of it" in section, section
