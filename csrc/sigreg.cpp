@@ -15,12 +15,14 @@ TORCH_LIBRARY(sigreg, m) {
   // arrivals: statistic's arrival counter (int32, one element), which ecf_partials
   // zeroes and statistic leaves at 0 again (so statistic does not declare it mutated).
   // moments: None, or float32 [B, 2] (sum w, sum w^2) of the sample weights.
+  // unbiased: the U-statistic (|ECF|^2 without its i = j terms), sigreg_kernels/primitives.py.
   m.def(
       "ecf_partials(Tensor x, Tensor? directions, int knots, float t_max, Tensor(a!)? arrivals=None, "
       "Tensor? weights=None) -> Tensor");
   m.def(
       "statistic(Tensor partials, int samples, int knots, float t_max, str reduction, float? clip_value, "
-      "float grad_factor, Tensor? arrivals=None, Tensor? moments=None) -> (Tensor, Tensor, Tensor)");
+      "float grad_factor, Tensor? arrivals=None, Tensor? moments=None, bool unbiased=False) -> "
+      "(Tensor, Tensor, Tensor)");
   m.def(
       "slice_gradient(Tensor coef, Tensor scale, Tensor x, Tensor? directions, int knots, float t_max, "
       "Tensor? weights=None) -> Tensor");

@@ -21,14 +21,14 @@ def ecf_partials(x, directions, knots: int, t_max: float, arrivals=None, weights
 
 
 def statistic(partials, samples: int, knots: int, t_max: float, reduction: str, clip_value, grad_factor: float,
-              arrivals=None, moments=None):
+              arrivals=None, moments=None, unbiased: bool = False):
     """``(stat [B, K], coef [B, 2, K, T], loss [])`` float32, one launch: ``loss`` is the mean
     (``"mean"``) or the sum (``"sum"``, ``"none"``) of ``stat``, summed in double in a fixed order.
     ``arrivals``: the counter ``ecf_partials`` zeroed, left at 0 again; None: the op zeroes one of
     its own (one device op more). ``moments``: None, or float32 ``[B, 2]`` (sum w, sum w^2) of the
-    sample weights, which then stand in for ``samples``."""
+    sample weights, which then stand in for ``samples``. ``unbiased``: the U-statistic."""
     return torch.ops.sigreg.statistic(partials, samples, knots, t_max, reduction, clip_value, grad_factor, arrivals,
-                                      moments)
+                                      moments, unbiased)
 
 
 def slice_gradient(coef, scale, x, directions, knots: int, t_max: float, weights=None):

@@ -14,7 +14,8 @@ from .quadrature import phi_minus_one, quadrature
 FUSED_BACKENDS = ("cuda", "triton")
 
 
-def statistic_from_sums(sums, samples: int, knots: int, t_max: float, clip_value=None, moments=None):
+def statistic_from_sums(sums, samples: int, knots: int, t_max: float, clip_value=None, moments=None,
+                        unbiased: bool = False):
     """Per-slice statistic ``[B, K]`` from the ECF sums ``[B, 2, K, T]`` of ``samples`` samples.
 
     ``sums[:, 0]`` holds the sums of ``cos(t_j p) - 1``, ``sums[:, 1]`` those of
@@ -22,7 +23,8 @@ def statistic_from_sums(sums, samples: int, knots: int, t_max: float, clip_value
     keeps its digits where both ``C`` and ``phi`` are close to 1.
     ``moments [B, 2]``: ``(sum w, sum w^2)`` of weighted sums; then ``N`` is ``sum w`` in the
     means and the effective size ``(sum w)^2 / sum w^2`` in the statistic (0 where ``sum w = 0``).
-    Statistics below ``clip_value`` are set to 0 (and pass no gradient).
+    Statistics below ``clip_value`` are set to 0 (and pass no gradient). ``unbiased``: the
+    U-statistic (primitives.py), NaN where the size is 1 or less.
     """
     _, _, w = quadrature(knots, t_max, dtype=sums.dtype, device=sums.device)
     phi_m1 = phi_minus_one(knots, t_max, dtype=sums.dtype, device=sums.device)
@@ -37,6 +39,12 @@ def statistic_from_sums(sums, samples: int, knots: int, t_max: float, clip_value
     ecf_sin = sums[:, 1] / total[:, None, None]
     err = ecf_cos_minus_phi.square() + ecf_sin.square()
     stat = (err * w).sum(dim=-1) * size[:, None]
+    if unbiased:  # minus r sum_j w_j (1 - |ECF_j|^2), r = N / (N - 1); 1 - C^2 - S^2 = -u (2 + u) - S^2
+        more = size > 1
+        pairs = torch.where(more, size / torch.where(more, size - 1, 1.0), torch.nan)
+        mean_cos_m1 = sums[:, 0] / total[:, None, None]
+        spread = -mean_cos_m1 * (2 + mean_cos_m1) - ecf_sin.square()
+        stat = stat - pairs[:, None] * (spread * w).sum(dim=-1)
     if moments is not None:  # no weight: 0, even where non-finite directions made the sums NaN
         stat = torch.where(present[:, None], stat, 0.0)
     if clip_value is not None:
@@ -58,7 +66,7 @@ def _computation_dtypes(x, directions):
 
 def sigreg(x, directions, *, knots: int = 17, t_max: float = 3.0, reduction: str = "mean",
            clip_value: float | None = None, backend: str = "auto", distributed: bool | None = None,
-           weights=None):
+           weights=None, unbiased: bool = False):
     """SIGReg with the Epps-Pulley test (SPEC §1) of ``x: [*B, N, D]`` along ``directions: [D, K]``.
 
     ``directions=None`` tests the columns of ``x`` as they are (``K = D``, no
@@ -79,15 +87,24 @@ def sigreg(x, directions, *, knots: int = 17, t_max: float = 3.0, reduction: str
     ``torch.distributed`` the statistic is that of the global batch; ``distributed=False``
     keeps it to this rank's batch (``None``: global whenever a process group of more than
     one rank is up; ``True`` asks for the same and is the same without one).
+    ``unbiased=True``: the U-statistic form the LeJEPA paper suggests, ``|ECF|^2`` without the
+    ``i = j`` terms of its double sum (its ``1 / N`` bias removed; weighted: the pairs' weights
+    ``w_i w_j``, ``i != j``). It needs two samples (``N >= 2``; with weights, a batch index with a
+    single weighted row has a NaN statistic); it can be negative. Prefer it at small ``N``, where
+    the biased statistic's floor ``sum_j w_j (1 - |phi_j|^2)`` is a sizeable part of the loss.
     The LeJEPA paper's Algorithm 1 integrates over ``[-5, 5]`` with 17 trapezoid points:
     that is exactly ``t_max=5.0, knots=9`` (``[-a, a]`` with ``2m + 1`` points is
     ``t_max=a, knots=m + 1``).
     """
     check_sigreg_args(x, directions, knots, t_max, reduction, clip_value)
     check_weights(weights, x)
+    if not isinstance(unbiased, bool):
+        raise TypeError(f"unbiased must be a bool, got {type(unbiased).__name__}")
     if distributed is not None and not isinstance(distributed, bool):
         raise TypeError(f"distributed must be a bool or None, got {type(distributed).__name__}")
     across_ranks = is_distributed() and distributed is not False
+    if unbiased and x.shape[-2] < 2 and not across_ranks:
+        raise ValueError(f"unbiased=True needs at least 2 samples (N = x.shape[-2]), got shape {tuple(x.shape)}")
     name = backends.resolve_backend(backend, x.device, x.dtype)
     x, directions = _computation_dtypes(x, directions)
     batch_shape, samples, dim = x.shape[:-2], x.shape[-2], x.shape[-1]
@@ -97,13 +114,14 @@ def sigreg(x, directions, *, knots: int = 17, t_max: float = 3.0, reduction: str
         weights = torch.broadcast_to(weights.detach(), (*batch_shape, samples)).reshape(-1, samples)
         weights = weights.to(accumulation_dtype(x.dtype)).contiguous()
     if name in FUSED_BACKENDS:
-        stat = fused_sigreg(name, x, directions, knots, float(t_max), reduction, clip_value, across_ranks, weights)
+        stat = fused_sigreg(name, x, directions, knots, float(t_max), reduction, clip_value, across_ranks, weights,
+                            unbiased)
         return stat.reshape(*batch_shape, slices) if reduction == "none" else stat
     sums = backends.ecf_sums(name, x, directions, knots, t_max, weights)
     moments = None if weights is None else weight_moments(weights)
     if across_ranks:
         sums, samples, moments = all_reduce_ecf_sums(sums, samples, moments)
-    stat = statistic_from_sums(sums, samples, knots, t_max, clip_value, moments)
+    stat = statistic_from_sums(sums, samples, knots, t_max, clip_value, moments, unbiased)
     if reduction == "mean":
         return stat.mean() if moments is None else stat.sum() / mean_divisor(moments, slices)
     stat = stat.reshape(*batch_shape, slices)

@@ -98,7 +98,8 @@ def _weighted(weights):
 
 class _FusedSigreg(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, directions, backend, knots, t_max, reduction, clip_value, across_ranks, weights, first):
+    def forward(ctx, x, directions, backend, knots, t_max, reduction, clip_value, across_ranks, weights, first,
+                unbiased):
         kernels = backend_kernels(backend)
         samples = x.shape[1]
         # Decided once per call (by the caller): the backward takes the same route even if the
@@ -120,8 +121,10 @@ class _FusedSigreg(torch.autograd.Function):
             # The statistic is that of the global batch (SPEC §2): one all-reduce of the sums.
             partials, samples, grad_factor, moments = all_reduce_sums_and_count(
                 partials.sum(dim=1, keepdim=True), samples, moments)
+        # Trailing arguments only where used: the plain call stays as it was.
+        extra = (moments, True) if unbiased else () if moments is None else (moments,)
         stat, coef, loss = kernels.statistic(partials, samples, knots, t_max, kernel_reduction, clip_value,
-                                             grad_factor, arrivals, *(() if moments is None else (moments,)))
+                                             grad_factor, arrivals, *extra)
         divisor = None
         if kernel_reduction != reduction:
             divisor = mean_divisor(moments, coef.shape[2]).to(loss.dtype)
@@ -141,7 +144,7 @@ class _FusedSigreg(torch.autograd.Function):
             scale = scale / divisor
         scale = scale.expand(batch, slices) if ctx.reduction != "none" else scale
         weighted = _weighted(weights)
-        nothing = (None,) * 8
+        nothing = (None,) * 9
         if directions is None:
             g = kernels.slice_gradient(coef, scale, x, None, knots, t_max, *weighted)
             if weights is not None:  # exactly 0 on rows of weight 0, whatever the statistic (NaN) is
@@ -165,11 +168,12 @@ class _FusedSigreg(torch.autograd.Function):
 
 
 def fused_sigreg(backend: str, x, directions, knots: int, t_max: float, reduction: str, clip_value,
-                 across_ranks: bool | None = None, weights=None):
+                 across_ranks: bool | None = None, weights=None, unbiased: bool = False):
     """SIGReg of ``x: [B, N, D]`` with ``backend``'s kernels: a scalar, or ``[B, K]`` for "none".
     ``across_ranks``: the statistic of the global batch (None: whenever torch.distributed is up).
-    ``weights``: None, or float32 ``[B, N]`` contiguous sample weights (primitives.py)."""
+    ``weights``: None, or float32 ``[B, N]`` contiguous sample weights (primitives.py);
+    ``unbiased``: the U-statistic (primitives.py)."""
     across_ranks = is_distributed() if across_ranks is None else across_ranks
     first = directions is not None and projection_first(x)
     return _FusedSigreg.apply(x, directions, backend, knots, t_max, reduction, clip_value, across_ranks, weights,
-                              first)
+                              first, unbiased)

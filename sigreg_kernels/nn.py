@@ -154,7 +154,8 @@ class SIGReg(StepCounter):
     synchronization (see :class:`StepCounter`); under ``torch.distributed`` it is
     synchronized to the maximum over ranks on the first call (ranks then advance
     in lockstep), so every rank draws the same directions. Per-slice statistics
-    below ``clip_value`` count as 0 and pass no gradient.
+    below ``clip_value`` count as 0 and pass no gradient. ``unbiased=True``: the
+    U-statistic (see :func:`sigreg_kernels.sigreg`), for small batches.
 
     It loads the state dict of a ``SlicingUnivariateTest`` (``global_step``, and
     its Epps-Pulley quadrature if it matches ``knots`` and ``t_max``), and vice versa.
@@ -162,8 +163,11 @@ class SIGReg(StepCounter):
     ``knots=9, t_max=5.0``.
     """
 
+    unbiased = False  # (the default of modules pickled before the option existed)
+
     def __init__(self, num_slices: int = 1024, knots: int = 17, t_max: float = 3.0,
-                 reduction: str = "mean", backend: str = "auto", clip_value: float | None = None):
+                 reduction: str = "mean", backend: str = "auto", clip_value: float | None = None,
+                 unbiased: bool = False):
         super().__init__()
         if isinstance(num_slices, bool) or not isinstance(num_slices, int) or num_slices < 1:
             raise ValueError(f"num_slices must be a positive int, got {num_slices!r}")
@@ -173,8 +177,10 @@ class SIGReg(StepCounter):
         if backend != "auto" and backend not in BACKENDS:
             raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
         check_clip_value(clip_value)
+        if not isinstance(unbiased, bool):
+            raise TypeError(f"unbiased must be a bool, got {type(unbiased).__name__}")
         self.num_slices, self.knots, self.t_max = num_slices, knots, float(t_max)
-        self.reduction, self.backend, self.clip_value = reduction, backend, clip_value
+        self.reduction, self.backend, self.clip_value, self.unbiased = reduction, backend, clip_value, unbiased
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """``weights``: sample weights ``[*B, N]`` or a bool mask (see :func:`sigreg`)."""
@@ -182,7 +188,7 @@ class SIGReg(StepCounter):
             raise ValueError(f"x must be a tensor of shape (*B, N, D), got {getattr(x, 'shape', type(x))}")
         directions = self.next_directions(x, self.num_slices)
         return sigreg(x, directions, knots=self.knots, t_max=self.t_max, reduction=self.reduction,
-                      clip_value=self.clip_value, backend=self.backend, weights=weights)
+                      clip_value=self.clip_value, backend=self.backend, weights=weights, unbiased=self.unbiased)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -195,5 +201,6 @@ class SIGReg(StepCounter):
 
     def extra_repr(self) -> str:
         clip = f", clip_value={self.clip_value}" if self.clip_value is not None else ""
+        unbiased = ", unbiased=True" if self.unbiased else ""
         return (f"num_slices={self.num_slices}, knots={self.knots}, t_max={self.t_max}, "
-                f"reduction={self.reduction!r}, backend={self.backend!r}{clip}")
+                f"reduction={self.reduction!r}, backend={self.backend!r}{clip}{unbiased}")

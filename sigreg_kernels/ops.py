@@ -44,7 +44,8 @@ def _fake_ecf_partials(x, directions, knots, t_max, arrivals=None, weights=None)
 
 
 @torch.library.register_fake("sigreg::statistic")
-def _fake_statistic(partials, samples, knots, t_max, reduction, clip_value, grad_factor, arrivals=None, moments=None):
+def _fake_statistic(partials, samples, knots, t_max, reduction, clip_value, grad_factor, arrivals=None, moments=None,
+                    unbiased=False):
     batch, _, _, slices, _ = partials.shape
     return partials.new_empty((batch, slices)), partials.new_empty((batch, 2, slices, knots)), partials.new_empty(())
 

@@ -26,8 +26,8 @@ univariate test of ``x``'s own columns (``P = x``, ``K = D``). ``T`` = ``knots``
    counter, zeroed by this kernel because it always runs first, so that the
    statistic's reduction needs no memset launch of its own.
 
-2. ``statistic(partials, samples, knots, t_max, reduction, clip_value, grad_factor, arrivals=None)
-   -> (stat [B, K], coef [B, 2, K, T], loss [])`` (float32): with ``sums = partials.sum(1)``
+2. ``statistic(partials, samples, knots, t_max, reduction, clip_value, grad_factor, arrivals=None,
+   moments=None, unbiased=False) -> (stat [B, K], coef [B, 2, K, T], loss [])`` (float32): with ``sums = partials.sum(1)``
    (a fixed order over splits), ``C - phi = sums[:, 0] / samples - (phi - 1)`` with
    ``phi - 1 = expm1(-t^2 / 2)`` (``quadrature.phi_minus_one``), ``S = sums[:, 1] / samples``:
    ``stat_k = samples * sum_j w_j ((C_kj - phi_j)^2 + S_kj^2)``, set to 0 where
@@ -73,6 +73,15 @@ and Inf included), so that it contributes exactly 0 to the sums and gets ``G = 0
    loss of a weighted "mean" leaves those batch indices out of its divisor, a count known
    only on the device: ``fused.py`` asks the kernel for the "sum" and divides.)
 3. ``G[b, n, k] = w_n * scale[b, k] * sum_j ...`` at ``P~``: 0 where ``w_n = 0``.
+
+The unbiased statistic (``sigreg(..., unbiased=True)``): ``statistic(..., moments, unbiased=True)``
+returns the U-statistic, ``|ECF|^2`` without the ``i = j`` terms of its double sum. With ``N``
+the statistic's size (``samples``, or ``W1^2 / W2``), ``r = N / (N - 1)``, ``u = C - 1 =
+sums[:, 0] / W1`` (``W1 = samples`` without weights):
+``stat_k = (biased stat_k) - r * sum_j w_j (1 - C_kj^2 - S_kj^2)``, the spread
+``1 - C^2 - S^2`` formed as ``-u (2 + u) - S^2``; ``coef`` gains ``f * 2 w_j r C_kj / W1`` and
+``f * 2 w_j r S_kj / W1``. NaN (statistic and coefficients) where ``N <= 1``: no pair of
+samples; a batch index with ``W1 = 0`` is still 0. Clipping applies to the unbiased statistic.
 """
 
 import torch
@@ -129,7 +138,7 @@ def loss_divisor(reduction: str, batch: int, slices: int) -> int:
 
 
 def statistic(partials, samples: int, knots: int, t_max: float, reduction: str, clip_value, grad_factor: float,
-              arrivals=None, moments=None):
+              arrivals=None, moments=None, unbiased: bool = False):
     _, _, w = quadrature(knots, t_max, dtype=partials.dtype, device=partials.device)
     phi_m1 = phi_minus_one(knots, t_max, dtype=partials.dtype, device=partials.device)
     sums = partials.sum(dim=1)
@@ -144,6 +153,8 @@ def statistic(partials, samples: int, knots: int, t_max: float, reduction: str, 
     factor = loss_factor(reduction, sums.shape[0], sums.shape[2], grad_factor)
     coef = torch.stack((2 * w * ecf_cos_minus_phi, 2 * w * ecf_sin), dim=1) * factor
     coef = coef * (size / total)[:, None, None, None]  # d stat / d sums: N / sum w (1 without weights)
+    if unbiased:
+        stat, coef = unbiased_statistic(stat, coef, sums, total, size, w, factor)
     if moments is not None:  # a batch index with no weight: statistic 0, no gradient
         empty = moments[:, 0] == 0
         stat = torch.where(empty[:, None], 0.0, stat)
@@ -154,6 +165,19 @@ def statistic(partials, samples: int, knots: int, t_max: float, reduction: str, 
         coef = coef * kept[:, None, :, None]
     loss = stat.to(torch.float64).sum() / loss_divisor(reduction, stat.shape[0], stat.shape[1])  # 0 / 0: NaN
     return stat, coef, loss.to(stat.dtype)
+
+
+def unbiased_statistic(stat, coef, sums, total, size, w, factor):
+    """The U-statistic from the biased one: ``stat - r sum_j w_j (1 - C_j^2 - S_j^2)``,
+    ``r = N / (N - 1)`` (``N`` the effective size; NaN where ``N <= 1``), and its coefficients.
+    ``1 - C^2 - S^2 = -u (2 + u) - S^2`` with ``u = C - 1``, the mean of the sums of ``cos - 1``."""
+    pairs = torch.where(size > 1, size / torch.where(size > 1, size - 1, 1.0), torch.nan)[:, None]  # [B, 1]
+    mean_cos_m1, mean_sin = sums[:, 0] / total[:, None, None], sums[:, 1] / total[:, None, None]
+    spread = -mean_cos_m1 * (2 + mean_cos_m1) - mean_sin.square()  # 1 - |ECF|^2, [B, K, T]
+    stat = stat - pairs * (spread @ w)
+    # d(-r sum_j w_j spread_j) / d sums = r 2 w_j (C_j, S_j) / sum w
+    extra = torch.stack((2 * w * (1 + mean_cos_m1), 2 * w * mean_sin), dim=1) * factor
+    return stat, coef + extra * (pairs / total[:, None])[:, :, None, None]
 
 
 def slice_gradient(coef, scale, x, directions, knots: int, t_max: float, weights=None):

@@ -10,7 +10,7 @@ from .quadrature import quadrature
 
 
 def sigreg_reference(x, directions, *, knots: int = 17, t_max: float = 3.0, reduction: str = "mean",
-                     clip_value: float | None = None, weights=None):
+                     clip_value: float | None = None, weights=None, unbiased: bool = False):
     """Epps-Pulley SIGReg of ``x: [*B, N, D]`` along ``directions: [D, K]`` (SPEC §1).
 
     ``directions=None`` tests the columns of ``x`` as they are (``K = D``).
@@ -18,6 +18,9 @@ def sigreg_reference(x, directions, *, knots: int = 17, t_max: float = 3.0, redu
     ``weights [*B, N]`` (broadcast over the batch dims): weighted ECF means and the effective
     sample size ``(sum w)^2 / sum w^2``; a row of weight 0 counts for nothing, whatever it holds;
     a batch index of weight 0 has statistic 0 and is left out of the mean.
+    ``unbiased``: the U-statistic, ``|ECF|^2`` without the ``i = j`` terms of its double sum
+    (weighted: ``(W1^2 |ECF|^2 - W2) / (W1^2 - W2)``, ``Wk = sum w^k``); NaN where fewer than two
+    samples carry weight.
     Returns a scalar for ``reduction="mean"|"sum"``, or ``[*B, K]`` for ``"none"``.
     """
     if weights is not None:
@@ -40,6 +43,12 @@ def sigreg_reference(x, directions, *, knots: int = 17, t_max: float = 3.0, redu
         ecf_sin = (angles.sin() * row_weights).sum(dim=-3)
         samples = total.square() / torch.where(total > 0, weights.square().sum(dim=-1), 1.0)  # effective N
     err = (ecf_cos - phi).square() + ecf_sin.square()
+    if unbiased:  # |ECF|^2 = sum_ij w_i w_j e^{i t (p_i - p_j)} / W1^2: drop its i = j terms (W2 of them)
+        w1, w2 = (samples, samples) if weights is None else (total, weights.square().sum(dim=-1))
+        w1, w2 = w1[..., None, None] ** 2, w2[..., None, None]
+        square = ecf_cos.square() + ecf_sin.square()
+        pairs_square = torch.where(w1 > w2, (w1 * square - w2) / torch.where(w1 > w2, w1 - w2, 1.0), torch.nan)
+        err = err - square + pairs_square
     stat = (err * w).sum(dim=-1) * samples[..., None]  # [*B, K]
     if weights is not None:  # a batch index without weight: 0, even where non-finite directions make it NaN
         stat = torch.where(total[..., None] > 0, stat, torch.zeros_like(stat))

@@ -558,7 +558,7 @@ def statistic_kernel(
     stride_mb, stride_mc,
     samples, delta, factor, clip_value,
     KNOTS: tl.constexpr, KNOTS_PAD: tl.constexpr, HAS_CLIP: tl.constexpr, BLOCK_K: tl.constexpr,
-    SUM_BLOCK: tl.constexpr, HAS_MOMENTS: tl.constexpr,
+    SUM_BLOCK: tl.constexpr, HAS_MOMENTS: tl.constexpr, UNBIASED: tl.constexpr = False,
 ):
     """stat [B, K], coef [B, 2, K, T] (knot axes contiguous) and the loss from partials [B, S, 2, K, T].
 
@@ -570,7 +570,7 @@ def statistic_kernel(
     ecf_partials zeroed); the program that arrives last sums block_sums in program
     order, whatever the arrival order, writes the loss and resets the counter to 0.
     HAS_MOMENTS: weighted sums, normalized by the batch index's moments (sum w, sum w^2)
-    instead of ``samples``.
+    instead of ``samples``. UNBIASED: the U-statistic (primitives.py).
     """
     pid = tl.program_id(0)
     b = (pid // k_blocks).to(tl.int64)
@@ -612,6 +612,17 @@ def statistic_kernel(
     if HAS_MOMENTS:
         coef_c = coef_c * ratio
         coef_s = coef_s * ratio
+    if UNBIASED:
+        # Minus r sum_j w_j (1 - C^2 - S^2), r = N / (N - 1), NaN where N <= 1 (no pair of samples);
+        # 1 - C^2 - S^2 = -u (2 + u) - S^2 with u = C - 1, the mean of cos - 1: no cancellation at 1.
+        mean_cos_m1 = sums_c / count
+        pairs = tl.where(size > 1.0, size / (size - 1.0), float("nan"))
+        spread = -mean_cos_m1 * (2.0 + mean_cos_m1) - ecf_sin * ecf_sin
+        stat = stat - pairs * _sum(spread * w, 1)
+        extra = (2.0 * w) * factor * (pairs / count)  # d / d sums: r 2 w_j (C_j, S_j) / sum w
+        coef_c = coef_c + extra * (1.0 + mean_cos_m1)
+        coef_s = coef_s + extra * ecf_sin
+    if HAS_MOMENTS:
         # A batch index with no weight: statistic 0 and no gradient, not 0 / 0.
         empty = count == 0
         stat = tl.where(empty, 0.0, stat)

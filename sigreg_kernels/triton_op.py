@@ -4,7 +4,7 @@
                                 Tensor(a!)? arrivals, Tensor? weights=None) -> Tensor
     sigreg::triton_statistic(Tensor partials, int samples, int knots, float t_max, str reduction,
                              float? clip_value, float grad_factor, Tensor? arrivals=None,
-                             Tensor? moments=None) -> (Tensor, Tensor, Tensor)
+                             Tensor? moments=None, bool unbiased=False) -> (Tensor, Tensor, Tensor)
     sigreg::triton_slice_gradient(Tensor coef, Tensor scale, Tensor x, Tensor? directions,
                                   int knots, float t_max, Tensor? weights=None) -> Tensor
     sigreg::triton_slice_gradient_(Tensor(a!) projection, Tensor coef, Tensor scale,
@@ -262,7 +262,8 @@ def ecf_partials_args(x, directions, partials, kernel_plan, knots: int, t_max: f
 
 
 def statistic_args(partials, stat, coef, block_sums, loss, arrivals, kernel_plan, samples: int, knots: int,
-                   t_max: float, factor: float, clip_value: Optional[float], divisor: int, moments=None):
+                   t_max: float, factor: float, clip_value: Optional[float], divisor: int, moments=None,
+                   unbiased: bool = False):
     _, splits, _, slices, _ = partials.shape
     tile = kernel_plan.tile
     # Without moments: a pointer and strides the kernel never reads.
@@ -273,7 +274,7 @@ def statistic_args(partials, stat, coef, block_sums, loss, arrivals, kernel_plan
             float(samples), knot_spacing(knots, t_max), factor, 0.0 if clip_value is None else float(clip_value))
     meta = {"KNOTS": knots, "KNOTS_PAD": tile["KNOTS_PAD"], "HAS_CLIP": clip_value is not None,
             "BLOCK_K": tile["BLOCK_K"], "SUM_BLOCK": tile["SUM_BLOCK"], "HAS_MOMENTS": moments is not None,
-            "num_warps": tile["num_warps"], "num_stages": tile["num_stages"]}
+            "UNBIASED": unbiased, "num_warps": tile["num_warps"], "num_stages": tile["num_stages"]}
     return kernel_plan.grid, args, meta
 
 
@@ -329,7 +330,8 @@ def triton_ecf_partials(x: torch.Tensor, directions: Optional[torch.Tensor], kno
 @_register("sigreg::triton_statistic")
 def triton_statistic(partials: torch.Tensor, samples: int, knots: int, t_max: float, reduction: str,
                      clip_value: Optional[float], grad_factor: float, arrivals: Optional[torch.Tensor] = None,
-                     moments: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     moments: Optional[torch.Tensor] = None,
+                     unbiased: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(stat [B, K], coef [B, 2, K, knots], loss [])`` (float32): primitives.statistic."""
     if partials.dtype != torch.float32 or partials.dim() != 5 or partials.shape[2] != 2 or partials.shape[4] != knots:
         raise ValueError(f"partials must be float32 [B, S, 2, K, {knots}], got {partials.dtype} "
@@ -349,7 +351,8 @@ def triton_statistic(partials: torch.Tensor, samples: int, knots: int, t_max: fl
     if arrivals is None:
         arrivals = torch.zeros(1, dtype=torch.int32, device=partials.device)
     grid, args, meta = statistic_args(partials, stat, coef, block_sums, loss, arrivals, kernel_plan, samples, knots,
-                                      t_max, factor, clip_value, loss_divisor(reduction, batch, slices), moments)
+                                      t_max, factor, clip_value, loss_divisor(reduction, batch, slices), moments,
+                                      unbiased)
     if grid[0] == 0:  # nothing to launch: the loss of no statistics
         return stat, coef, loss.fill_(float("nan") if reduction == "mean" else 0.0)
     with _device_guard(partials):
@@ -418,7 +421,8 @@ if REGISTRATION == "custom_op":  # triton_op traces the launchers as their fake 
         return x.new_empty((batch, splits, 2, slices, knots), dtype=torch.float32)
 
     @triton_statistic.register_fake
-    def _(partials, samples, knots, t_max, reduction, clip_value, grad_factor, arrivals=None, moments=None):
+    def _(partials, samples, knots, t_max, reduction, clip_value, grad_factor, arrivals=None, moments=None,
+          unbiased=False):
         batch, _, _, slices, _ = partials.shape
         stat, coef = partials.new_empty((batch, slices)), partials.new_empty((batch, 2, slices, knots))
         return stat, coef, partials.new_empty(())

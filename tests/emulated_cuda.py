@@ -104,7 +104,8 @@ class EmulatedKernels:
         ptr, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
         lib = self.lib
         lib.sigreg_emu_ecf_partials.argtypes = [i32, i32, ptr, ptr, ptr] + [i64] * 5 + [f64, i64, ptr, ptr]
-        lib.sigreg_emu_statistic.argtypes = [ptr, ptr, ptr] + [i64] * 5 + [f64, i32, i32, f64, f64] + [ptr] * 4
+        lib.sigreg_emu_statistic.argtypes = ([ptr, ptr, ptr] + [i64] * 5 + [f64, i32, i32, f64, f64] + [ptr] * 4
+                                             + [i32])
         lib.sigreg_emu_slice_gradient.argtypes = ([i32, i32, ptr, ptr, i64, i64, ptr, ptr, ptr] + [i64] * 5
                                                   + [f64, i64, ptr])
         lib.sigreg_emu_plan_ecf_partials.argtypes = [i64] * 4 + [i32, i64, ptr]
@@ -217,9 +218,10 @@ class EmulatedKernels:
         return partials.checked("partials")
 
     def statistic(self, partials, samples, knots, t_max, reduction, clip_value, grad_factor, arrivals=None,
-                  moments=None):
+                  moments=None, unbiased=False):
         """``(stat [B, K], coef [B, 2, K, T], loss [])`` float32; ``arrivals`` holds 0 (None: a zeroed
-        counter of its own) and is left at 0. ``moments``: float32 ``[B, 2]`` (sum w, sum w^2) or None."""
+        counter of its own) and is left at 0. ``moments``: float32 ``[B, 2]`` (sum w, sum w^2) or None;
+        ``unbiased``: the U-statistic."""
         partials = partials.contiguous()
         batch, splits, _, slices, _ = partials.shape
         if moments is not None:
@@ -237,7 +239,7 @@ class EmulatedKernels:
             partials.data_ptr(), stat.tensor.data_ptr(), coef.tensor.data_ptr(), batch, splits, slices, knots,
             samples, t_max, REDUCTION_CODES[reduction], clip_value is not None,
             0.0 if clip_value is None else clip_value, grad_factor, counter.tensor.data_ptr(),
-            block_sums.tensor.data_ptr(), loss.tensor.data_ptr(), _ptr(moments)))
+            block_sums.tensor.data_ptr(), loss.tensor.data_ptr(), _ptr(moments), int(unbiased)))
         block_sums.checked("block_sums")
         if arrivals is not None:
             arrivals.copy_(counter.checked("arrivals").reshape(arrivals.shape))
@@ -268,12 +270,13 @@ class EmulatedKernels:
     # ---- the op ----
 
     def sigreg(self, x, directions, *, knots=17, t_max=3.0, reduction="none", tensor_cores=False, clip_value=None,
-               weights=None):
+               weights=None, unbiased=False):
         """SIGReg of ``x [*B, N, D]`` as the ``cuda`` backend computes it (``fused.py`` around these
         kernels), differentiable; ``directions=None``: the columns of ``x``. ``tensor_cores``: WMMA
         products (TF32 for float32 inputs) instead of exact FMAs, where the kernels compute the product
         (float32 at "highest" precision takes the SGEMM route of fused.py instead). ``weights``: sample
-        weights ``[*B, N]`` (broadcast over the batch dims), as ``sigreg`` takes them."""
+        weights ``[*B, N]`` (broadcast over the batch dims), as ``sigreg`` takes them; ``unbiased``: the
+        U-statistic."""
         batch_shape, samples, dim = x.shape[:-2], x.shape[-2], x.shape[-1]
         name = f"cuda-emulated-{id(self)}-{int(tensor_cores)}"
         fused.register_kernels(name, _FusedKernels(self, tensor_cores))
@@ -281,7 +284,7 @@ class EmulatedKernels:
         if weights is not None:  # as sigreg hands them to the kernels: float32 [B, N], contiguous
             weights = torch.broadcast_to(weights, x.shape[:-1]).reshape(flat.shape[:2]).float().contiguous()
         out = fused.fused_sigreg(name, flat, None if directions is None else directions.contiguous(), knots, t_max,
-                                 reduction, clip_value, None, weights)
+                                 reduction, clip_value, None, weights, unbiased)
         if reduction != "none":
             return out
         return out.reshape(*batch_shape, dim if directions is None else directions.shape[1])
@@ -298,9 +301,9 @@ class _FusedKernels:
                                          knots, t_max, arrivals, weights, tensor_cores=self.tensor_cores)
 
     def statistic(self, partials, samples, knots, t_max, reduction, clip_value, grad_factor, arrivals=None,
-                  moments=None):
+                  moments=None, unbiased=False):
         return self.kernels.statistic(partials, samples, knots, t_max, reduction, clip_value, grad_factor, arrivals,
-                                      moments)
+                                      moments, unbiased)
 
     def slice_gradient(self, coef, scale, x, directions, knots, t_max, weights=None):
         return self.kernels.slice_gradient(coef, scale, x.contiguous(),

@@ -399,6 +399,7 @@ def test_opcheck(contiguous):
         (torch.ops.sigreg.statistic.default, (partials, 37, 17, 3.0, "mean", None, 2.0)),
         (torch.ops.sigreg.statistic.default, (partials, 37, 17, 3.0, "none", 0.5, 1.0)),
         (torch.ops.sigreg.statistic.default, (partials, 37, 17, 3.0, "sum", 0.1, 1.0, arrivals)),
+        (torch.ops.sigreg.statistic.default, (partials, 37, 17, 3.0, "mean", None, 1.0, arrivals, None, True)),
         (torch.ops.sigreg.slice_gradient.default, (coef, scale, x, directions, 17, 3.0)),
         (torch.ops.sigreg.slice_gradient_.default,
          ((x.contiguous() @ directions).contiguous(), coef, scale, 17, 3.0)),

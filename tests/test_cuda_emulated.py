@@ -640,3 +640,43 @@ def test_emulation_reports_launch_failures(kernels, name, message):
     out = torch.zeros(256 * 2)
     assert kernels.run(name, out) != 0
     assert message in kernels.failure()
+
+
+# ---- unbiased=True: the U-statistic (primitives.py) ----
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("reduction, clip", [("mean", False), ("none", True)])
+def test_unbiased_statistic_matches_the_contract(kernels, weighted, reduction, clip):
+    x, directions = flat_case((3,), 30, 6, 21, seed=21)
+    weights = sample_weights(3, 30, "random", seed=22) if weighted else None
+    moments = None if weights is None else moments_of(weights)
+    partials = primitives.ecf_partials(f64(x), f64(directions), 17, 3.0,
+                                       weights=None if weights is None else weights.double()).float()
+    args = (30, 17, 3.0, reduction)
+    moments64 = None if moments is None else moments.double()
+    clip_value = None
+    if clip:  # halfway between two statistics of batch index 0: rounding decides nothing
+        stats = primitives.statistic(f64(partials), *args, None, 1.0, None, moments64, True)[0]
+        clip_value = stats[0].sort().values[10:12].mean().item()
+    truth = primitives.statistic(f64(partials), *args, clip_value, 0.5, None, moments64, True)
+    ours = kernels.statistic(partials, *args, clip_value, 0.5, None, moments, True)
+    biased = kernels.statistic(partials, *args, clip_value, 0.5, None, moments)
+    assert not torch.allclose(ours[0], biased[0])
+    for name, a, b in zip(("stat", "coef", "loss"), ours, truth):
+        assert_relative_close(name, a, b, 1e-5)
+
+
+def test_unbiased_statistic_of_one_weighted_row_is_nan(kernels):
+    partials = torch.rand(3, 2, 2, 5, 17, generator=torch.Generator().manual_seed(23))
+    moments = torch.tensor([[1.5, 2.25], [2.0, 1.0], [0.0, 0.0]])  # one row of weight 1.5; two rows; none
+    stat, coef, _ = kernels.statistic(partials, 7, 17, 3.0, "none", None, 1.0, None, moments, True)
+    assert stat[0].isnan().all() and coef[0].isnan().all()
+    assert stat[1].isfinite().all() and (stat[2] == 0).all() and (coef[2] == 0).all()
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_unbiased_op_matches_oracle(kernels, weighted):
+    """fused.py around the emulated kernels, values and both gradients, against the float64 oracle."""
+    x, directions, weight = weighted_case((2,), 37, 19, 65, seed=24)
+    weights = sample_weights(2, 37, "mask", seed=25) if weighted else None
+    assert_matches_oracle(kernels.sigreg, x, directions, weight, unbiased=True, weights=weights)

@@ -41,9 +41,10 @@ def emulated_ops(tmp_path_factory):
         return kernels.ecf_partials(x.contiguous(), directions, knots, t_max, arrivals, weights,
                                     tensor_cores=tensor_cores(x.dtype)).clone()
 
-    def statistic(partials, samples, knots, t_max, reduction, clip_value, grad_factor, arrivals=None, moments=None):
+    def statistic(partials, samples, knots, t_max, reduction, clip_value, grad_factor, arrivals=None, moments=None,
+                  unbiased=False):
         outputs = kernels.statistic(partials, samples, knots, t_max, reduction, clip_value, grad_factor, arrivals,
-                                    moments)
+                                    moments, unbiased)
         return tuple(t.clone() for t in outputs)
 
     def slice_gradient(coef, scale, x, directions, knots, t_max, weights=None):
@@ -132,6 +133,8 @@ def test_opcheck():
         (torch.ops.sigreg.slice_gradient_.default, ((x @ directions).contiguous(), coef, scale, 17, 3.0)),
         (torch.ops.sigreg.ecf_partials.default, (x, directions, 17, 3.0, arrivals, weights)),
         (torch.ops.sigreg.statistic.default, (partials, 37, 17, 3.0, "sum", None, 1.0, arrivals, moments)),
+        (torch.ops.sigreg.statistic.default, (partials, 37, 17, 3.0, "mean", 0.1, 1.0, arrivals, moments, True)),
+        (torch.ops.sigreg.statistic.default, (partials, 37, 17, 3.0, "none", None, 1.0, None, None, True)),
         (torch.ops.sigreg.slice_gradient.default, (coef, scale, x_strided, directions, 17, 3.0, weights)),
         (torch.ops.sigreg.slice_gradient_.default, ((x @ directions).contiguous(), coef, scale, 17, 3.0, weights)),
     ]

@@ -329,6 +329,8 @@ def test_opcheck(device):
         (op.triton_ecf_partials, (x, directions, 5, 3.0, None, weights)),
         (op.triton_ecf_partials, (x, None, 5, 3.0, torch.empty(1, dtype=torch.int32, device=device), weights)),
         (op.triton_statistic, (partials, 24, 5, 3.0, "sum", 0.5, 1.0, None, _moments(weights))),
+        (op.triton_statistic, (partials, 24, 5, 3.0, "mean", None, 1.0, None, _moments(weights), True)),
+        (op.triton_statistic, (partials, 24, 5, 3.0, "none", None, 1.0, None, None, True)),
         (op.triton_slice_gradient, (coef, scale, x, directions, 5, 3.0, weights)),
         (op.triton_slice_gradient_, ((x @ directions), coef, scale, 5, 3.0, weights)),
     ]
@@ -574,3 +576,29 @@ def test_rejects_bad_weights(device):
     partials = op.ecf_partials(x, directions, 17, 3.0)
     with pytest.raises(ValueError, match="moments"):
         op.statistic(partials, 8, 17, 3.0, "sum", None, 1.0, None, torch.ones(2, 3, device=device))
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("reduction, clip", [("mean", False), ("none", True)])
+def test_unbiased_statistic_matches_the_contract(device, weighted, reduction, clip):
+    """unbiased=True, the U-statistic: stat, coef and loss against primitives.statistic in float64."""
+    op = _import_op_module()
+    x, directions = _case((3,), 30, 5, 37, device=device)
+    weights = _sample_weights(3, 30, device=device) if weighted else None
+    moments = None if weights is None else _moments(weights)
+    moments64 = None if moments is None else moments.double()
+    partials = primitives.ecf_partials(*_double(x, directions), 17, 3.0,
+                                       weights=None if weights is None else weights.double()).float()
+    clip_value = None
+    if clip:  # halfway between two statistics of batch index 0
+        stats = primitives.statistic(partials.double(), 30, 17, 3.0, "none", None, 1.0, None, moments64, True)[0]
+        clip_value = stats[0].sort().values[17:19].mean().item()
+    truth = primitives.statistic(partials.double(), 30, 17, 3.0, reduction, clip_value, 0.5, None, moments64, True)
+    ours = op.statistic(partials, 30, 17, 3.0, reduction, clip_value, 0.5, None, moments, True)
+    biased = op.statistic(partials, 30, 17, 3.0, reduction, clip_value, 0.5, None, moments)
+    assert not torch.allclose(ours[0], biased[0])
+    for name, value, exact in zip(("stat", "coef", "loss"), ours, truth):
+        assert_relative_close(name, value, exact, 1e-5)
+    one_row = torch.tensor([[1.5, 2.25], [2.0, 1.0], [0.0, 0.0]], device=device)  # one row; two rows; none
+    stat, coef, _ = op.statistic(partials, 30, 17, 3.0, "none", None, 1.0, None, one_row, True)
+    assert stat[0].isnan().all() and coef[0].isnan().all() and stat[1].isfinite().all() and (stat[2] == 0).all()

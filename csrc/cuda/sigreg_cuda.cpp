@@ -168,7 +168,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> statistic_cuda(const at::Tensor& 
                                                               int64_t knots, double t_max, c10::string_view reduction,
                                                               std::optional<double> clip_value, double grad_factor,
                                                               const std::optional<at::Tensor>& arrivals_in,
-                                                              const std::optional<at::Tensor>& moments_in) {
+                                                              const std::optional<at::Tensor>& moments_in,
+                                                              bool unbiased) {
   TORCH_CHECK(partials_in.dim() == 5 && partials_in.size(2) == 2 && partials_in.size(4) == knots &&
                   partials_in.size(1) > 0,
               "sigreg: partials must be (B, S, 2, K, knots) with S >= 1 and knots = ", knots, ", got ",
@@ -222,7 +223,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> statistic_cuda(const at::Tensor& 
                                  clip_value.has_value(), static_cast<float>(clip_value.value_or(0.0)),
                                  plan.slices_per_block, plan.cached, block_sums.data_ptr<double>(),
                                  arrivals_ptr(arrivals, partials_in.device()), loss.data_ptr<float>(),
-                                 mean ? elements : 1.0, plan.blocks, 0};
+                                 mean ? elements : 1.0, plan.blocks, 0, unbiased};
   C10_CUDA_CHECK(cuda::launch_statistic(plan, args, c10::cuda::getCurrentCUDAStream()));
   return {stat, coef, loss};
 }

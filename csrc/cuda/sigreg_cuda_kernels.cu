@@ -51,6 +51,8 @@
 // blocks run in. One integer atomic per statistic block (its arrival ticket,
 // which only picks the block that sums); no float atomics.
 // Building blocks (tiles, shared memory, products) are in sigreg_cuda_tiles.cuh.
+#include <limits>
+
 #include "sigreg_cuda_tiles.cuh"
 
 namespace sigreg {
@@ -258,6 +260,10 @@ __global__ void __launch_bounds__(kStatisticThreads) statistic_kernel(StatisticA
     empty = w1 == 0.0;
   }
   const double gain = size / total;  // d stat / d sums = gain * 2 w_j (mean - phi_m1), resp. gain * 2 w_j mean
+  // The U-statistic: each knot's term less q (1 - C_j^2 - S_j^2), q = 1 / (N - 1), NaN where N <= 1
+  // (no pair of samples); 1 - C^2 - S^2 = -u (2 + u) - S^2 with u = C - 1, no cancellation. (One
+  // double more: a second accumulator would spill.)
+  const double q = !a.unbiased ? 0.0 : size > 1.0 ? 1.0 / (size - 1.0) : std::numeric_limits<double>::quiet_NaN();
   // Element e of the group: part (cos 0, sin 1) e / per_part, slice k0 + r / knots, knot r % knots.
   auto sum_of = [&](int64_t e) {
     const int64_t part = e / per_part, r = e % per_part;
@@ -292,7 +298,9 @@ __global__ void __launch_bounds__(kStatisticThreads) statistic_kernel(StatisticA
       const double s = (a.cached ? cache[per_part + e] : sum_of(per_part + e)) / total;
       double phi_m1;
       const double w = weight(j, &phi_m1);
-      sum += w * ((u - phi_m1) * (u - phi_m1) + s * s);
+      double term = (u - phi_m1) * (u - phi_m1) + s * s;
+      if (a.unbiased) term -= q * (-u * (2.0 + u) - s * s);
+      sum += w * term;
     }
     const float stat = empty ? 0.0f : static_cast<float>(size * sum);
     const bool keep = !(a.clip && stat < a.clip_value);  // a NaN statistic stays NaN, as in the reference
@@ -314,7 +322,9 @@ __global__ void __launch_bounds__(kStatisticThreads) statistic_kernel(StatisticA
     const double mean = (a.cached ? cache[e] : sum_of(e)) / total;
     double phi_m1;
     const double w = weight(j, &phi_m1);
-    const double d_sum = 2.0 * w * (part == 0 ? mean - phi_m1 : mean);  // d stat / d sum, over gain
+    double d = part == 0 ? mean - phi_m1 : mean;
+    if (a.unbiased) d += q * (part == 0 ? 1.0 + mean : mean);  // the U-statistic's q (C_j, S_j)
+    const double d_sum = 2.0 * w * d;  // d stat / d sum, over gain
     const double coef = a.factor * d_sum * gain * static_cast<double>(kept[kk]);  // NaN stays NaN when clipped
     a.coef[(b * 2 + part) * a.slices * a.knots + k0 * a.knots + r] = empty ? 0.0f : static_cast<float>(coef);
   }

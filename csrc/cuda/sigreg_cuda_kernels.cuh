@@ -188,6 +188,7 @@ struct StatisticArgs {
   double loss_divisor;  // B K for a mean, 1 for a sum
   int64_t blocks;     // plan.blocks: over all launches
   int64_t block_offset;
+  bool unbiased;      // the U-statistic (sigreg_kernels/primitives.py)
 };
 // cudaErrorInvalidValue past 2^32 - 1 blocks (the arrival counter's range) or if args.blocks != plan.blocks.
 cudaError_t launch_statistic(const StatisticPlan& plan, StatisticArgs args, cudaStream_t stream,

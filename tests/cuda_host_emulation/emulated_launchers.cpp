@@ -99,11 +99,11 @@ int sigreg_emu_ecf_partials(int dtype, int mode, const void* x, const void* dire
 // reduction: sigreg::cuda::Reduction; clip: whether clip_value applies. arrivals: the
 // counter (holding 0), block_sums: the plan's blocks doubles, loss: one float (the
 // caller fills loss for an empty problem: no launch). moments: float [batch, 2] (sum w,
-// sum w^2) of sample weights, or null.
+// sum w^2) of sample weights, or null. unbiased: the U-statistic.
 int sigreg_emu_statistic(const float* partials, float* stat, float* coef, int64_t batch, int64_t splits,
                          int64_t slices, int64_t knots, int64_t samples, double t_max, int reduction, int clip,
                          double clip_value, double grad_factor, int32_t* arrivals, double* block_sums, float* loss,
-                         const float* moments) {
+                         const float* moments, int unbiased) {
   const StatisticPlan plan = plan_statistic(batch, slices, knots, static_cast<int64_t>(emu::state.max_grid_x));
   if (plan.blocks == 0) return cudaSuccess;
   const bool mean = static_cast<Reduction>(reduction) == Reduction::kMean;
@@ -113,7 +113,7 @@ int sigreg_emu_statistic(const float* partials, float* stat, float* coef, int64_
                            sigreg::knot_spacing(static_cast<int>(knots), t_max), factor, clip != 0,
                            static_cast<float>(clip_value), plan.slices_per_block, plan.cached, block_sums,
                            reinterpret_cast<unsigned int*>(arrivals), loss, mean ? elements : 1.0,
-                           plan.blocks, 0};
+                           plan.blocks, 0, unbiased != 0};
   return launch_statistic(plan, args, nullptr, static_cast<int64_t>(emu::state.max_grid_x));
 }
 
