@@ -35,7 +35,7 @@ if BUILD_EXTENSION not in ("", "0", "1"):
     raise SystemExit(f"sigreg_kernels: SIGREG_BUILD_EXTENSION must be 0, 1 or unset, got {BUILD_EXTENSION!r}")
 
 # What this build compiled, and why not: written into the package as _build_info.py,
-# so that an install without the kernels can say why (sigreg_kernels/backends.py).
+# so that an install without the kernels can say why (sigreg_kernels/dispatch.py).
 build_info = {"EXTENSION": False, "WHY_NO_EXTENSION": None, "CUDA_ARCHS": None, "WHY_NO_CUDA": None,
               "TORCH": None}
 

@@ -94,7 +94,7 @@ def main(argv=None):
     p.add_argument("--t-max", default="3.0,0.1", help="comma-separated: one table per value")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before sigreg_kernels.triton_op is imported
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before sigreg_kernels.gpu.triton.ops is imported
     sys.path.insert(0, str(TESTS))
     import warnings
 

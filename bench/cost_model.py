@@ -2,7 +2,7 @@
 
     python bench/cost_model.py --gpu H200 --csv FILE [--check] [--measured BENCH_CSV] [--profile PROFILE_TXT]
 
-For every kernel each pass runs (fused.py's routes: bf16 -> ecf_partials, statistic
+For every kernel each pass runs (gpu/fused.py's routes: bf16 -> ecf_partials, statistic
 (which also reduces the loss) | slice_gradient, G@A^T; fp32 at "highest" precision -> the SGEMM
 projection first and the kernels on it, projected=True) at every benchmark shape
 (N in 1024/4096/16384, D in 64/512/2048, K in 256/1024/4096, batch 1 and 8, bf16 and

@@ -110,7 +110,7 @@ stage_build() {
   # NVCC_APPEND_FLAGS reaches every nvcc call without touching setup.py; ninja prints ptxas's report.
   step build.log env FORCE_CUDA=1 MAX_JOBS=16 TORCH_CUDA_ARCH_LIST="$ARCH" NVCC_APPEND_FLAGS="-Xptxas -v" \
     "$PY" -m pip install -v --no-build-isolation --no-deps -e . || return
-  step build.log "$PY" -c "from sigreg_kernels import ops; assert ops.CUDA_KERNELS_BUILT, 'no CUDA kernels'" || return
+  step build.log "$PY" -c "from sigreg_kernels import extension; assert extension.CUDA_KERNELS_BUILT, 'no CUDA kernels'" || return
   step build.log bash -c "cuobjdump --dump-resource-usage sigreg_kernels/_C*.so"
 }
 
@@ -332,7 +332,7 @@ ARCH=$($PY -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'
   || { echo "torch sees no CUDA device: nothing to check here (--dry-run shows the plan)" >&2; exit 2; }
 # Stages other than build need the CUDA kernels: build first where they are missing.
 if [[ " ${STAGES[*]} " != *" build "* ]] \
-  && ! $PY -c "from sigreg_kernels import ops; assert ops.CUDA_KERNELS_BUILT" 2>/dev/null; then
+  && ! $PY -c "from sigreg_kernels import extension; assert extension.CUDA_KERNELS_BUILT" 2>/dev/null; then
   STAGES=(build "${STAGES[@]}")
 fi
 walk_plan > /dev/null

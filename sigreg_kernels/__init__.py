@@ -8,10 +8,10 @@
 The published LeJEPA library's classes, on the same kernels: ``sigreg_kernels.lejepa``.
 """
 
-from .backends import BACKENDS, available_backends
+from .dispatch import BACKENDS, available_backends
 from .functional import sigreg, statistic_from_sums
 from .nn import SIGReg, sample_directions
-from .quadrature import quadrature
+from .core.quadrature import quadrature
 from .reference import sigreg_reference
 from . import lejepa  # after the modules it builds on
 

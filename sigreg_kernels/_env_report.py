@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from . import __version__, backends
+from . import __version__, dispatch
 from .functional import sigreg
 from .reference import sigreg_reference
 
@@ -81,12 +81,12 @@ def gpu_lines(devices):
 
 
 def extension_lines(devices):
-    info = backends._build_info
-    if backends._ops is None:
-        return [f"extension      missing: {backends._extension_reason()}"]
+    info = dispatch._build_info
+    if dispatch._ops is None:
+        return [f"extension      missing: {dispatch._extension_reason()}"]
     # (No record, or one that says "not built": an extension left from an earlier build.)
     built_with = f"built against torch {info.TORCH}" if info and info.EXTENSION else "no build record of it"
-    if not backends._ops.CUDA_KERNELS_BUILT:
+    if not dispatch._ops.CUDA_KERNELS_BUILT:
         why = f" ({info.WHY_NO_CUDA})" if info and info.WHY_NO_CUDA else ""
         return [f"extension      loaded, {built_with}: CPU kernels only{why}"]
     archs = info.CUDA_ARCHS if info else None
@@ -103,10 +103,10 @@ def backend_table(devices):
     """``[(device, backend, reason or None)]``: every backend that could serve the device."""
     rows = []
     for device in ["cpu"] + (["cuda"] if devices else []):
-        for name in backends.BACKENDS:
+        for name in dispatch.BACKENDS:
             if name in ("cpu", "cuda") and name != device:
                 continue
-            rows.append((device, name, backends.unavailable_reason(name, torch.device(device))))
+            rows.append((device, name, dispatch.unavailable_reason(name, torch.device(device))))
     return rows
 
 

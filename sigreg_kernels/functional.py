@@ -2,14 +2,14 @@
 
 import torch
 
-from . import backends
-from ._validation import check_sigreg_args, check_weights
-from .distributed import all_reduce_ecf_sums, is_distributed
-from .op_registration import accumulation_dtype
-from .fused import fused_sigreg, mean_divisor, weight_moments
-from .quadrature import phi_minus_one, quadrature
+from . import dispatch
+from .core.distributed import all_reduce_ecf_sums, is_distributed
+from .core.numerics import accumulation_dtype
+from .core.quadrature import phi_minus_one, quadrature
+from .core.validation import check_sigreg_args, check_weights
+from .gpu.fused import fused_sigreg, mean_divisor, weight_moments
 
-# Backends that run the kernels of primitives.py through fused.py; the others
+# Backends that run the kernels of gpu/contract.py through gpu/fused.py; the others
 # (reference, cpu) compute the ECF sums with one op and the statistic in torch.
 FUSED_BACKENDS = ("cuda", "triton")
 
@@ -19,12 +19,12 @@ def statistic_from_sums(sums, samples: int, knots: int, t_max: float, clip_value
     """Per-slice statistic ``[B, K]`` from the ECF sums ``[B, 2, K, T]`` of ``samples`` samples.
 
     ``sums[:, 0]`` holds the sums of ``cos(t_j p) - 1``, ``sums[:, 1]`` those of
-    ``sin(t_j p)`` (op_registration.py): ``C - phi = sums[:, 0] / N - (phi - 1)``
+    ``sin(t_j p)`` (cpu/registration.py): ``C - phi = sums[:, 0] / N - (phi - 1)``
     keeps its digits where both ``C`` and ``phi`` are close to 1.
     ``moments [B, 2]``: ``(sum w, sum w^2)`` of weighted sums; then ``N`` is ``sum w`` in the
     means and the effective size ``(sum w)^2 / sum w^2`` in the statistic (0 where ``sum w = 0``).
     Statistics below ``clip_value`` are set to 0 (and pass no gradient). ``unbiased``: the
-    U-statistic (primitives.py), NaN where the size is 1 or less.
+    U-statistic (gpu/contract.py), NaN where the size is 1 or less.
     """
     _, _, w = quadrature(knots, t_max, dtype=sums.dtype, device=sums.device)
     phi_m1 = phi_minus_one(knots, t_max, dtype=sums.dtype, device=sums.device)
@@ -105,7 +105,7 @@ def sigreg(x, directions, *, knots: int = 17, t_max: float = 3.0, reduction: str
     across_ranks = is_distributed() and distributed is not False
     if unbiased and x.shape[-2] < 2 and not across_ranks:
         raise ValueError(f"unbiased=True needs at least 2 samples (N = x.shape[-2]), got shape {tuple(x.shape)}")
-    name = backends.resolve_backend(backend, x.device, x.dtype)
+    name = dispatch.resolve_backend(backend, x.device, x.dtype)
     x, directions = _computation_dtypes(x, directions)
     batch_shape, samples, dim = x.shape[:-2], x.shape[-2], x.shape[-1]
     slices = dim if directions is None else directions.shape[1]
@@ -117,7 +117,7 @@ def sigreg(x, directions, *, knots: int = 17, t_max: float = 3.0, reduction: str
         stat = fused_sigreg(name, x, directions, knots, float(t_max), reduction, clip_value, across_ranks, weights,
                             unbiased)
         return stat.reshape(*batch_shape, slices) if reduction == "none" else stat
-    sums = backends.ecf_sums(name, x, directions, knots, t_max, weights)
+    sums = dispatch.ecf_sums(name, x, directions, knots, t_max, weights)
     moments = None if weights is None else weight_moments(weights)
     if across_ranks:
         sums, samples, moments = all_reduce_ecf_sums(sums, samples, moments)

@@ -5,11 +5,11 @@ import weakref
 import torch
 import torch.distributed as dist
 
-from ._validation import REDUCTIONS, check_clip_value, check_quadrature_args
-from .backends import BACKENDS
-from .distributed import is_distributed
+from .core.distributed import is_distributed
+from .core.quadrature import quadrature
+from .core.validation import REDUCTIONS, check_clip_value, check_quadrature_args
+from .dispatch import BACKENDS
 from .functional import sigreg
-from .quadrature import quadrature
 
 # Buffers of the published library's EppsPulley (``univariate_test.<name>`` in a
 # SlicingUnivariateTest's state dict): knots, target CF, weights, float32.

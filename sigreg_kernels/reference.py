@@ -6,7 +6,7 @@ obviously correct beats fast here.
 
 import torch
 
-from .quadrature import quadrature
+from .core.quadrature import quadrature
 
 
 def sigreg_reference(x, directions, *, knots: int = 17, t_max: float = 3.0, reduction: str = "mean",

@@ -1,4 +1,4 @@
-"""The kernels of ``sigreg_kernels.primitives`` registered as one op each, as a GPU backend's are.
+"""The kernels of ``sigreg_kernels.gpu.contract`` registered as one op each, as a GPU backend's are.
 
 They stand in for the CUDA kernels (which need a GPU) when counting the device
 ops of the fused path: each is one dispatched op, as each CUDA kernel is one launch.
@@ -6,13 +6,13 @@ ops of the fused path: each is one dispatched op, as each CUDA kernel is one lau
 
 import torch
 
-from sigreg_kernels import primitives
+from sigreg_kernels.gpu import contract
 
 
 @torch.library.custom_op("sigreg_contract::ecf_partials", mutates_args=("arrivals",))
 def _ecf_partials(x: torch.Tensor, directions: torch.Tensor | None, knots: int, t_max: float,
                   arrivals: torch.Tensor | None = None) -> torch.Tensor:
-    return primitives.ecf_partials(x, directions, knots, t_max, arrivals)
+    return contract.ecf_partials(x, directions, knots, t_max, arrivals)
 
 
 # arrivals is the kernels' counter, left as it was found (0): not a mutation.
@@ -20,19 +20,19 @@ def _ecf_partials(x: torch.Tensor, directions: torch.Tensor | None, knots: int, 
 def _statistic(partials: torch.Tensor, samples: int, knots: int, t_max: float, reduction: str,
                clip_value: float | None, grad_factor: float,
                arrivals: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return primitives.statistic(partials, samples, knots, t_max, reduction, clip_value, grad_factor, arrivals)
+    return contract.statistic(partials, samples, knots, t_max, reduction, clip_value, grad_factor, arrivals)
 
 
 @torch.library.custom_op("sigreg_contract::slice_gradient", mutates_args=())
 def _slice_gradient(coef: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, directions: torch.Tensor | None,
                     knots: int, t_max: float) -> torch.Tensor:
-    return primitives.slice_gradient(coef, scale, x, directions, knots, t_max)
+    return contract.slice_gradient(coef, scale, x, directions, knots, t_max)
 
 
 @torch.library.custom_op("sigreg_contract::slice_gradient_", mutates_args=("projection",))
 def _slice_gradient_(projection: torch.Tensor, coef: torch.Tensor, scale: torch.Tensor, knots: int,
                      t_max: float) -> None:
-    primitives.slice_gradient_(projection, coef, scale, knots, t_max)
+    contract.slice_gradient_(projection, coef, scale, knots, t_max)
 
 
 # Shapes for torch.compile (one split: the contract sums all rows at once).

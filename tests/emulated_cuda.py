@@ -3,10 +3,10 @@
 code without a GPU (see ``cuda_host_emulation/cuda_host_emulation.h`` for the
 execution model and what it catches).
 
-``EmulatedKernels`` offers the four kernels of ``sigreg_kernels/primitives.py``
-with the signatures of ``sigreg_kernels/cuda_ops.py`` (plus the emulation's
+``EmulatedKernels`` offers the four kernels of ``sigreg_kernels/gpu/contract.py``
+with the signatures of ``sigreg_kernels/gpu/cuda/ops.py`` (plus the emulation's
 knobs: ``tensor_cores``, ``num_sms``), their C++ plans, a launch counter, and
-``sigreg``: the whole op through ``sigreg_kernels/fused.py`` with these kernels.
+``sigreg``: the whole op through ``sigreg_kernels/gpu/fused.py`` with these kernels.
 
 What this covers: the kernels' indexing, masking, tiling, shared-memory phases,
 barriers and asynchronous copies, the launch plans and reduction order, the
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from sigreg_kernels import fused
+from sigreg_kernels.gpu import fused
 
 ROOT = Path(__file__).resolve().parent.parent
 EMULATION = Path(__file__).resolve().parent / "cuda_host_emulation"
@@ -96,7 +96,7 @@ def _ptr(t):
 
 
 class EmulatedKernels:
-    """The kernels of ``primitives.py`` as the ``cuda`` backend runs them, on contiguous CPU tensors."""
+    """The kernels of ``gpu/contract.py`` as the ``cuda`` backend runs them, on contiguous CPU tensors."""
 
     def __init__(self, library: Path, num_sms: int = NUM_SMS):
         self.lib = ctypes.CDLL(str(library))
@@ -177,7 +177,7 @@ class EmulatedKernels:
         names = ("slices_per_block", "blocks", "launches", "cached")
         return dict(zip(names, self._plan(self.lib.sigreg_emu_plan_statistic, 4, batch, slices, knots)))
 
-    # ---- the kernels (signatures of sigreg_kernels/cuda_ops.py) ----
+    # ---- the kernels (signatures of sigreg_kernels/gpu/cuda/ops.py) ----
 
     @staticmethod
     def _mode(directions, tensor_cores):
@@ -271,10 +271,10 @@ class EmulatedKernels:
 
     def sigreg(self, x, directions, *, knots=17, t_max=3.0, reduction="none", tensor_cores=False, clip_value=None,
                weights=None, unbiased=False):
-        """SIGReg of ``x [*B, N, D]`` as the ``cuda`` backend computes it (``fused.py`` around these
+        """SIGReg of ``x [*B, N, D]`` as the ``cuda`` backend computes it (``gpu/fused.py`` around these
         kernels), differentiable; ``directions=None``: the columns of ``x``. ``tensor_cores``: WMMA
         products (TF32 for float32 inputs) instead of exact FMAs, where the kernels compute the product
-        (float32 at "highest" precision takes the SGEMM route of fused.py instead). ``weights``: sample
+        (float32 at "highest" precision takes the SGEMM route of gpu/fused.py instead). ``weights``: sample
         weights ``[*B, N]`` (broadcast over the batch dims), as ``sigreg`` takes them; ``unbiased``: the
         U-statistic."""
         batch_shape, samples, dim = x.shape[:-2], x.shape[-2], x.shape[-1]
@@ -291,7 +291,7 @@ class EmulatedKernels:
 
 
 class _FusedKernels:
-    """The four kernels with the signatures ``fused.py`` calls, on the emulation."""
+    """The four kernels with the signatures ``gpu/fused.py`` calls, on the emulation."""
 
     def __init__(self, kernels: EmulatedKernels, tensor_cores: bool):
         self.kernels, self.tensor_cores = kernels, tensor_cores

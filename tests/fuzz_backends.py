@@ -470,7 +470,7 @@ def _emulated_kernels():
 def cuda_emulated_sigreg(case: Case, x, a, weight, clip_value):
     """The ``cuda`` backend's kernels under the host emulation: THE adapter to the emulation's API.
 
-    ``EmulatedKernels.sigreg`` runs ``fused.py`` (the ``cuda`` backend's
+    ``EmulatedKernels.sigreg`` runs ``gpu/fused.py`` (the ``cuda`` backend's
     orchestration) around the emulated kernels on contiguous inputs of one
     dtype; what ``sigreg`` does before (the directions cast to x's dtype) is
     done here. ``tensor_cores``: WMMA products where the kernels compute the
@@ -510,7 +510,7 @@ def backend_table():
     if importlib.util.find_spec("triton") is not None:  # (importing triton itself takes seconds)
         gpu = _gpu()
         table["triton"] = Backend("triton", public_api("triton"), 6e7 if gpu else 4e4, device="cuda" if gpu else "cpu",
-                                  prepare=lambda: importlib.import_module("sigreg_kernels.triton_op"))
+                                  prepare=lambda: importlib.import_module("sigreg_kernels.gpu.triton.ops"))
     table["cuda"] = (Backend("cuda", public_api("cuda"), 6e7, device="cuda")
                      if torch.cuda.is_available() and "cuda" in available_backends("cuda") else None)
     table["cuda-emulated"] = (Backend("cuda-emulated", cuda_emulated_sigreg, 1.5e6, prepare=_emulated_kernels)
@@ -980,7 +980,7 @@ def main(argv=None) -> int:
     # NaN and Inf inputs are part of the cases: numpy's warnings about them (Triton's interpreter) are noise.
     warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"triton\.")
     # The Triton kernels run on CPU tensors under the interpreter, chosen at the first import of
-    # sigreg_kernels.triton_op: set it before anything imports it (without a GPU).
+    # sigreg_kernels.gpu.triton.ops: set it before anything imports it (without a GPU).
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
     table = backend_table()

@@ -123,7 +123,7 @@ def angle_rounding_bound(x, directions, weight, truth, knots: int, t_max: float)
     (SPEC §1): an angle error ``e`` moves term ``j`` by at most ``(|S_j| + |C_j - phi_j|) e``.
     The errors add in quadrature through the knots and the GEMMs.
     """
-    from sigreg_kernels.quadrature import quadrature
+    from sigreg_kernels.core.quadrature import quadrature
 
     x64, a64 = x.detach().double(), directions.detach().double()
     t, phi, w = quadrature(knots, t_max, dtype=torch.float64, device=x.device)

@@ -16,7 +16,7 @@ import torch
 from helpers import assert_relative_close, random_case
 
 from sigreg_kernels import SIGReg, available_backends, sample_directions, sigreg, sigreg_reference
-from sigreg_kernels.backends import unavailable_reason
+from sigreg_kernels.dispatch import unavailable_reason
 
 
 def backends():

@@ -1,5 +1,5 @@
-"""The CUDA backend on a GPU: each kernel against ``primitives.py`` in float64 (the
-statistic's loss too), the op (``sigreg(..., backend="cuda")``: fused.py around the
+"""The CUDA backend on a GPU: each kernel against ``contract.py`` in float64 (the
+statistic's loss too), the op (``sigreg(..., backend="cuda")``: gpu/fused.py around the
 kernels) against the float64 oracle, one launch per kernel, opcheck and torch.compile.
 
 Every test skips, with the reason, where there is no GPU or the extension was
@@ -13,17 +13,19 @@ from helpers import (CUDA_KERNEL_SHAPES, LOW_PRECISION_GRAD_TOL, LOW_PRECISION_V
                      assert_relative_close, oracle, random_case, weighted_case)
 from helpers import values_and_grads as with_grads
 
-from sigreg_kernels import cuda_plan, primitives, sigreg
+from sigreg_kernels import sigreg
+from sigreg_kernels.gpu.cuda import plan as cuda_plan
+from sigreg_kernels.gpu import contract
 
 
 def cuda_unavailable_reason():
     if not torch.cuda.is_available():
         return "no CUDA device"
     try:
-        from sigreg_kernels import ops
+        from sigreg_kernels import extension
     except ImportError as error:
         return f"the compiled extension is not built ({error})"
-    if not ops.CUDA_KERNELS_BUILT:
+    if not extension.CUDA_KERNELS_BUILT:
         return "the extension was built without CUDA kernels (FORCE_CUDA=1 pip install ...)"
     return None
 
@@ -164,7 +166,7 @@ def test_non_finite_inputs_propagate():
     assert torch.isnan(cuda_sigreg(x, directions))
 
 
-# ---- Each kernel against its contract (primitives.py in float64) ----
+# ---- Each kernel against its contract (contract.py in float64) ----
 
 KERNEL_CASES = [  # (dtype, with directions, float32 precision)
     (torch.bfloat16, True, "highest"), (torch.float16, True, "highest"), (torch.float32, True, "highest"),
@@ -176,7 +178,7 @@ KERNEL_CASES = [  # (dtype, with directions, float32 precision)
 @pytest.mark.parametrize("shape", [(2, 130, 257, 67), (6, 41, 33, 129), (1, 4096, 512, 1024)], ids=str)
 def test_kernels_match_the_contract(shape, dtype, with_directions, matmul, precision):
     """ecf_partials (any split), statistic and slice_gradient (scale of strides 0) and slice_gradient_."""
-    from sigreg_kernels import cuda_ops
+    from sigreg_kernels.gpu.cuda import ops as cuda_ops
 
     precision(matmul)
     batch, samples, dim, slices = shape
@@ -184,17 +186,17 @@ def test_kernels_match_the_contract(shape, dtype, with_directions, matmul, preci
     directions = directions if with_directions else None
     slices = slices if with_directions else dim
     partials = cuda_ops.ecf_partials(x, directions, 17, 3.0)
-    truth = primitives.ecf_partials(f64(x), f64(directions), 17, 3.0)
+    truth = contract.ecf_partials(f64(x), f64(directions), 17, 3.0)
     stat, coef, loss = cuda_ops.statistic(partials, samples, 17, 3.0, "mean", None, 2.0)
-    true_stat, true_coef, true_loss = primitives.statistic(truth, samples, 17, 3.0, "mean", None, 2.0)
+    true_stat, true_coef, true_loss = contract.statistic(truth, samples, 17, 3.0, "mean", None, 2.0)
     scale = torch.tensor(0.7, device="cuda").expand(batch, slices)
     g = cuda_ops.slice_gradient(true_coef.float(), scale, x, directions, 17, 3.0)
-    true_g = primitives.slice_gradient(true_coef, f64(scale), f64(x), f64(directions), 17, 3.0)
+    true_g = contract.slice_gradient(true_coef, f64(scale), f64(x), f64(directions), 17, 3.0)
     tf32 = dtype == torch.float32 and matmul == "high" and with_directions
     if dtype != torch.float32:
         stat_tol, grad_tol = LOW_PRECISION_VALUE_TOL, LOW_PRECISION_GRAD_TOL
     else:  # float32: 1e-5, or one ulp of the largest angle
-        largest_angle = 3.0 * primitives.projection(f64(x), f64(directions)).abs().max().item()
+        largest_angle = 3.0 * contract.projection(f64(x), f64(directions)).abs().max().item()
         stat_tol = grad_tol = 2e-2 if tf32 else max(1e-5, torch.finfo(torch.float32).eps * largest_angle)
     assert_relative_close("stat", stat, true_stat, stat_tol)
     assert_relative_close("coef", coef, true_coef, stat_tol)
@@ -210,9 +212,9 @@ def test_kernels_match_the_contract(shape, dtype, with_directions, matmul, preci
 @pytest.mark.parametrize("shape, knots", [((3, 300, 48, 72), 17), ((2, 70, 40, 40), 40)], ids=str)
 def test_weighted_kernels_match_the_contract(shape, knots, dtype, with_directions, matmul, precision):
     """Sample weights: random weights with zeros, NaN/Inf in rows of weight 0, a batch index of
-    no weight (stat and coef exactly 0), against primitives.py's weighted contract in float64;
+    no weight (stat and coef exactly 0), against contract.py's weighted contract in float64;
     all-ones weights give the unweighted results."""
-    from sigreg_kernels import cuda_ops
+    from sigreg_kernels.gpu.cuda import ops as cuda_ops
 
     precision(matmul)
     batch, samples, dim, slices = shape
@@ -229,13 +231,13 @@ def test_weighted_kernels_match_the_contract(shape, knots, dtype, with_direction
     x[(weights == 0).nonzero()[::2].unbind(1)] = float("inf")
     moments = torch.stack((weights.double().sum(1), weights.double().square().sum(1)), dim=1).float()
     partials = cuda_ops.ecf_partials(x, directions, knots, 3.0, None, weights)
-    truth = primitives.ecf_partials(f64(x), f64(directions), knots, 3.0, weights=f64(weights))
+    truth = contract.ecf_partials(f64(x), f64(directions), knots, 3.0, weights=f64(weights))
     stat, coef, loss = cuda_ops.statistic(partials, samples, knots, 3.0, "sum", None, 2.0, None, moments)
-    true_stat, true_coef, true_loss = primitives.statistic(truth, samples, knots, 3.0, "sum", None, 2.0,
+    true_stat, true_coef, true_loss = contract.statistic(truth, samples, knots, 3.0, "sum", None, 2.0,
                                                            moments=f64(moments))
     scale = torch.randn(batch, slices, generator=generator).cuda()
     g = cuda_ops.slice_gradient(true_coef.float(), scale, x, directions, knots, 3.0, weights)
-    true_g = primitives.slice_gradient(true_coef, f64(scale), f64(x), f64(directions), knots, 3.0, f64(weights))
+    true_g = contract.slice_gradient(true_coef, f64(scale), f64(x), f64(directions), knots, 3.0, f64(weights))
     for value in (partials, stat, coef, loss, g):
         assert value.isfinite().all()
     assert (stat[-1] == 0).all() and (coef[-1] == 0).all() and (g[weights == 0] == 0).all()
@@ -243,7 +245,7 @@ def test_weighted_kernels_match_the_contract(shape, knots, dtype, with_direction
     if dtype != torch.float32:
         stat_tol, grad_tol = LOW_PRECISION_VALUE_TOL, LOW_PRECISION_GRAD_TOL
     else:
-        largest_angle = 3.0 * primitives.projection(f64(x_clean), f64(directions)).abs().max().item()
+        largest_angle = 3.0 * contract.projection(f64(x_clean), f64(directions)).abs().max().item()
         stat_tol = grad_tol = 2e-2 if tf32 else max(1e-5, torch.finfo(torch.float32).eps * largest_angle)
     assert_relative_close("stat", stat, true_stat, stat_tol)
     assert_relative_close("coef", coef, true_coef, stat_tol)
@@ -263,7 +265,7 @@ def test_weighted_kernels_match_the_contract(shape, knots, dtype, with_direction
 
 def loss_of(stat, reduction):
     """The statistic kernel's loss, exactly: its float32 statistics summed in float64, scaled, rounded once."""
-    return (stat.double().sum() / primitives.loss_divisor(reduction, *stat.shape)).float()
+    return (stat.double().sum() / contract.loss_divisor(reduction, *stat.shape)).float()
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -271,7 +273,7 @@ def loss_of(stat, reduction):
 def test_statistic_reduces_the_loss(batch, slices, knots, reduction):
     """The loss of the statistic launch (many blocks; the last to arrive sums): the float64 contract's,
     the same on every rerun; the arrival counter, garbage before ecf_partials, is 0 after each kernel."""
-    from sigreg_kernels import cuda_ops
+    from sigreg_kernels.gpu.cuda import ops as cuda_ops
 
     x, directions = random_case((batch,), 200, 24, slices, scale=1.5, device="cuda", seed=3)
     x[..., :2] += 1.0  # some slices far from normal
@@ -283,7 +285,7 @@ def test_statistic_reduces_the_loss(batch, slices, knots, reduction):
     assert arrivals.item() == 0, "statistic leaves the counter at 0"
     assert loss.shape == () and loss.dtype == torch.float32 and loss.device == x.device
     assert torch.equal(loss, loss_of(stat, reduction))
-    _, _, true_loss = primitives.statistic(f64(partials), 200, knots, 3.0, reduction, clip_value, 1.0)
+    _, _, true_loss = contract.statistic(f64(partials), 200, knots, 3.0, reduction, clip_value, 1.0)
     assert_relative_close("loss", loss, true_loss, 1e-6)
     for _ in range(3):
         again = cuda_ops.statistic(partials, 200, knots, 3.0, reduction, clip_value, 1.0, arrivals)
@@ -332,7 +334,7 @@ def test_each_kernel_is_one_launch_and_nothing_else():
     from torch.profiler import ProfilerActivity, profile
 
     x, directions = random_case((2,), 3000, 64, 300, dtype=torch.bfloat16, device="cuda")
-    arrivals = torch.empty(1, dtype=torch.int32, device="cuda")  # zeroed by ecf_partials, as in fused.py
+    arrivals = torch.empty(1, dtype=torch.int32, device="cuda")  # zeroed by ecf_partials, as in gpu/fused.py
     partials = torch.ops.sigreg.ecf_partials(x, directions, 17, 3.0, arrivals)
     _, coef, _ = torch.ops.sigreg.statistic(partials, 3000, 17, 3.0, "mean", None, 1.0, arrivals)
     scale = torch.ones(2, 300, device="cuda")
@@ -362,7 +364,7 @@ def test_fused_path_dispatches_few_ops(dtype, matmul, reduction, precision):
     bound, here through the registered CUDA ops), none dispatching another inside."""
     from op_counter import OpCounter
 
-    from sigreg_kernels import fused
+    from sigreg_kernels.gpu import fused
     precision(matmul)
     x, directions = random_case((2,), 3000, 64, 300, dtype=dtype, device="cuda")
     inputs = [x.clone().requires_grad_(), directions.clone().requires_grad_()]

@@ -3,7 +3,7 @@
 The device code (every ``.cu``/``.cuh`` in ``csrc/cuda``) is torch-free, so it
 compiles with the CUDA toolkit alone, with no register spills; the registers and
 shared memory ptxas reports for sm_90a are the ones the plans count with
-(``sigreg_kernels/cuda_plan.py``; the C++ plans run in test_cuda_emulated.py).
+(``sigreg_kernels/gpu/cuda/plan.py``; the C++ plans run in test_cuda_emulated.py).
 The ATen launcher (``sigreg_cuda.cpp``) needs a CUDA build of torch; it is
 syntax-checked against the installed torch headers when they carry the c10/cuda
 headers.
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sigreg_kernels import cuda_plan
+from sigreg_kernels.gpu.cuda import plan as cuda_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"

@@ -3,8 +3,8 @@
 No GPU is needed: the source of ``csrc/cuda/sigreg_cuda_kernels.cu`` is built
 with g++ against ``tests/cuda_host_emulation`` (see ``emulated_cuda.py`` for
 what this covers and what it does not). Each kernel is checked against its
-function in ``sigreg_kernels/primitives.py`` evaluated in float64 on the same
-(rounded) inputs; the whole op (``fused.py`` around the kernels) against the
+function in ``sigreg_kernels/gpu/contract.py`` evaluated in float64 on the same
+(rounded) inputs; the whole op (``gpu/fused.py`` around the kernels) against the
 float64 oracle. ``test_cuda.py`` runs the same kinds of checks on a GPU.
 """
 
@@ -20,8 +20,10 @@ from emulated_cuda import EmulatedKernels, build
 from helpers import (CUDA_KERNEL_SHAPES, LOW_PRECISION_GRAD_TOL, LOW_PRECISION_VALUE_TOL, assert_matches_oracle,
                      assert_relative_close, random_case, relative_error, weighted_case)
 
-from sigreg_kernels import cuda_plan, primitives, sigreg_reference
-from sigreg_kernels.quadrature import quadrature
+from sigreg_kernels import sigreg_reference
+from sigreg_kernels.gpu.cuda import plan as cuda_plan
+from sigreg_kernels.gpu import contract
+from sigreg_kernels.core.quadrature import quadrature
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is needed to build the emulated kernels")
 
@@ -62,44 +64,44 @@ def tolerances(x, directions, tensor_cores, knots, t_max, fp32_error):
     if tensor_cores and directions is not None and x.dtype == torch.float32:
         return 2e-2, 2e-2
     floors = (1e-5, 1e-5) if x.dtype == torch.float32 else (LOW_PRECISION_VALUE_TOL, LOW_PRECISION_GRAD_TOL)
-    p = primitives.projection(f64(x), f64(directions))
+    p = contract.projection(f64(x), f64(directions))
     angle_ulp = torch.finfo(torch.float32).eps * t_max * p.abs().max().item()
     return tuple(max(floor, 2 * e, angle_ulp) for floor, e in zip(floors, fp32_error()))
 
 
 def contract_statistic(partials, samples, knots, t_max, reduction, clip_value, grad_factor):
-    """primitives.statistic: ``(stat, coef, loss)``; a NaN statistic is not clipped (NaN < clip is
+    """contract.statistic: ``(stat, coef, loss)``; a NaN statistic is not clipped (NaN < clip is
     false), as in the reference (sigreg_reference: torch.where(stat < clip_value, 0, stat)) and the SPEC."""
-    return primitives.statistic(partials, samples, knots, t_max, reduction, clip_value, grad_factor)
+    return contract.statistic(partials, samples, knots, t_max, reduction, clip_value, grad_factor)
 
 
 def loss_of(stat, reduction):
     """The kernel's loss, exactly: its own (float32) statistics summed in float64, scaled, rounded once."""
-    return (stat.double().sum() / primitives.loss_divisor(reduction, *stat.shape)).float()
+    return (stat.double().sum() / contract.loss_divisor(reduction, *stat.shape)).float()
 
 
 def check_kernels(kernels, x, directions, *, tensor_cores, knots=17, t_max=3.0, reduction="mean", clip_value=None,
                   grad_factor=2.0, scale=None):
-    """ecf_partials, statistic and slice_gradient against primitives.py in float64."""
+    """ecf_partials, statistic and slice_gradient against contract.py in float64."""
     batch, samples, _ = x.shape
     slices = x.shape[2] if directions is None else directions.shape[1]
     partials = kernels.ecf_partials(x, directions, knots, t_max, tensor_cores=tensor_cores)
     plan = kernels.plan_ecf_partials(batch, samples, slices, knots, directions is None)
     assert partials.shape == (batch, plan["splits"], 2, slices, knots) and partials.dtype == torch.float32
-    truth = primitives.ecf_partials(f64(x), f64(directions), knots, t_max)
+    truth = contract.ecf_partials(f64(x), f64(directions), knots, t_max)
     stat, coef, loss = kernels.statistic(partials, samples, knots, t_max, reduction, clip_value, grad_factor)
     true_stat, true_coef, true_loss = contract_statistic(truth, samples, knots, t_max, reduction, clip_value,
                                                          grad_factor)
     if scale is None:
         scale = torch.randn(batch, slices, generator=torch.Generator().manual_seed(5))
     g = kernels.slice_gradient(true_coef.float(), scale, x, directions, knots, t_max, tensor_cores=tensor_cores)
-    true_g = primitives.slice_gradient(true_coef, f64(scale), f64(x), f64(directions), knots, t_max)
+    true_g = contract.slice_gradient(true_coef, f64(scale), f64(x), f64(directions), knots, t_max)
     assert g.dtype == x.dtype and g.shape == true_g.shape
 
     def fp32_error():  # the contract itself run in float32: what float32 can do here
-        p32 = primitives.ecf_partials(x, directions, knots, t_max)
-        s32, c32, _ = primitives.statistic(p32, samples, knots, t_max, reduction, clip_value, grad_factor)
-        g32 = primitives.slice_gradient(true_coef.float(), scale, x, directions, knots, t_max)
+        p32 = contract.ecf_partials(x, directions, knots, t_max)
+        s32, c32, _ = contract.statistic(p32, samples, knots, t_max, reduction, clip_value, grad_factor)
+        g32 = contract.slice_gradient(true_coef.float(), scale, x, directions, knots, t_max)
         return max(relative_error(s32, true_stat), relative_error(c32, true_coef)), relative_error(g32, true_g)
 
     stat_tol, grad_tol = tolerances(x, directions, tensor_cores, knots, t_max, fp32_error)
@@ -177,7 +179,7 @@ def test_statistic_without_the_shared_memory_cache(kernels):
     assert not kernels.plan_statistic(2, 3, knots)["cached"]
     partials = torch.rand(2, 3, 2, 3, knots, generator=torch.Generator().manual_seed(7)) * 10
     stat, coef, loss = kernels.statistic(partials, 20, knots, 3.0, "sum", None, 1.0)
-    true_stat, true_coef, true_loss = primitives.statistic(f64(partials), 20, knots, 3.0, "sum", None, 1.0)
+    true_stat, true_coef, true_loss = contract.statistic(f64(partials), 20, knots, 3.0, "sum", None, 1.0)
     assert_relative_close("stat", stat, true_stat, 1e-6)
     assert_relative_close("coef", coef, true_coef, 1e-6)
     assert_relative_close("loss", loss, true_loss, 1e-6)
@@ -207,12 +209,12 @@ def test_nan_input_reaches_only_its_batch_index(kernels):
     x, directions = flat_case((2,), 70, 12, 65, seed=11)
     x[0, 5, 3] = float("nan")
     partials = kernels.ecf_partials(x, directions, 17, 3.0, tensor_cores=False)
-    truth = primitives.ecf_partials(f64(x), f64(directions), 17, 3.0)
+    truth = contract.ecf_partials(f64(x), f64(directions), 17, 3.0)
     assert torch.equal(partials.sum(1).isnan(), truth.sum(1).isnan())
     assert partials[0, :, 0, :, 0].isnan().any() and partials[1].isfinite().all()
 
 
-# ---- Sample weights: each kernel against primitives.py's weighted contract in float64 ----
+# ---- Sample weights: each kernel against contract.py's weighted contract in float64 ----
 
 def sample_weights(batch, samples, kind, seed):
     """float32 [B, N]: "random" (in [0, 2), about a third exactly 0) or "mask" (0/1)."""
@@ -230,28 +232,28 @@ def moments_of(weights):
 
 
 def check_weighted_kernels(kernels, x, directions, weights, *, tensor_cores, knots=17, t_max=3.0, clip_value=None):
-    """The three kernels with sample weights against primitives.py in float64: finite (x's
+    """The three kernels with sample weights against contract.py in float64: finite (x's
     rows of weight 0 may hold NaN/Inf), and G exactly 0 on rows of weight 0."""
     batch, samples, _ = x.shape
     slices = x.shape[2] if directions is None else directions.shape[1]
     moments = moments_of(weights)
     partials = kernels.ecf_partials(x, directions, knots, t_max, None, weights, tensor_cores=tensor_cores)
-    truth = primitives.ecf_partials(f64(x), f64(directions), knots, t_max, weights=f64(weights))
+    truth = contract.ecf_partials(f64(x), f64(directions), knots, t_max, weights=f64(weights))
     stat, coef, loss = kernels.statistic(partials, samples, knots, t_max, "sum", clip_value, 2.0, moments=moments)
-    true_stat, true_coef, true_loss = primitives.statistic(truth, samples, knots, t_max, "sum", clip_value, 2.0,
+    true_stat, true_coef, true_loss = contract.statistic(truth, samples, knots, t_max, "sum", clip_value, 2.0,
                                                            moments=f64(moments))
     scale = torch.randn(batch, slices, generator=torch.Generator().manual_seed(5))
     g = kernels.slice_gradient(true_coef.float(), scale, x, directions, knots, t_max, weights,
                                tensor_cores=tensor_cores)
-    true_g = primitives.slice_gradient(true_coef, f64(scale), f64(x), f64(directions), knots, t_max, f64(weights))
+    true_g = contract.slice_gradient(true_coef, f64(scale), f64(x), f64(directions), knots, t_max, f64(weights))
     for name, value in (("partials", partials), ("stat", stat), ("coef", coef), ("loss", loss), ("G", g)):
         assert value.isfinite().all(), f"{name}: a row of weight 0 leaked NaN/Inf"
     assert (g[weights == 0] == 0).all(), "G is 0 on rows of weight 0"
 
     def fp32_error():  # the weighted contract run in float32
-        p32 = primitives.ecf_partials(x, directions, knots, t_max, weights=weights)
-        s32, c32, _ = primitives.statistic(p32, samples, knots, t_max, "sum", clip_value, 2.0, moments=moments)
-        g32 = primitives.slice_gradient(true_coef.float(), scale, x, directions, knots, t_max, weights)
+        p32 = contract.ecf_partials(x, directions, knots, t_max, weights=weights)
+        s32, c32, _ = contract.statistic(p32, samples, knots, t_max, "sum", clip_value, 2.0, moments=moments)
+        g32 = contract.slice_gradient(true_coef.float(), scale, x, directions, knots, t_max, weights)
         return max(relative_error(s32, true_stat), relative_error(c32, true_coef)), relative_error(g32, true_g)
 
     x_finite = torch.where(weights[..., None] > 0, x, 0)  # (the angle bound of the rows that count)
@@ -333,7 +335,7 @@ def test_weighted_gradient_in_place(kernels):
     scale = torch.randn(40, 2).t()
     projection = (x.float() @ directions.float()).to(torch.bfloat16)
     projection[weights == 0] = float("nan")  # left out whatever they hold
-    true_g = primitives.slice_gradient(f64(coef), f64(scale), f64(projection), None, 17, 3.0, f64(weights))
+    true_g = contract.slice_gradient(f64(coef), f64(scale), f64(projection), None, 17, 3.0, f64(weights))
     expected = kernels.slice_gradient(coef, scale, projection, None, 17, 3.0, weights)
     kernels.slice_gradient_(projection, coef, scale, 17, 3.0, weights)
     assert torch.equal(projection, expected) and (projection[weights == 0] == 0).all()
@@ -358,13 +360,13 @@ def test_weighted_kernels_in_any_thread_order(kernels):
         assert torch.equal(a, b) and a.isfinite().all()
 
 
-# ---- The whole op: fused.py around the emulated kernels, against the float64 oracle ----
+# ---- The whole op: gpu/fused.py around the emulated kernels, against the float64 oracle ----
 
 @pytest.mark.parametrize("dtype,tensor_cores", [(torch.float32, False), (torch.bfloat16, True),
                                                 (torch.float16, False)], ids=str)
 @pytest.mark.parametrize("shape", [((2, 3), 41, 33, 129), ((), 130, 64, 67)], ids=str)
 def test_op_matches_oracle(kernels, shape, dtype, tensor_cores):
-    """Values and both gradients, batch dims, through fused.py (float32: its SGEMM route)."""
+    """Values and both gradients, batch dims, through gpu/fused.py (float32: its SGEMM route)."""
     x, directions, weight = weighted_case(*shape, dtype=dtype, seed=12)
     assert_matches_oracle(partial(kernels.sigreg, tensor_cores=tensor_cores), x, directions, weight)
 
@@ -389,7 +391,7 @@ def test_op_without_directions_and_clipped(kernels, reduction):
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_op_reductions_with_batch_dims(kernels, reduction):
-    """The loss through fused.py (the statistic kernel's own reduction): value and both gradients
+    """The loss through gpu/fused.py (the statistic kernel's own reduction): value and both gradients
     against the float64 oracle; the scalar is the float64 sum of the "none" statistics, rounded once."""
     x, directions, weight = weighted_case((2, 3), 41, 33, 129, seed=18)
 
@@ -412,7 +414,7 @@ def test_op_reductions_with_batch_dims(kernels, reduction):
 # ---- Launches, thread order, the grid cap ----
 
 def run_all(kernels, x, directions, tensor_cores, knots=17, reduction="none"):
-    """Each kernel once, as fused.py strings them (the arrival counter starts as garbage):
+    """Each kernel once, as gpu/fused.py strings them (the arrival counter starts as garbage):
     {name: output} and each call's launch count."""
     batch, samples, _ = x.shape
     slices = x.shape[2] if directions is None else directions.shape[1]
@@ -505,7 +507,7 @@ def test_loss_matches_the_contract_in_any_block_order(kernels, shape, reduction)
     stat, coef, loss = kernels.statistic(partials, samples, knots, 3.0, reduction, clip_value, 1.0, arrivals)
     assert kernels.take_launches() == 1, "the loss in the statistic's own launch"
     assert arrivals.item() == 0, "the counter is left at 0"
-    true_stat, _, true_loss = primitives.statistic(f64(partials), samples, knots, 3.0, reduction, clip_value, 1.0)
+    true_stat, _, true_loss = contract.statistic(f64(partials), samples, knots, 3.0, reduction, clip_value, 1.0)
     assert 0 < (true_stat == 0).sum() < true_stat.numel() or true_stat.numel() == 1, "some slices clipped"
     assert loss.shape == () and loss.dtype == torch.float32
     assert torch.equal(loss, loss_of(stat, reduction)), "the float32 statistics summed in float64, rounded once"
@@ -559,7 +561,7 @@ def test_ecf_partials_zeroes_the_counter_once(kernels):
             assert arrivals.item() == 0 and torch.equal(partials, expected)
 
 
-# ---- The plans: C++ (the launchers') against cuda_plan.py (the fake kernels' and the cost model's) ----
+# ---- The plans: C++ (the launchers') against gpu/cuda/plan.py (the fake kernels' and the cost model's) ----
 
 BENCHMARK_GRID = list(itertools.product([1, 8], [1024, 4096, 16384], [64, 512, 2048], [256, 1024, 4096]))
 AWKWARD = [(1, 1, 1, 1), (3, 37, 19, 65), (6, 41, 33, 129), (1, 70_000, 16, 8), (2, 130, 257, 67), (0, 5, 3, 4)]
@@ -642,7 +644,7 @@ def test_emulation_reports_launch_failures(kernels, name, message):
     assert message in kernels.failure()
 
 
-# ---- unbiased=True: the U-statistic (primitives.py) ----
+# ---- unbiased=True: the U-statistic (contract.py) ----
 
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("reduction, clip", [("mean", False), ("none", True)])
@@ -650,15 +652,15 @@ def test_unbiased_statistic_matches_the_contract(kernels, weighted, reduction, c
     x, directions = flat_case((3,), 30, 6, 21, seed=21)
     weights = sample_weights(3, 30, "random", seed=22) if weighted else None
     moments = None if weights is None else moments_of(weights)
-    partials = primitives.ecf_partials(f64(x), f64(directions), 17, 3.0,
+    partials = contract.ecf_partials(f64(x), f64(directions), 17, 3.0,
                                        weights=None if weights is None else weights.double()).float()
     args = (30, 17, 3.0, reduction)
     moments64 = None if moments is None else moments.double()
     clip_value = None
     if clip:  # halfway between two statistics of batch index 0: rounding decides nothing
-        stats = primitives.statistic(f64(partials), *args, None, 1.0, None, moments64, True)[0]
+        stats = contract.statistic(f64(partials), *args, None, 1.0, None, moments64, True)[0]
         clip_value = stats[0].sort().values[10:12].mean().item()
-    truth = primitives.statistic(f64(partials), *args, clip_value, 0.5, None, moments64, True)
+    truth = contract.statistic(f64(partials), *args, clip_value, 0.5, None, moments64, True)
     ours = kernels.statistic(partials, *args, clip_value, 0.5, None, moments, True)
     biased = kernels.statistic(partials, *args, clip_value, 0.5, None, moments)
     assert not torch.allclose(ours[0], biased[0])
@@ -676,7 +678,7 @@ def test_unbiased_statistic_of_one_weighted_row_is_nan(kernels):
 
 @pytest.mark.parametrize("weighted", [False, True])
 def test_unbiased_op_matches_oracle(kernels, weighted):
-    """fused.py around the emulated kernels, values and both gradients, against the float64 oracle."""
+    """gpu/fused.py around the emulated kernels, values and both gradients, against the float64 oracle."""
     x, directions, weight = weighted_case((2,), 37, 19, 65, seed=24)
     weights = sample_weights(2, 37, "mask", seed=25) if weighted else None
     assert_matches_oracle(kernels.sigreg, x, directions, weight, unbiased=True, weights=weights)

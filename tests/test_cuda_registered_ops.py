@@ -3,7 +3,7 @@
 For the duration of this module each GPU kernel op gets a CPU kernel that runs the
 CUDA kernels' device code in the host emulation (``emulated_cuda.py``), planned
 for 132 SMs as the ops' fake kernels assume. What runs is then the real path of
-``sigreg(..., backend="cuda")``: ``fused.py`` -> ``cuda_ops.py`` -> the schemas of
+``sigreg(..., backend="cuda")``: ``gpu/fused.py`` -> ``gpu/cuda/ops.py`` -> the schemas of
 ``csrc/sigreg.cpp`` (optional and mutable ``arrivals`` included) -> a device
 kernel, so this checks what the schemas and fake kernels promise: the fused
 path's op count, ``opcheck`` and ``torch.compile``. The ATen launcher itself
@@ -18,12 +18,12 @@ from emulated_cuda import EmulatedKernels, build
 from helpers import assert_relative_close, loss_and_grads, random_case
 from op_counter import OpCounter
 
-from sigreg_kernels import fused
+from sigreg_kernels.gpu import fused
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is needed to build the emulated kernels")
 
-ops = pytest.importorskip("sigreg_kernels.ops", reason="the compiled extension defines the ops")
-SMS = ops._num_sms(torch.device("cpu"))  # what the fake kernels plan with
+extension = pytest.importorskip("sigreg_kernels.extension", reason="the compiled extension defines the ops")
+SMS = extension._num_sms(torch.device("cpu"))  # what the fake kernels plan with
 
 
 def tensor_cores(dtype: torch.dtype) -> bool:

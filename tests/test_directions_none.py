@@ -1,8 +1,8 @@
 """``directions=None``: the univariate Epps-Pulley test of the columns of x, with no product (SPEC §2).
 
 Every backend against the float64 oracle ``sigreg_reference(x.double(), None)``:
-the reference and the C++ CPU op here, the GPU kernels' contract (primitives.py
-through fused.py), the Triton kernels under the interpreter (a subprocess: the
+the reference and the C++ CPU op here, the GPU kernels' contract (gpu/contract.py
+through gpu/fused.py), the Triton kernels under the interpreter (a subprocess: the
 interpreter is chosen at import) and the CUDA kernels in the host emulation.
 """
 
@@ -19,7 +19,7 @@ import torch
 from helpers import assert_relative_close, relative_error
 
 from sigreg_kernels import sigreg, sigreg_reference
-from sigreg_kernels.fused import fused_sigreg
+from sigreg_kernels.gpu.fused import fused_sigreg
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,7 +83,7 @@ def test_other_dtypes(backend, dtype):
 
 
 def test_contract_of_the_gpu_kernels():
-    """primitives.py (what the cuda and triton kernels implement) through fused.py's autograd."""
+    """gpu/contract.py (what the cuda and triton kernels implement) through gpu/fused.py's autograd."""
     for shape in [((), 37, 19), ((2, 3), 41, 65)]:
         x, weight = case(*shape, seed=2)
 
@@ -173,7 +173,7 @@ def test_autocast_leaves_x_as_it_is():
 
 
 # The Triton kernels under the interpreter, in a fresh process (the interpreter is
-# chosen when sigreg_kernels.triton_op is first imported).
+# chosen when sigreg_kernels.gpu.triton.ops is first imported).
 TRITON_SCRIPT = textwrap.dedent("""
     import json, sys
     import torch

@@ -12,7 +12,8 @@ import types
 import pytest
 import torch
 
-from sigreg_kernels import _env_report, available_backends, backends, sigreg_reference
+from sigreg_kernels import _env_report, available_backends, sigreg_reference
+from sigreg_kernels import dispatch
 
 
 def report(tmp_path, **env):
@@ -36,8 +37,8 @@ def test_report_names_versions_build_backends_and_checks_them(tmp_path):
         assert re.search(rf"^{package} +{re.escape(version)}$", out, re.M), out
     if not torch.cuda.is_available():
         assert "GPU            none visible to torch" in out
-    if backends._ops is None:
-        assert "extension      missing: " + backends._extension_reason() in out
+    if dispatch._ops is None:
+        assert "extension      missing: " + dispatch._extension_reason() in out
     else:
         assert re.search(r"^extension      loaded, (built against torch|no build record of it)", out, re.M), out
     for name in available_backends("cpu"):
@@ -68,7 +69,7 @@ def crashes(*args, **kwargs):
                                             (crashes, "FAILED  RuntimeError: the kernel crashed (")])
 def test_a_wrong_backend_fails_the_self_check(monkeypatch, capsys, wrong, message):
     monkeypatch.setattr(_env_report, "sigreg", wrong)
-    monkeypatch.setattr(backends, "unavailable_reason", lambda name, device, dtype=None: None)  # all of them run
+    monkeypatch.setattr(dispatch, "unavailable_reason", lambda name, device, dtype=None: None)  # all of them run
     assert _env_report.main([]) == 1
     out = capsys.readouterr().out
     for name in ("cpu", "triton"):
@@ -109,8 +110,8 @@ def gpu(name, major, minor):
 
 
 def test_the_report_names_a_gpu_the_cuda_kernels_were_not_built_for(monkeypatch):
-    monkeypatch.setattr(backends, "_ops", types.SimpleNamespace(CUDA_KERNELS_BUILT=True))
-    monkeypatch.setattr(backends, "_build_info", types.SimpleNamespace(
+    monkeypatch.setattr(dispatch, "_ops", types.SimpleNamespace(CUDA_KERNELS_BUILT=True))
+    monkeypatch.setattr(dispatch, "_build_info", types.SimpleNamespace(
         EXTENSION=True, WHY_NO_EXTENSION=None, CUDA_ARCHS="8.0;9.0a", WHY_NO_CUDA=None, TORCH="2.11.0+cu130"))
     devices = [gpu("NVIDIA H200", 9, 0), gpu("NVIDIA B200", 10, 0)]
     lines = _env_report.gpu_lines(devices) + _env_report.extension_lines(devices)

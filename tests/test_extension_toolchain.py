@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-ops = pytest.importorskip("sigreg_kernels.ops", reason="the compiled extension is not built")
+extension = pytest.importorskip("sigreg_kernels.extension", reason="the compiled extension is not built")
 
 
 def test_libstdcxx_is_linked_shared():
@@ -33,7 +33,7 @@ def test_libstdcxx_is_linked_shared():
 
 def test_an_error_message_with_sizes_is_raised_not_crashed():
     # In a child process: a crash must fail this test, not the run.
-    code = ("import torch, sigreg_kernels.ops\n"
+    code = ("import torch, sigreg_kernels.extension\n"
             "try:\n"
             "    torch.ops.sigreg.ecf_sums(torch.zeros(2, 3), None, 17, 3.0)\n"
             "except RuntimeError as error:\n"

@@ -3,7 +3,7 @@
 The runs use fixed seeds, so CI is repeatable; other seeds and longer runs are
 ``python tests/fuzz_backends.py --seed S --examples N`` or ``--soak MINUTES``.
 Each run is a subprocess: the Triton interpreter must be chosen before
-``sigreg_kernels.triton_op`` is first imported, and the CLI is what users run.
+``sigreg_kernels.gpu.triton.ops`` is first imported, and the CLI is what users run.
 """
 
 import dataclasses
@@ -117,7 +117,7 @@ def recurrence_kernel(carry_cosm1=True, unit_error=0.0):
     (the kernels before they carried ``cos - 1``); ``unit_error`` adds to the unit rotation's sine
     (a rotation off by that much at every step)."""
     from sigreg_kernels import quadrature
-    from sigreg_kernels.quadrature import phi_minus_one
+    from sigreg_kernels.core.quadrature import phi_minus_one
 
     def fn(case, x, a, weight, clip_value):
         batch = x.shape[:-2]

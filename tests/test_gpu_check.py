@@ -13,7 +13,7 @@ import torch
 from helpers import assert_matches_oracle, relative_error, weighted_case
 
 from sigreg_kernels import sigreg, sigreg_reference
-from sigreg_kernels.quadrature import quadrature
+from sigreg_kernels.core.quadrature import quadrature
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "gpu_check.sh"

@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sigreg_kernels import available_backends, backends, sigreg
+from sigreg_kernels import available_backends, sigreg
+from sigreg_kernels import dispatch
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -143,6 +144,11 @@ def test_wheel_holds_the_extension_and_runs_outside_the_tree(tmp_path, venv_pyth
         build_info = archive.read("sigreg_kernels/_build_info.py").decode()
     assert [n for n in names if re.fullmatch(r"sigreg_kernels/_C\..*\.so", n)], f"no extension in {names}"
     assert "sigreg_kernels/__main__.py" in names and "sigreg_kernels/lejepa/__init__.py" in names
+    # Every module of the source tree, subpackages included.
+    package = ROOT / "sigreg_kernels"
+    modules = {f"sigreg_kernels/{p.relative_to(package).as_posix()}" for p in package.rglob("*.py")
+               if p.name != "_build_info.py"}
+    assert modules - set(names) == set(), f"missing from the wheel: {sorted(modules - set(names))}"
     assert "EXTENSION = True" in build_info and f"TORCH = {torch.__version__!r}" in build_info
 
     python = venv_python
@@ -203,9 +209,9 @@ def no_extension(monkeypatch):
     """This process as an install without the extension would see it (``backends``' view of it)."""
     info = types.SimpleNamespace(EXTENSION=False, WHY_NO_EXTENSION="SIGREG_BUILD_EXTENSION=0 was set at build time",
                                  CUDA_ARCHS=None, WHY_NO_CUDA=None, TORCH=torch.__version__)
-    monkeypatch.setattr(backends, "_ops", None)
-    monkeypatch.setattr(backends, "_EXTENSION_ERROR", ImportError("cannot import name '_C'"))
-    monkeypatch.setattr(backends, "_build_info", info)
+    monkeypatch.setattr(dispatch, "_ops", None)
+    monkeypatch.setattr(dispatch, "_EXTENSION_ERROR", ImportError("cannot import name '_C'"))
+    monkeypatch.setattr(dispatch, "_build_info", info)
     return info
 
 
@@ -217,12 +223,12 @@ def test_a_missing_extension_is_explained_by_every_door(no_extension):
         assert "pip install --no-build-isolation" in message
     with pytest.raises(RuntimeError, match=r"backend 'cpu' is not available: this install has no compiled extension"):
         sigreg(torch.randn(8, 4), torch.eye(4), backend="cpu")
-    assert "this install has no compiled extension" in backends.unavailable_reason("cuda", torch.device("cuda"))
+    assert "this install has no compiled extension" in dispatch.unavailable_reason("cuda", torch.device("cuda"))
 
 
 def test_an_extension_built_for_another_torch_says_so(no_extension):
     no_extension.EXTENSION, no_extension.TORCH = True, "2.0.0"
-    reason = backends.unavailable_reason("cpu", torch.device("cpu"))
+    reason = dispatch.unavailable_reason("cpu", torch.device("cpu"))
     assert "built against torch 2.0.0" in reason and f"not this torch {torch.__version__}" in reason
     assert "--force-reinstall" in reason
 
@@ -230,9 +236,9 @@ def test_an_extension_built_for_another_torch_says_so(no_extension):
 def test_an_extension_without_cuda_kernels_says_why(monkeypatch):
     info = types.SimpleNamespace(EXTENSION=True, WHY_NO_EXTENSION=None, CUDA_ARCHS=None,
                                  WHY_NO_CUDA="torch 2.13.0+cpu is CPU-only", TORCH=torch.__version__)
-    monkeypatch.setattr(backends, "_ops", types.SimpleNamespace(CUDA_KERNELS_BUILT=False))
-    monkeypatch.setattr(backends, "_build_info", info)
-    reason = backends.unavailable_reason("cuda", torch.device("cuda"))
+    monkeypatch.setattr(dispatch, "_ops", types.SimpleNamespace(CUDA_KERNELS_BUILT=False))
+    monkeypatch.setattr(dispatch, "_build_info", info)
+    reason = dispatch.unavailable_reason("cuda", torch.device("cuda"))
     assert "without the CUDA kernels (torch 2.13.0+cpu is CPU-only)" in reason
     assert "FORCE_CUDA=1 pip install --no-build-isolation" in reason
     assert available_backends("cuda").unavailable["cuda"] == reason

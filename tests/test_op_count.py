@@ -14,7 +14,7 @@ from helpers import loss_and_grads, random_case
 import contract_kernels
 from op_counter import OpCounter
 
-from sigreg_kernels import fused
+from sigreg_kernels.gpu import fused
 
 fused.register_kernels("contract", contract_kernels)
 

@@ -1,8 +1,8 @@
-"""The Triton primitives (``sigreg::triton_*``) against ``primitives.py`` in float64.
+"""The Triton primitives (``sigreg::triton_*``) against ``contract.py`` in float64.
 
 Every test runs on two devices:
 - "cpu": the kernels under the Triton interpreter. It is chosen when the kernels are
-  defined, at the first import of ``sigreg_kernels.triton_op``; the ``device`` fixture sets
+  defined, at the first import of ``sigreg_kernels.gpu.triton.ops``; the ``device`` fixture sets
   TRITON_INTERPRET=1 before that import. Where CUDA is present, the process compiles
   the kernels for the GPU instead and these skip, unless TRITON_INTERPRET=1 was set for
   the whole run.
@@ -19,7 +19,7 @@ import pytest
 import torch
 from helpers import assert_relative_close, random_case, relative_error
 
-from sigreg_kernels import primitives
+from sigreg_kernels.gpu import contract
 
 pytest.importorskip("triton")
 
@@ -28,18 +28,18 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _import_op_module():
-    return importlib.import_module("sigreg_kernels.triton_op")
+    return importlib.import_module("sigreg_kernels.gpu.triton.ops")
 
 
 @pytest.fixture(params=DEVICES)
 def device(request, monkeypatch):
-    loaded = sys.modules.get("sigreg_kernels.triton_op")
+    loaded = sys.modules.get("sigreg_kernels.gpu.triton.ops")
     if request.param == "cpu":
         if os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.is_available():
             pytest.skip("CUDA is present: this process compiles the kernels for the GPU "
                         "(run with TRITON_INTERPRET=1 to test the interpreter on CPU)")
         if loaded is not None and not loaded.INTERPRET:
-            pytest.skip("sigreg_kernels.triton_op was imported without TRITON_INTERPRET=1: "
+            pytest.skip("sigreg_kernels.gpu.triton.ops was imported without TRITON_INTERPRET=1: "
                         "its kernels are compiled, not interpreted")
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     else:
@@ -75,8 +75,8 @@ def _double(x, directions):
 
 def _coefficients(x, directions, knots, seed=1, scale_kind="full"):
     """A realistic coef (from the float64 statistic of x) and a scale of the given kind."""
-    partials = primitives.ecf_partials(*_double(x, directions), knots, 3.0)
-    _, coef, _ = primitives.statistic(partials, x.shape[1], knots, 3.0, "sum", None, 1.0)
+    partials = contract.ecf_partials(*_double(x, directions), knots, 3.0)
+    _, coef, _ = contract.statistic(partials, x.shape[1], knots, 3.0, "sum", None, 1.0)
     batch, slices = coef.shape[0], coef.shape[2]
     generator = torch.Generator().manual_seed(seed)
     if scale_kind == "stride0":  # the gradient of a scalar loss: an expanded view (made on the device:
@@ -122,21 +122,21 @@ def _check_all(device, batch_shape, samples, dim, slices, scale, knots, projecte
 
     partials = op.ecf_partials(x, directions, knots, 3.0)
     assert partials.dtype == torch.float32 and partials.shape[2:] == (2, slices if not projected else dim, knots)
-    expected = primitives.ecf_partials(*exact, knots, 3.0)
+    expected = contract.ecf_partials(*exact, knots, 3.0)
     assert_relative_close("sums", partials.sum(1), expected.sum(1).float(), tol)
     # Knot 0 is exact: cos(0) - 1 = 0 and sin(0) = 0 in every split.
     knot0 = partials[:, :, :, :, 0]
     assert torch.equal(knot0, torch.zeros_like(knot0))
 
     stat, coef, loss = op.statistic(partials, samples, knots, 3.0, "mean", None, 2.0)
-    expected = primitives.statistic(partials.double(), samples, knots, 3.0, "mean", None, 2.0)
+    expected = contract.statistic(partials.double(), samples, knots, 3.0, "mean", None, 2.0)
     for name, value, exact_value in zip(("stat", "coef", "loss"), (stat, coef, loss), expected):
         assert_relative_close(name, value, exact_value, 1e-5)
 
     coef, scale_k = _coefficients(x, directions, knots)
     grad = op.slice_gradient(coef, scale_k, x, directions, knots, 3.0)
     assert grad.dtype == x.dtype and grad.shape == (x.shape[0], samples, coef.shape[2])
-    expected_grad = primitives.slice_gradient(coef.double(), scale_k.double(), *exact, knots, 3.0)
+    expected_grad = contract.slice_gradient(coef.double(), scale_k.double(), *exact, knots, 3.0)
     assert_relative_close("G", grad, expected_grad, tol if x.dtype == torch.float32 else 2e-2)
 
 
@@ -146,19 +146,19 @@ def test_statistic_matches(device, reduction, clip):
     op = _import_op_module()
     x, directions = _case((3,), 60, 6, 37, device=device)
     # Partials of three row splits, from float64 sums rounded to float32.
-    splits = [primitives.ecf_partials(*_double(x[:, rows], directions), 17, 3.0) for rows in
+    splits = [contract.ecf_partials(*_double(x[:, rows], directions), 17, 3.0) for rows in
               (slice(0, 20), slice(20, 45), slice(45, 60))]
     partials = torch.cat(splits, dim=1).float()
-    expected = primitives.statistic(partials.double(), 60, 17, 3.0, reduction, None, 1.5)
+    expected = contract.statistic(partials.double(), 60, 17, 3.0, reduction, None, 1.5)
     clip_value = None if clip is None else expected[0].median().item()
-    expected_stat, expected_coef, expected_loss = primitives.statistic(partials.double(), 60, 17, 3.0, reduction,
+    expected_stat, expected_coef, expected_loss = contract.statistic(partials.double(), 60, 17, 3.0, reduction,
                                                                        clip_value, 1.5)
     stat, coef, loss = op.statistic(partials, 60, 17, 3.0, reduction, clip_value, 1.5)
     assert stat.shape == (3, 37) and coef.shape == (3, 2, 37, 17) and loss.shape == ()
     assert_relative_close("stat", stat, expected_stat, 1e-5)
     assert_relative_close("coef", coef, expected_coef, 1e-5)
     # The loss is the float64 mean or sum of the statistics the kernel returned, rounded once.
-    divisor = primitives.loss_divisor(reduction, *stat.shape)
+    divisor = contract.loss_divisor(reduction, *stat.shape)
     assert loss.item() == float(torch.tensor(stat.double().sum().item() / divisor, dtype=torch.float32))
     assert_relative_close("loss", loss, expected_loss, 1e-5)
     if clip_value is not None:
@@ -179,11 +179,11 @@ def test_strided_inputs(device):
     for inputs in ((x_strided, directions_strided), (x_strided, None)):
         exact = _double(*inputs)
         partials = op.ecf_partials(*inputs, 17, 3.0)
-        assert_relative_close("sums", partials.sum(1), primitives.ecf_partials(*exact, 17, 3.0).sum(1).float(), tol)
+        assert_relative_close("sums", partials.sum(1), contract.ecf_partials(*exact, 17, 3.0).sum(1).float(), tol)
         coef, scale = _coefficients(*inputs, 17, scale_kind="stride0")
         assert scale.stride() == (0, 0)
         grad = op.slice_gradient(coef, scale, *inputs, 17, 3.0)
-        expected = primitives.slice_gradient(coef.double(), scale.double(), *exact, 17, 3.0)
+        expected = contract.slice_gradient(coef.double(), scale.double(), *exact, 17, 3.0)
         assert_relative_close("G", grad, expected, tol)
 
 
@@ -192,7 +192,7 @@ def test_slice_gradient_in_place(device):
     x, directions = _case((2,), 50, 12, 40, device=device)
     projection = x @ directions  # float32 [B, N, K]: the "highest" route's SGEMM output
     coef, scale = _coefficients(x, directions, 17, scale_kind="stride0")
-    expected = primitives.slice_gradient(coef.double(), scale.double(), projection.double(), None, 17, 3.0)
+    expected = contract.slice_gradient(coef.double(), scale.double(), projection.double(), None, 17, 3.0)
     pointer = projection.data_ptr()
     assert op.slice_gradient_(projection, coef, scale, 17, 3.0) is None
     assert projection.data_ptr() == pointer
@@ -209,12 +209,12 @@ def test_nan_and_inf_propagate(device):
     x[1, 7, 1] = float("inf")
     for inputs in ((x, directions), (x, None)):
         partials = op.ecf_partials(*inputs, 5, 3.0)
-        expected = primitives.ecf_partials(*_double(*inputs), 5, 3.0).float()
+        expected = contract.ecf_partials(*_double(*inputs), 5, 3.0).float()
         assert torch.equal(partials.sum(1).isnan(), expected.sum(1).isnan())
         finite = expected.sum(1).isfinite()
         assert torch.allclose(partials.sum(1)[finite], expected.sum(1)[finite], rtol=1e-5, atol=1e-4)
         stat, coef, loss = op.statistic(partials, 40, 5, 3.0, "none", 1e30, 1.0)
-        expected_stat, expected_coef, _ = primitives.statistic(partials.double(), 40, 5, 3.0, "none", 1e30, 1.0)
+        expected_stat, expected_coef, _ = contract.statistic(partials.double(), 40, 5, 3.0, "none", 1e30, 1.0)
         assert loss.isnan()
         assert torch.equal(stat.isnan(), expected_stat.isnan()) and stat[0].isnan().any() and (stat[2] == 0).all()
         assert torch.equal(coef.isnan(), expected_coef.isnan()) and (coef[2] == 0).all()
@@ -247,7 +247,7 @@ def test_fused_path_dispatches_few_ops(device, dtype, precision, reduction, monk
     of the backend one kernel launch with no device op of its own inside."""
     from op_counter import OpCounter
 
-    from sigreg_kernels import fused
+    from sigreg_kernels.gpu import fused
     op = _import_op_module()
     monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: precision)
     x, directions = _case((2,), 40, 8, 20, dtype=dtype, device=device)
@@ -356,7 +356,7 @@ def test_fp32_highest_uses_ieee_dot(device):
     # too (and TF32, when allowed, within TF32's rounding).
     op = _import_op_module()
     x, directions = _case((), 50, 40, 30, scale=3.0, device=device)
-    expected = primitives.ecf_partials(*_double(x, directions), 17, 3.0).sum(1).float()
+    expected = contract.ecf_partials(*_double(x, directions), 17, 3.0).sum(1).float()
     previous = torch.get_float32_matmul_precision()
     try:
         for precision, tol in (("highest", tolerance(x, directions)), ("high", 2e-2)):
@@ -420,17 +420,17 @@ def test_cuda_large(device, dtype, dim):
     x, directions = _case((2,), 2048, dim, 300, dtype, device=device)
     exact = _double(x, directions)
     partials = op.ecf_partials(x, directions, 17, 3.0)
-    assert_relative_close("sums", partials.sum(1), primitives.ecf_partials(*exact, 17, 3.0).sum(1).float(),
+    assert_relative_close("sums", partials.sum(1), contract.ecf_partials(*exact, 17, 3.0).sum(1).float(),
                           tolerance(x, directions))
     coef, scale = _coefficients(x, directions, 17)
     grad = op.slice_gradient(coef, scale, x, directions, 17, 3.0)
-    expected = primitives.slice_gradient(coef.double(), scale.double(), *exact, 17, 3.0)
+    expected = contract.slice_gradient(coef.double(), scale.double(), *exact, 17, 3.0)
     assert_relative_close("G", grad, expected, 2e-2 if dtype == "bf16" else tolerance(x, directions))
     assert torch.equal(grad, op.slice_gradient(coef, scale, x, directions, 17, 3.0))
     assert relative_error(partials, op.ecf_partials(x, directions, 17, 3.0)) == 0
 
 
-# ---- sample weights (primitives.py, "Sample weights"): each kernel against the contract in float64.
+# ---- sample weights (contract.py, "Sample weights"): each kernel against the contract in float64.
 
 def _sample_weights(batch, samples, seed=2, zeros=0.3, device="cpu"):
     """Random weights in [0, 2) with a fraction ``zeros`` of exact zeros, float32 [B, N]."""
@@ -445,8 +445,8 @@ def _moments(weights):
 
 
 def _weighted_coefficients(x, directions, knots, weights, seed=1):
-    partials = primitives.ecf_partials(*_double(x, directions), knots, 3.0, weights=weights.double())
-    _, coef, _ = primitives.statistic(partials, x.shape[1], knots, 3.0, "sum", None, 1.0,
+    partials = contract.ecf_partials(*_double(x, directions), knots, 3.0, weights=weights.double())
+    _, coef, _ = contract.statistic(partials, x.shape[1], knots, 3.0, "sum", None, 1.0,
                                       moments=_moments(weights).double())
     scale = torch.randn(coef.shape[0], coef.shape[2], generator=torch.Generator().manual_seed(seed))
     return coef.float().to(x.device), scale.to(x.device)
@@ -456,15 +456,15 @@ def _check_weighted(op, x, directions, weights, knots, tol, grad_tol):
     """Every kernel with ``weights`` against the contract; returns (partials, stat, coef, G)."""
     exact, exact_weights, moments = _double(x, directions), weights.double(), _moments(weights)
     partials = op.ecf_partials(x, directions, knots, 3.0, None, weights)
-    expected = primitives.ecf_partials(*exact, knots, 3.0, weights=exact_weights)
+    expected = contract.ecf_partials(*exact, knots, 3.0, weights=exact_weights)
     assert_relative_close("weighted sums", partials.sum(1), expected.sum(1).float(), tol)
     stat, coef, loss = op.statistic(partials, x.shape[1], knots, 3.0, "sum", None, 2.0, None, moments)
-    expected = primitives.statistic(partials.double(), x.shape[1], knots, 3.0, "sum", None, 2.0,
+    expected = contract.statistic(partials.double(), x.shape[1], knots, 3.0, "sum", None, 2.0,
                                     moments=moments.double())
     for name, value, exact_value in zip(("stat", "coef", "loss"), (stat, coef, loss), expected):
         assert_relative_close(f"weighted {name}", value, exact_value, 1e-5)
     coef, scale = _weighted_coefficients(x, directions, knots, weights)
-    expected = primitives.slice_gradient(coef.double(), scale.double(), *exact, knots, 3.0, exact_weights)
+    expected = contract.slice_gradient(coef.double(), scale.double(), *exact, knots, 3.0, exact_weights)
     grad = op.slice_gradient(coef, scale, x, directions, knots, 3.0, weights)
     assert grad.dtype == x.dtype
     assert_relative_close("weighted G", grad, expected, grad_tol)
@@ -519,7 +519,7 @@ def test_weighted_mask_ignores_nan_and_empty_batch(device, dtype):
             assert value.isfinite().all()
         assert (partials[2] == 0).all() and (stat[2] == 0).all() and (coef[2] == 0).all()
         assert (grad[masked] == 0).all()
-        # As the reduction fused.py asks for: the loss sums the finite statistics.
+        # As the reduction gpu/fused.py asks for: the loss sums the finite statistics.
         moments = _moments(weights)
         _, _, loss = op.statistic(partials, 40, 17, 3.0, "sum", 0.01, 1.0, None, moments)
         assert loss.isfinite()
@@ -549,14 +549,14 @@ def test_weighted_statistic_clip(device):
     x, directions = _case((3,), 30, 5, 37, device=device)
     weights = _sample_weights(3, 30, device=device)
     weights[1] = 0.0
-    partials = primitives.ecf_partials(*_double(x, directions), 17, 3.0, weights=weights.double()).float()
+    partials = contract.ecf_partials(*_double(x, directions), 17, 3.0, weights=weights.double()).float()
     moments = _moments(weights)
-    expected = primitives.statistic(partials.double(), 30, 17, 3.0, "none", None, 1.0, moments=moments.double())
+    expected = contract.statistic(partials.double(), 30, 17, 3.0, "none", None, 1.0, moments=moments.double())
     # Halfway between the two middle statistics of batch index 0: no statistic near the threshold,
     # where float32 rounding could put it on the other side.
     middle = expected[0][0].sort().values[17:19]
     clip_value = middle.mean().item()
-    expected = primitives.statistic(partials.double(), 30, 17, 3.0, "none", clip_value, 1.0,
+    expected = contract.statistic(partials.double(), 30, 17, 3.0, "none", clip_value, 1.0,
                                     moments=moments.double())
     stat, coef, loss = op.statistic(partials, 30, 17, 3.0, "none", clip_value, 1.0, None, moments)
     assert torch.equal(stat == 0, expected[0] == 0) and (stat[1] == 0).all() and (coef[1] == 0).all()
@@ -581,19 +581,19 @@ def test_rejects_bad_weights(device):
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("reduction, clip", [("mean", False), ("none", True)])
 def test_unbiased_statistic_matches_the_contract(device, weighted, reduction, clip):
-    """unbiased=True, the U-statistic: stat, coef and loss against primitives.statistic in float64."""
+    """unbiased=True, the U-statistic: stat, coef and loss against contract.statistic in float64."""
     op = _import_op_module()
     x, directions = _case((3,), 30, 5, 37, device=device)
     weights = _sample_weights(3, 30, device=device) if weighted else None
     moments = None if weights is None else _moments(weights)
     moments64 = None if moments is None else moments.double()
-    partials = primitives.ecf_partials(*_double(x, directions), 17, 3.0,
+    partials = contract.ecf_partials(*_double(x, directions), 17, 3.0,
                                        weights=None if weights is None else weights.double()).float()
     clip_value = None
     if clip:  # halfway between two statistics of batch index 0
-        stats = primitives.statistic(partials.double(), 30, 17, 3.0, "none", None, 1.0, None, moments64, True)[0]
+        stats = contract.statistic(partials.double(), 30, 17, 3.0, "none", None, 1.0, None, moments64, True)[0]
         clip_value = stats[0].sort().values[17:19].mean().item()
-    truth = primitives.statistic(partials.double(), 30, 17, 3.0, reduction, clip_value, 0.5, None, moments64, True)
+    truth = contract.statistic(partials.double(), 30, 17, 3.0, reduction, clip_value, 0.5, None, moments64, True)
     ours = op.statistic(partials, 30, 17, 3.0, reduction, clip_value, 0.5, None, moments, True)
     biased = op.statistic(partials, 30, 17, 3.0, reduction, clip_value, 0.5, None, moments)
     assert not torch.allclose(ours[0], biased[0])

@@ -1,6 +1,6 @@
 """The GPU side of the Triton backend, run on CPU under the interpreter.
 
-On a GPU, ``sigreg_kernels.triton_op`` registers its ops with ``torch.library.triton_op``
+On a GPU, ``sigreg_kernels.gpu.triton.ops`` registers its ops with ``torch.library.triton_op``
 and plans for the device's SMs under the waves criterion; under ``TRITON_INTERPRET=1``
 it uses opaque ``custom_op`` registrations and each kernel's first candidate, which
 test_triton.py tests. These tests run the GPU's choices instead, each in a fresh process
@@ -28,7 +28,10 @@ TESTS_DIR = Path(__file__).resolve().parent
 _PRELUDE = """
     import torch
     from helpers import assert_relative_close, random_case
-    from sigreg_kernels import primitives, triton_kernels as kernels, triton_op as op, triton_plan as plan
+    from sigreg_kernels.gpu import contract
+    from sigreg_kernels.gpu.triton import kernels
+    from sigreg_kernels.gpu.triton import ops as op
+    from sigreg_kernels.gpu.triton import plan
 
     assert op.INTERPRET, op.INTERPRET
 
@@ -38,16 +41,16 @@ _PRELUDE = """
         directions = None if projected else directions
         exact = (x.double(), None if projected else directions.double())
         partials = op.ecf_partials(x, directions, knots, 3.0)
-        expected = primitives.ecf_partials(*exact, knots, 3.0)
+        expected = contract.ecf_partials(*exact, knots, 3.0)
         assert_relative_close("sums", partials.sum(1), expected.sum(1), tol)
         stat, coef, loss = op.statistic(partials, samples, knots, 3.0, "mean", None, 2.0)
-        expected_stat, _, expected_loss = primitives.statistic(partials.double(), samples, knots, 3.0, "mean", None,
+        expected_stat, _, expected_loss = contract.statistic(partials.double(), samples, knots, 3.0, "mean", None,
                                                                2.0)
         assert_relative_close("stat", stat, expected_stat, 1e-5)
         assert_relative_close("loss", loss, expected_loss, 1e-5)
         scale = torch.randn(batch, partials.shape[3], generator=torch.Generator().manual_seed(3))
         grad = op.slice_gradient(coef, scale, x, directions, knots, 3.0)
-        expected = primitives.slice_gradient(coef.double(), scale.double(), *exact, knots, 3.0)
+        expected = contract.slice_gradient(coef.double(), scale.double(), *exact, knots, 3.0)
         assert_relative_close("G", grad, expected, tol if dtype == torch.float32 else 2e-2)
         return partials
 """
@@ -57,7 +60,8 @@ _KERNELS_FOUND = """
     # hashes their source (a private registry: checked where it exists). Compiled kernels
     # only: torch does not recognize the interpreter's.
     import torch
-    from sigreg_kernels import triton_kernels as kernels, triton_op as op
+    from sigreg_kernels.gpu.triton import kernels
+    from sigreg_kernels.gpu.triton import ops as op
 
     assert op.REGISTRATION == "triton_op" and not op.INTERPRET, (op.REGISTRATION, op.INTERPRET)
     registry = getattr(torch._library.triton, "get_triton_kernels_for_op", None)
@@ -80,10 +84,10 @@ _REGISTRATION = """
     check(3, 33, 5, 5, knots=5, projected=True)
     x, directions = random_case((2,), 40, 8, 20)
     projection = x @ directions
-    _, coef, _ = primitives.statistic(primitives.ecf_partials(projection.double(), None, 17, 3.0), 40, 17, 3.0,
+    _, coef, _ = contract.statistic(contract.ecf_partials(projection.double(), None, 17, 3.0), 40, 17, 3.0,
                                       "sum", None, 1.0)
     scale = torch.ones(1, 1).expand(2, 20)
-    expected = primitives.slice_gradient(coef, scale.double(), projection.double(), None, 17, 3.0)
+    expected = contract.slice_gradient(coef, scale.double(), projection.double(), None, 17, 3.0)
     op.slice_gradient_(projection, coef.float(), scale, 17, 3.0)
     assert_relative_close("G in place", projection, expected, 2e-5)
 """
@@ -138,6 +142,6 @@ def test_each_gpu_config_alone():
 
 def test_rejects_unknown_registration():
     env = {**os.environ, "SIGREG_TRITON_REGISTRATION": "triton-op"}
-    result = subprocess.run([sys.executable, "-c", "import sigreg_kernels.triton_op"], env=env,
+    result = subprocess.run([sys.executable, "-c", "import sigreg_kernels.gpu.triton.ops"], env=env,
                             capture_output=True, text=True, check=False)
     assert result.returncode != 0 and "SIGREG_TRITON_REGISTRATION must be" in result.stderr

@@ -1,8 +1,8 @@
-"""The Triton plans (``triton_plan.py``): the waves criterion over the benchmark grid, the
+"""The Triton plans (``gpu/triton/plan.py``): the waves criterion over the benchmark grid, the
 recorded resources, and every planned kernel compiled for sm_90 (no GPU needed).
 
 Run as a script to measure the resources the plan records:
-    python tests/test_triton_plan.py            # prints RESOURCES, WEIGHTED_RESOURCES for triton_plan.py
+    python tests/test_triton_plan.py            # prints RESOURCES, WEIGHTED_RESOURCES for gpu/triton/plan.py
 """
 
 import inspect
@@ -18,8 +18,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from sigreg_kernels import triton_plan as plan  # noqa: E402
-from sigreg_kernels.kernel_plan import KernelPlan  # noqa: E402
+from sigreg_kernels.gpu.triton import plan  # noqa: E402
+from sigreg_kernels.gpu.plan import KernelPlan  # noqa: E402
 
 H200_SMS = 132
 KNOTS = 17
@@ -36,7 +36,7 @@ GRID_DTYPES = (("bf16", torch.bfloat16, True), ("fp32-tf32", torch.float32, True
 
 def _planned(name, dtype, tf32, batch, samples, dim, slices, num_sms=H200_SMS, ecf_candidates=None,
              grad_candidates=None, weighted=False):
-    """(ecf_partials plan, slice_gradient plan) as fused.py's routes would launch them."""
+    """(ecf_partials plan, slice_gradient plan) as gpu/fused.py's routes would launch them."""
     projected = dtype == torch.float32 and not tf32  # fp32 "highest": SGEMM, then the projected kernels
     ecf = plan.plan_ecf_partials(batch, samples, dim, slices, KNOTS, dtype, tf32, projected, num_sms,
                                  candidates=ecf_candidates, weighted=weighted)
@@ -163,12 +163,12 @@ def launch_specs(cases=None, weighted=False):
     from triton._C.libtriton import native_specialize_impl
     from triton.backends.compiler import BaseBackend
 
-    if "sigreg_kernels.triton_op" not in sys.modules and not torch.cuda.is_available():
+    if "sigreg_kernels.gpu.triton.ops" not in sys.modules and not torch.cuda.is_available():
         # As the other Triton tests: without a GPU the process's kernels are the
         # interpreter's (only the launchers' argument functions are used here).
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from sigreg_kernels import triton_kernels as kernels
-    from sigreg_kernels import triton_op as op
+    from sigreg_kernels.gpu.triton import kernels
+    from sigreg_kernels.gpu.triton import ops as op
 
     specs = {}
 
@@ -212,7 +212,7 @@ def launch_specs(cases=None, weighted=False):
                                  ecf_candidates=ecf_candidate and (ecf_candidate,),
                                  grad_candidates=grad_candidate and (grad_candidate,), weighted=weighted)
             partials = torch.empty(batch, ecf.splits, 2, slices, KNOTS, device=meta_device)
-            arrivals = torch.empty(1, dtype=torch.int32, device=meta_device)  # as fused.py passes it
+            arrivals = torch.empty(1, dtype=torch.int32, device=meta_device)  # as gpu/fused.py passes it
             weights = torch.empty(batch, samples, device=meta_device) if weighted else None
             moments = torch.empty(batch, 2, device=meta_device) if weighted else None
             _, args, meta = op.ecf_partials_args(x, directions, partials, ecf, KNOTS, T_MAX, 0, batch, arrivals,
@@ -315,7 +315,7 @@ def compile_specs(specs, python=sys.executable, workers=2):
              for key, value in specs.items()]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    kernels_path = str(Path(__file__).resolve().parents[1] / "sigreg_kernels" / "triton_kernels.py")
+    kernels_path = str(Path(__file__).resolve().parents[1] / "sigreg_kernels" / "gpu/triton/kernels.py")
     processes = [subprocess.Popen([python, "-c", _COMPILE_SCRIPT, kernels_path], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
                  for _ in range(max(1, min(workers, len(items))))]
@@ -379,7 +379,7 @@ def test_planned_kernels_compile_for_sm90():
 
 def measure(python=sys.executable):
     """Compile every kernel the benchmark grid plans, without and with sample weights; print the
-    RESOURCES and WEIGHTED_RESOURCES tables for triton_plan.py."""
+    RESOURCES and WEIGHTED_RESOURCES tables for gpu/triton/plan.py."""
     tables = {}
     for weighted, name in ((False, "RESOURCES"), (True, "WEIGHTED_RESOURCES")):
         specs = launch_specs(list(every_config_case(weighted)), weighted=weighted)

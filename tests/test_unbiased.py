@@ -13,8 +13,8 @@ import torch
 from helpers import assert_relative_close
 
 from sigreg_kernels import SIGReg, sigreg, sigreg_reference
-from sigreg_kernels.fused import fused_sigreg
-from sigreg_kernels.quadrature import quadrature
+from sigreg_kernels.gpu.fused import fused_sigreg
+from sigreg_kernels.core.quadrature import quadrature
 
 
 def pair_formula(x, directions, weights=None, knots=17, t_max=3.0):

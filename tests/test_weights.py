@@ -4,8 +4,8 @@ A 0/1 mask must give exactly the statistic of the batch with the masked rows rem
 (the compacted batch ``x[mask]``, per batch index), values and both gradients; garbage
 (NaN, Inf) in masked rows must change nothing; a batch index with no weight has
 statistic 0, no gradient, and is left out of the mean. The backends here: the plain
-reference, the CPU kernel, and the GPU path's orchestration (``fused.py``) on the
-kernels' contract (``primitives.py``); the Triton and CUDA kernels themselves are held
+reference, the CPU kernel, and the GPU path's orchestration (``gpu/fused.py``) on the
+kernels' contract (``gpu/contract.py``); the Triton and CUDA kernels themselves are held
 to the same contract in ``test_triton.py`` and ``test_cuda_emulated.py``, and end to end
 by the fuzzer, which draws weights and masks too.
 """
@@ -15,13 +15,13 @@ import torch
 from helpers import assert_relative_close
 
 from sigreg_kernels import SIGReg, sigreg, sigreg_reference
-from sigreg_kernels.fused import fused_sigreg
+from sigreg_kernels.gpu.fused import fused_sigreg
 
 BACKENDS = ["reference", "cpu", "contract"]
 
 
 def run(backend, x, directions, weights, reduction="mean", clip_value=None):
-    """``sigreg`` with ``backend``; "contract": fused.py on primitives.py (flat [B, N, D] inputs)."""
+    """``sigreg`` with ``backend``; "contract": gpu/fused.py on gpu/contract.py (flat [B, N, D] inputs)."""
     if backend != "contract":
         return sigreg(x, directions, weights=weights, reduction=reduction, clip_value=clip_value, backend=backend)
     flat = x.reshape(-1, *x.shape[-2:])

@@ -9,7 +9,7 @@ from .resources import Kernel, ModelError
 
 BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-PLAN_MODULES = {"cuda": "sigreg_kernels.cuda_plan", "triton": "sigreg_kernels.triton_plan"}
+PLAN_MODULES = {"cuda": "sigreg_kernels.gpu.cuda.plan", "triton": "sigreg_kernels.gpu.triton.plan"}
 PLAN_FUNCTIONS = ("plan_ecf_partials", "plan_statistic", "plan_slice_gradient")
 OWN_KERNELS = ("ecf_partials", "statistic", "slice_gradient")
 WAVES_KERNELS = ("ecf_partials", "slice_gradient")  # the criterion: waves >= 2 where N*K >= 2^20

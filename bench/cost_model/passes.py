@@ -1,4 +1,4 @@
-"""What each backend runs per pass (fused.py's routes), the benchmark grid, totals and the criteria."""
+"""What each backend runs per pass (gpu/fused.py's routes), the benchmark grid, totals and the criteria."""
 
 import itertools
 import math
@@ -28,7 +28,7 @@ def grid_cases(backends, shapes=None, batches=GRID_BATCH, dtypes=GRID_DTYPES, gr
 
 
 def plan_args(case: Case, role: str, sms: int, splits: int = 1):
-    """The arguments of the backend's plan function for ``role`` (kernel_plan.py's signatures)."""
+    """The arguments of the backend's plan function for ``role`` (gpu/plan.py's signatures)."""
     if role == "statistic":
         return (case.batch, splits, case.K, case.knots, sms)
     dtype = getattr(torch, TORCH_DTYPES[case.dtype])
@@ -37,7 +37,7 @@ def plan_args(case: Case, role: str, sms: int, splits: int = 1):
 
 
 class CudaBackend:
-    """Plans from sigreg_kernels.cuda_plan; resources of the instances nvcc compiled for sm_90a."""
+    """Plans from sigreg_kernels.gpu.cuda.plan; resources of the instances nvcc compiled for sm_90a."""
 
     def __init__(self, gpu):
         self.gpu, self.plans, self.kernels = gpu, load_plans("cuda"), cuda_kernels()
@@ -59,7 +59,7 @@ def _triton_call(case, role, splits):
 
 
 class TritonBackend:
-    """Plans from sigreg_kernels.triton_plan; the launches the backend makes, compiled for sm_90."""
+    """Plans from sigreg_kernels.gpu.triton.plan; the launches the backend makes, compiled for sm_90."""
 
     def __init__(self, gpu):
         self.gpu, self.plans, self.launches = gpu, load_plans("triton"), {}
@@ -103,7 +103,7 @@ BACKENDS = {"cuda": CudaBackend, "triton": TritonBackend}
 
 
 def case_rows(gpu, backend, case: Case) -> list:
-    """Every kernel and library op one fwd and one bwd run, as fused.py strings them."""
+    """Every kernel and library op one fwd and one bwd run, as gpu/fused.py strings them."""
     b, n, d, k = case.batch, case.N, case.D, case.K
     size = BYTES[case.dtype]
     x_bytes, a_bytes = b * n * d * size, d * k * size
@@ -116,7 +116,7 @@ def case_rows(gpu, backend, case: Case) -> list:
     plan, kernel = backend.resolve(case, "ecf_partials")
     rows.append(own_kernel(gpu, case, "fwd", "ecf_partials", plan, kernel))
     splits = plan.splits
-    if case.weights:  # their sums per batch index (fused.py), and the weighted mean's divisor
+    if case.weights:  # their sums per batch index (gpu/fused.py), and the weighted mean's divisor
         rows.append(small_op(gpu, case, "fwd", "weight_moments", b * n, b * n * 4 + b * 8))
     plan, kernel = backend.resolve(case, "statistic", splits)
     rows.append(own_kernel(gpu, case, "fwd", "statistic", plan, kernel, splits=splits))  # and the loss

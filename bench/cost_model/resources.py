@@ -283,23 +283,27 @@ def match_cuda(plan, dtype: str, kernels: list) -> Kernel:
 
 def source_versions(backends) -> str:
     """Short hashes of what the rows depend on: each backend's plan module and kernel sources."""
-    package = ROOT / "sigreg_kernels"
+    gpu = ROOT / "sigreg_kernels" / "gpu"
     parts = []
     for backend in backends:
-        plan = package / f"{backend}_plan.py"
-        kernels = sorted(CUDA_DIR.glob("*.cu*")) if backend == "cuda" else [package / "triton_kernels.py",
-                                                                            package / "triton_op.py"]
-        present = [p for p in kernels if p.exists()]
-        parts.append(f"{plan.name} {_hash(plan.read_bytes())[:10] if plan.exists() else 'missing'}, "
-                     f"{backend} kernels {_hash(*[p.read_bytes() for p in present])[:10]}")
+        plan = gpu / backend / "plan.py"
+        kernels = sorted(CUDA_DIR.glob("*.cu*")) if backend == "cuda" else [gpu / "triton" / "kernels.py",
+                                                                            gpu / "triton" / "ops.py"]
+        missing = [str(p.relative_to(ROOT)) for p in [plan, *kernels] if not p.exists()]
+        if missing or not kernels:  # a moved file must not go unnoticed (a stale cache key)
+            raise ModelError(f"the {backend} backend's sources are not where the cost model reads them: "
+                             f"{', '.join(missing) or CUDA_DIR}")
+        parts.append(f"{backend}/plan.py {_hash(plan.read_bytes())[:10]}, "
+                     f"{backend} kernels {_hash(*[p.read_bytes() for p in kernels])[:10]}")
     return "; ".join(parts)
 
 
 def triton_sources_key() -> str:
     import triton
 
-    files = sorted(p for p in (ROOT / "sigreg_kernels").glob("*.py"))
-    return _hash(triton.__version__, *[p.name.encode() + p.read_bytes() for p in files],
+    package = ROOT / "sigreg_kernels"
+    files = sorted(package.rglob("*.py"))  # every subpackage: the kernels live in gpu/triton/
+    return _hash(triton.__version__, *[str(p.relative_to(package)).encode() + p.read_bytes() for p in files],
                  (Path(__file__).parent / "triton_capture.py").read_bytes())
 
 

@@ -2,7 +2,7 @@
 
     python -m cost_model.triton_capture SMS < calls.json    # prints {call key: [launch, ...]} as JSON
 
-Each call names a kernel of primitives.py and its shapes. The backend's own
+Each call names a kernel of gpu/contract.py and its shapes. The backend's own
 function (``fused.backend_kernels("triton")``) runs on CPU tensors that are never
 read, with three substitutions, so that what is compiled is exactly what the
 launcher would launch on the GPU:
@@ -12,9 +12,9 @@ launcher would launch on the GPU:
   compile-time constants, warps and stages, and the compiled kernel's resources
   (registers from the cubin, shared memory from Triton's metadata, matrix
   instructions from the SASS);
-- the plan functions of ``sigreg_kernels.triton_plan`` are called as on the GPU:
+- the plan functions of ``sigreg_kernels.gpu.triton.plan`` are called as on the GPU:
   with ``num_sms=SMS`` (the count the launchers read off the device) and any
-  argument beyond kernel_plan.py's signature at its default.
+  argument beyond gpu/plan.py's signature at its default.
 Run in a fresh process only: it changes Triton's global state.
 """
 
@@ -102,12 +102,12 @@ def _jsonable(value):
 
 def force_num_sms(sms: int):
     """Every module of the package that holds a plan function gets one called as on the GPU:
-    kernel_plan.py's arguments with ``num_sms=sms`` (the last of them), any further
+    gpu/plan.py's arguments with ``num_sms=sms`` (the last of them), any further
     argument (a launcher's off-GPU setting) left at its default, as the model calls it."""
     try:
-        import sigreg_kernels.triton_plan as plan
+        import sigreg_kernels.gpu.triton.plan as plan
     except ImportError as error:
-        raise SystemExit(f"sigreg_kernels.triton_plan is not there yet: {error}") from None
+        raise SystemExit(f"sigreg_kernels.gpu.triton.plan is not there yet: {error}") from None
     originals = {name: getattr(plan, name) for name in PLAN_FUNCTIONS}
 
     def forced(function, count):
@@ -135,7 +135,7 @@ def call_primitive(kernels, call: dict):
     scale = torch.empty(()).expand(b, k)
     x = torch.empty(b, n, d, dtype=dtype)
     directions = torch.empty(d, k, dtype=dtype)
-    arrivals = torch.empty(1, dtype=torch.int32)  # as fused.py passes it
+    arrivals = torch.empty(1, dtype=torch.int32)  # as gpu/fused.py passes it
     primitive = call["primitive"]
     if primitive == "ecf_partials":
         if call["projected"]:
@@ -159,12 +159,13 @@ def main():
     if recorder.tool is None:
         raise SystemExit("no cuobjdump (neither the CUDA toolkit's nor Triton's): cannot read registers")
     recorder.install()
-    from sigreg_kernels import fused
+    from sigreg_kernels.gpu import fused
 
     kernels = fused.backend_kernels("triton")
     # The launchers refuse CPU tensors outside the interpreter, since they would launch; here nothing launches.
-    if hasattr(kernels, "_check_device"):
-        kernels._check_device = lambda tensor: None
+    if not hasattr(kernels, "_check_device"):  # a rename must fail here, not capture nothing
+        raise SystemExit(f"{kernels.__name__} has no _check_device to bypass: the capture needs updating")
+    kernels._check_device = lambda tensor: None
     force_num_sms(sms)
     out = {}
     for call in calls:

@@ -2,7 +2,7 @@
 //
 // Forward: P = x_b A with at::matmul (the product torch.matmul would compute,
 // same precision rules), then the ECF sums at every knot in one pass over P:
-// sums of cos(t_j p) - 1 and sin(t_j p) (op_registration.py's contract).
+// sums of cos(t_j p) - 1 and sin(t_j p) (cpu/registration.py's contract).
 // The projection is kept for the backward: it saves a third matmul, and its
 // N x K floats are far below the N x K x T tensors the reference builds.
 // Backward: G (dstat/dP) row tile by row tile, each tile turned into its rows

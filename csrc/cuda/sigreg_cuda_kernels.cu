@@ -10,7 +10,7 @@
 //   rotation (2 FMUL + 2 FFMA) and two FADDs (forward) or two FFMAs (backward),
 //   nothing loaded from memory (SASS: 6 FP32 instructions per knot).
 // - Backward = slice_gradient (G in x's type, the one transient N x K tensor,
-//   recomputing P) then G A^T and x^T G as cuBLAS GEMMs (fused.py). The old
+//   recomputing P) then G A^T and x^T G as cuBLAS GEMMs (gpu/fused.py). The old
 //   fused backward looped over every slice tile inside 128 blocks and could not
 //   fill the machine; here every grid fills it at least kMinWaves = 2 times
 //   (waves = blocks / (132 SMs x blocks per SM)) wherever N K >= 2^20: 64x64
@@ -38,7 +38,7 @@
 //   model credits it), but it cannot be tested without a GPU here (the host
 //   emulation models WMMA), and the product is not the bound. fp32 at "highest"
 //   precision never uses the in-kernel (exact FMA) product on the fused path:
-//   fused.py runs an SGEMM and the kernels read P (Mode::kProjected).
+//   gpu/fused.py runs an SGEMM and the kernels read P (Mode::kProjected).
 // - Resources (CUDA 13.0, sm_90a, ptxas -v; listed per instance in
 //   sigreg_kernels/cuda_plan.py, checked by tests/test_cuda_compile.py; no
 //   spills, ptxas warnings fatal): ecf_partials 88-128 registers (capped at 128

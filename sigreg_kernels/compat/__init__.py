@@ -6,7 +6,7 @@
 Each keeps the class names, arguments, defaults, buffers (so state dicts load both
 ways) and numbers of the library it replaces; where that library has a known bug
 under ``torch.distributed``, ours computes the statistic of the global batch with
-the single-process gradient (the README lists these differences). Written from
+the single-process gradient (docs/usage.md lists these differences). Written from
 their documented behaviour; neither library is imported or needed.
 """
 

@@ -14,8 +14,8 @@ the mean over leading dims and slices of the Epps-Pulley statistic (SPEC §1).
 import torch
 import torch.distributed as dist
 
-from .._validation import check_quadrature_args
-from ..distributed import is_distributed
+from ..core.distributed import is_distributed
+from ..core.validation import check_quadrature_args
 from ..functional import sigreg
 from .quadrature_buffers import QuadratureBuffers
 

@@ -13,7 +13,7 @@ with its ``global_step`` buffer (0 at first, +1 per call), rank 0's step under
 import torch
 import torch.distributed as dist
 
-from ..distributed import is_distributed
+from ..core.distributed import is_distributed
 from ..functional import sigreg
 from ..lejepa.univariate import LeJEPAArgumentError, check_n_points, check_t_max
 from ..nn import StepCounter

@@ -2,7 +2,7 @@
 
 import torch
 
-from .._validation import check_clip_value
+from ..core.validation import check_clip_value
 from ..functional import sigreg
 from ..nn import StepCounter
 from .univariate import EppsPulley, LeJEPAArgumentError

@@ -4,8 +4,9 @@ import math
 
 import torch
 
+from .numerics import REDUCTIONS  # noqa: F401  (nn.py checks its reduction with it)
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-REDUCTIONS = ("mean", "sum", "none")
 
 
 def check_tensor(name: str, value, min_dim: int, max_dim: int | None = None) -> None:

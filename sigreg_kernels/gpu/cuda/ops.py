@@ -1,5 +1,5 @@
-"""The ``cuda`` backend's kernels, as ``fused.py`` calls them: the four functions of
-``primitives.py`` (same arguments, same results), each one launch of the CUDA
+"""The ``cuda`` backend's kernels, as ``gpu/fused.py`` calls them: the four functions of
+``gpu/contract.py`` (same arguments, same results), each one launch of the CUDA
 kernels in ``csrc/cuda`` through the registered ops ``torch.ops.sigreg.*``.
 
 Inputs: ``x [B, N, D]`` float32/bfloat16/float16 on a CUDA device (sm_80+),
@@ -9,7 +9,7 @@ others are copied once.
 
 import torch
 
-from . import ops  # noqa: F401  (loads the extension and registers the fake kernels)
+from ... import extension  # noqa: F401  (loads the extension and registers the fake kernels)
 
 
 def ecf_partials(x, directions, knots: int, t_max: float, arrivals=None, weights=None):

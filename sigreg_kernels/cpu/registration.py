@@ -14,7 +14,7 @@ Contract of every ``ecf_sums``-style op (the C++ one and the Triton one):
               [0] tensor (the GPU kernels recompute it; without directions it is x).
         weights: None, or [B, N] sample weights (bool or float, non-negative): the sums
               weight each row's terms, and a row of weight 0 adds exactly nothing
-              whatever x holds (primitives.py, "Sample weights"). No gradient.
+              whatever x holds (gpu/contract.py, "Sample weights"). No gradient.
     ecf_sums_backward(grad_sums, x, directions, projection, knots, t_max,
                       need_grad_directions, weights=None) -> (grad_x [B, N, D] in x.dtype,
                       grad_directions [D, K] in directions.dtype, or empty [0]
@@ -23,9 +23,7 @@ Contract of every ``ecf_sums``-style op (the C++ one and the Triton one):
 
 import torch
 
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ..core.numerics import accumulation_dtype
 
 
 def fake_ecf_sums(x, directions, knots, t_max, keeps_projection, weights=None):

@@ -2,17 +2,17 @@
 
 The schema and the device kernels live in C++ (``csrc/sigreg.cpp``); this file
 teaches torch.compile their shapes. ``sigreg::ecf_sums`` (the CPU backend) wires
-its backward, itself an op; its contract is in ``op_registration.py``. The GPU
+its backward, itself an op; its contract is in ``cpu/registration.py``. The GPU
 kernel ops ``ecf_partials``, ``statistic``, ``slice_gradient`` and
-``slice_gradient_`` (CUDA) compute ``primitives.py``'s functions; ``fused.py``
-strings them together and does their autograd (``cuda_ops.py`` calls them).
+``slice_gradient_`` (CUDA) compute ``gpu/contract.py``'s functions; ``gpu/fused.py``
+strings them together and does their autograd (``gpu/cuda/ops.py`` calls them).
 """
 
 import torch
 
 from . import _C  # loads the library that defines the ops
-from . import cuda_plan
-from .op_registration import fake_ecf_sums, fake_ecf_sums_backward, register_ecf_autograd
+from .cpu.registration import fake_ecf_sums, fake_ecf_sums_backward, register_ecf_autograd
+from .gpu.cuda import plan as cuda_plan
 
 
 @torch.library.register_fake("sigreg::ecf_sums")

@@ -1,6 +1,6 @@
 """SIGReg on the GPU backends: three kernels and the library's matrix products, with autograd.
 
-A backend (``cuda``, ``triton``) provides the kernels of ``primitives.py``; this file
+A backend (``cuda``, ``triton``) provides the kernels of ``gpu/contract.py``; this file
 strings them together. (With sample weights: the kernels take them, the weights' sums
 are one op more, and a weighted "mean" divides by the count of non-empty batch
 indices, one op in each pass.) Per call, without torch.distributed:
@@ -17,7 +17,7 @@ reduction's factor, ``clip_value`` and the distributed scaling into ``coef`` =
 d loss / d sums, so the backward starts from the loss's gradient as a ``[B, K]``
 view, with no elementwise op of its own. It also reduces the statistics to the
 loss (mean or sum) in the same launch, a deterministic cross-block sum whose
-arrival counter ``ecf_partials`` zeroes (primitives.py), so no reduction op follows.
+arrival counter ``ecf_partials`` zeroes (gpu/contract.py), so no reduction op follows.
 
 float32 at "highest" precision (no TF32, like torch.matmul): the projection is
 an SGEMM first (one more op per pass: 3 in the forward, 4 in the backward), then the kernels read it
@@ -27,9 +27,9 @@ so the backward still holds one ``N×K`` tensor.
 
 import torch
 
-from .distributed import all_reduce_sums_and_count, is_distributed
+from ..core.distributed import all_reduce_sums_and_count, is_distributed
 
-# The module that provides the kernels of primitives.py, per backend name; "primitives"
+# The module that provides the kernels of gpu/contract.py, per backend name; "primitives"
 # runs the contract itself, on any device (register_kernels adds others, e.g. in tests).
 _KERNELS = {}
 
@@ -42,11 +42,11 @@ def backend_kernels(name: str):
     if name not in _KERNELS:  # imported on first use: importing triton is slow
         # Import statements, not importlib: torch.compile traces them.
         if name == "cuda":
-            from . import cuda_ops as module
+            from .cuda import ops as module
         elif name == "triton":
-            from . import triton_op as module
+            from .triton import ops as module
         elif name == "primitives":
-            from . import primitives as module
+            from . import contract as module
         else:
             raise ValueError(f"no kernels registered for backend {name!r}")
         _KERNELS[name] = module
@@ -171,8 +171,8 @@ def fused_sigreg(backend: str, x, directions, knots: int, t_max: float, reductio
                  across_ranks: bool | None = None, weights=None, unbiased: bool = False):
     """SIGReg of ``x: [B, N, D]`` with ``backend``'s kernels: a scalar, or ``[B, K]`` for "none".
     ``across_ranks``: the statistic of the global batch (None: whenever torch.distributed is up).
-    ``weights``: None, or float32 ``[B, N]`` contiguous sample weights (primitives.py);
-    ``unbiased``: the U-statistic (primitives.py)."""
+    ``weights``: None, or float32 ``[B, N]`` contiguous sample weights (gpu/contract.py);
+    ``unbiased``: the U-statistic (gpu/contract.py)."""
     across_ranks = is_distributed() if across_ranks is None else across_ranks
     first = directions is not None and projection_first(x)
     return _FusedSigreg.apply(x, directions, backend, knots, t_max, reduction, clip_value, across_ranks, weights,

@@ -1,8 +1,8 @@
 """How the Triton backend launches its kernels: tiles, grids and splits from the shapes.
 
-Pure Python (no triton, no device): ``triton_op.py`` launches exactly what these
+Pure Python (no triton, no device): ``gpu/triton/ops.py`` launches exactly what these
 functions return, and the cost model (``bench/cost_model.py``) reads the same plans.
-Signatures: ``kernel_plan.py``. No autotuning: a plan depends on the shapes, the dtype
+Signatures: ``gpu/plan.py``. No autotuning: a plan depends on the shapes, the dtype
 and ``num_sms`` only, so results never depend on timing and reruns sum in the same order.
 
 The waves criterion (the GPU design note): for ecf_partials and slice_gradient with
@@ -28,7 +28,7 @@ own), skipping the configs that spill with weights; unweighted plans do not chan
 import math
 from dataclasses import dataclass
 
-from .kernel_plan import KernelPlan
+from ..plan import KernelPlan
 
 # An H100/H200 SM, as the cost model counts it.
 SM_REGISTERS = 65536

@@ -1,4 +1,4 @@
-"""The Triton backend's four ops: launch by ``triton_plan.py``, registration with torch.
+"""The Triton backend's four ops: launch by ``gpu/triton/plan.py``, registration with torch.
 
     sigreg::triton_ecf_partials(Tensor x, Tensor? directions, int knots, float t_max,
                                 Tensor(a!)? arrivals, Tensor? weights=None) -> Tensor
@@ -10,14 +10,14 @@
     sigreg::triton_slice_gradient_(Tensor(a!) projection, Tensor coef, Tensor scale,
                                    int knots, float t_max, Tensor? weights=None) -> ()
 
-Semantics: exactly ``primitives.py``'s functions of the same names, each one kernel
+Semantics: exactly ``gpu/contract.py``'s functions of the same names, each one kernel
 launch (several only past the 65535 grid cap on huge batches) and no other device work
 (outputs are allocated with torch.empty; ``statistic`` without ``arrivals`` zeroes a
 counter of its own). ``weights`` / ``moments``: the contract's sample weights, a
 constexpr switch of the same kernels (the unweighted kernels compile as without it),
-planned with the weighted kernels' resources. No autograd here: ``fused.py`` does it and
+planned with the weighted kernels' resources. No autograd here: ``gpu/fused.py`` does it and
 calls the four plain functions ``ecf_partials``, ``statistic``, ``slice_gradient``,
-``slice_gradient_`` below. The kernels are in ``triton_kernels.py``.
+``slice_gradient_`` below. The kernels are in ``gpu/triton/kernels.py``.
 
 Registration: ``torch.library.triton_op`` on the GPU, ``torch.library.custom_op`` under
 ``TRITON_INTERPRET=1``; one launcher function either way. triton_op + ``wrap_triton``
@@ -45,10 +45,10 @@ from typing import Optional
 import torch
 import triton
 
-from . import triton_plan as plan
-from .primitives import loss_divisor, loss_factor
-from .quadrature import knot_spacing
-from .triton_kernels import (
+from ...core.numerics import loss_divisor, loss_factor
+from ...core.quadrature import knot_spacing
+from . import plan
+from .kernels import (
     ecf_partials_kernel,
     ecf_partials_projected_kernel,
     slice_gradient_kernel,
@@ -438,7 +438,7 @@ if REGISTRATION == "custom_op":  # triton_op traces the launchers as their fake 
         return None
 
 
-# The plain callables fused.py routes backend="triton" to: the registered ops (ecf_partials with
+# The plain callables gpu/fused.py routes backend="triton" to: the registered ops (ecf_partials with
 # its counter optional, like the CUDA backend's).
 def ecf_partials(x: torch.Tensor, directions: Optional[torch.Tensor], knots: int, t_max: float,
                  arrivals: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None) -> torch.Tensor:

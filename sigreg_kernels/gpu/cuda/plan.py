@@ -3,7 +3,7 @@ in ``csrc/cuda/sigreg_cuda_kernels.cuh`` (tests/test_cuda_emulated.py checks tha
 two agree over the benchmark grid), for the fake kernels (the partials' row splits
 ``S``) and the cost model, without a GPU or the compiled extension.
 
-Signatures as in ``kernel_plan.py`` (``projected``: ``slices`` are the columns of the
+Signatures as in ``gpu/plan.py`` (``projected``: ``slices`` are the columns of the
 given projection, ``dim`` is ignored). The grids depend on the shapes, ``projected``
 and the SM count only; ``dtype`` and ``tensor_cores`` pick the compiled instance
 (``tile["template"]``: its template arguments, as the demangler writes them).
@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .kernel_plan import KernelPlan
+from ..plan import KernelPlan
 
 THREADS = 256                # ecf_partials and slice_gradient blocks
 KNOTS_PER_PASS = 16          # knots a thread keeps in registers

@@ -1,4 +1,4 @@
-"""Triton kernels of the three GPU primitives (contract: ``primitives.py``; launched from ``triton_op.py``).
+"""Triton kernels of the three GPU primitives (contract: ``gpu/contract.py``; launched from ``gpu/triton/ops.py``).
 
 Why this design (H200: 132 SMs; headline bf16 B=1, N=4096, D=512, K=1024, T=17; the
 numbers are bench/cost_model.py's, from these kernels compiled for sm_90):
@@ -27,7 +27,7 @@ numbers are bench/cost_model.py's, from these kernels compiled for sm_90):
   pipelined (cp.async, 3 stages) under the element work of the previous tile. L2
   traffic: x once per slice block (2 D / BLOCK_K bytes per element), A once per program
   instead of once per row tile (2 D / BLOCK_N). Larger D: A streamed in 64-feature chunks.
-- Grids (triton_plan.py): ecf_partials (K blocks x knot chunks, row splits S, B),
+- Grids (gpu/triton/plan.py): ecf_partials (K blocks x knot chunks, row splits S, B),
   slice_gradient (K blocks, row groups, B), S and the groups chosen for 2-4 nearly
   whole waves of the blocks per SM the compiled resources allow. Headline: forward
   128 x 16 tiles, 126 registers, 176 KB shared (1 block of 8 warps per SM), 8 x 64 =
@@ -564,13 +564,13 @@ def statistic_kernel(
 
     Grid: (B * k_blocks,) = ``programs``, one program per (batch index, slice block): the
     sum over splits runs in split order; the quadrature is built in float64, then
-    rounded, as quadrature.py builds it. The loss (sum of all stat / loss_divisor) in
+    rounded, as core/quadrature.py builds it. The loss (sum of all stat / loss_divisor) in
     the same launch, deterministically: each program stores the float64 sum of its
     statistics in block_sums[pid] and takes a ticket from the arrival counter (which
     ecf_partials zeroed); the program that arrives last sums block_sums in program
     order, whatever the arrival order, writes the loss and resets the counter to 0.
     HAS_MOMENTS: weighted sums, normalized by the batch index's moments (sum w, sum w^2)
-    instead of ``samples``. UNBIASED: the U-statistic (primitives.py).
+    instead of ``samples``. UNBIASED: the U-statistic (gpu/contract.py).
     """
     pid = tl.program_id(0)
     b = (pid // k_blocks).to(tl.int64)
@@ -586,7 +586,7 @@ def statistic_kernel(
         sums_s += tl.load(base + stride_pc + offsets, mask=mask, other=0.0)
         base += stride_ps
 
-    t = j.to(tl.float64) * delta  # float64: the knots as quadrature.py rounds them
+    t = j.to(tl.float64) * delta  # float64: the knots as core/quadrature.py rounds them
     half_t2 = -0.5 * t * t
     phi64 = tl.exp(half_t2)
     # phi - 1 = expm1(-t^2 / 2) (quadrature.phi_minus_one): its series where exp - 1 would

@@ -1,7 +1,7 @@
 """The three kernels every GPU backend provides, written in plain PyTorch: their contract.
 
 The GPU backends (``triton``, ``cuda``) compute SIGReg with three kernels, each one
-device launch, which ``fused.py`` strings together with the library's own matrix
+device launch, which ``gpu/fused.py`` strings together with the library's own matrix
 products (cuBLAS through ``torch.matmul``). These functions say what each kernel
 computes, and run the same orchestration on any device (the tests use them to
 check the orchestration, and as a readable statement of the contract).
@@ -71,7 +71,7 @@ and Inf included), so that it contributes exactly 0 to the sums and gets ``G = 0
    ``coef`` is its derivative, ``f * 2 w_j (C - phi) W1 / W2`` and ``f * 2 w_j S W1 / W2``.
    A batch index with ``W1 = 0`` has ``stat = 0`` and ``coef = 0`` (not NaN). (The reduced
    loss of a weighted "mean" leaves those batch indices out of its divisor, a count known
-   only on the device: ``fused.py`` asks the kernel for the "sum" and divides.)
+   only on the device: ``gpu/fused.py`` asks the kernel for the "sum" and divides.)
 3. ``G[b, n, k] = w_n * scale[b, k] * sum_j ...`` at ``P~``: 0 where ``w_n = 0``.
 
 The unbiased statistic (``sigreg(..., unbiased=True)``): ``statistic(..., moments, unbiased=True)``
@@ -86,10 +86,9 @@ samples; a batch index with ``W1 = 0`` is still 0. Clipping applies to the unbia
 
 import torch
 
-from .op_registration import accumulation_dtype
-from .quadrature import phi_minus_one, quadrature
+from ..core.numerics import accumulation_dtype, loss_divisor, loss_factor
+from ..core.quadrature import phi_minus_one, quadrature
 
-REDUCTION_FACTORS = ("mean", "sum", "none")
 
 
 def projection(x, directions):
@@ -123,18 +122,6 @@ def ecf_partials(x, directions, knots: int, t_max: float, arrivals=None, weights
         cos_minus_one, sin = cos_minus_one * w.unsqueeze(-1), sin * w.unsqueeze(-1)
     sums = torch.stack((cos_minus_one.sum(dim=1), sin.sum(dim=1)), dim=1)  # [B, 2, K, T]
     return sums.unsqueeze(1)  # one split
-
-
-def loss_factor(reduction: str, batch: int, slices: int, grad_factor: float) -> float:
-    """The factor that turns d stat_k / d sums into d loss / d sums."""
-    if reduction not in REDUCTION_FACTORS:
-        raise ValueError(f"reduction must be one of {REDUCTION_FACTORS}, got {reduction!r}")
-    return grad_factor / (batch * slices) if reduction == "mean" else grad_factor
-
-
-def loss_divisor(reduction: str, batch: int, slices: int) -> int:
-    """What the sum of the statistics is divided by to give the reduced loss."""
-    return batch * slices if reduction == "mean" else 1
 
 
 def statistic(partials, samples: int, knots: int, t_max: float, reduction: str, clip_value, grad_factor: float,

@@ -4,13 +4,13 @@ import os
 
 import torch
 
-from .op_registration import accumulation_dtype
-from .quadrature import quadrature
+from .core.numerics import accumulation_dtype
+from .core.quadrature import quadrature
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 
 try:
-    from . import ops as _ops
+    from . import extension as _ops
 
     _EXTENSION_ERROR = None
 except ImportError as error:  # the compiled extension was not built, or does not load
@@ -139,4 +139,4 @@ def ecf_sums(name: str, x, directions, knots: int, t_max: float, weights=None):
         return reference_ecf_sums(x, directions, knots, t_max, weights)
     if name == "cpu":
         return torch.ops.sigreg.ecf_sums(x, directions, knots, t_max, weights)[0]
-    raise ValueError(f"backend {name!r} does not compute the ECF sums alone (see fused.py)")
+    raise ValueError(f"backend {name!r} does not compute the ECF sums alone (see gpu/fused.py)")

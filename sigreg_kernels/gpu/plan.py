@@ -1,7 +1,7 @@
 """How a GPU backend launches one of its kernels for one problem: a plain record.
 
-Each GPU backend has a pure-Python plan module (``triton_plan.py``, ``cuda_plan.py``)
-with one function per kernel of ``primitives.py``, returning a ``KernelPlan``:
+Each GPU backend has a pure-Python plan module (``gpu/triton/plan.py``, ``gpu/cuda/plan.py``)
+with one function per kernel of ``gpu/contract.py``, returning a ``KernelPlan``:
 
     plan_ecf_partials(batch, samples, dim, slices, knots, dtype, tensor_cores, projected, num_sms)
     plan_statistic(batch, splits, slices, knots, num_sms)

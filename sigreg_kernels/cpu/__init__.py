@@ -1,0 +1,1 @@
+"""The CPU backend: the C++ op ``sigreg::ecf_sums`` (``csrc/cpu/``), its fake kernel and autograd."""
