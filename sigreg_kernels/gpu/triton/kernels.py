@@ -422,6 +422,21 @@ def _zero_arrivals(arrivals_ptr, ZERO_ARRIVALS: tl.constexpr):
 
 
 @triton.jit
+def _program(rows_per_program, N, K, batch_start, knot_chunks, BLOCK_K: tl.constexpr):
+    """What a program of any kernel here owns, from its ids on the grid (slice blocks x knot
+    chunks, row splits, batch indices from batch_start): its slice block (pid_k; slices rk,
+    k_valid), its knot chunk, its batch index b (int64: b * stride may pass 2^31) and its
+    rows [row_start, row_end)."""
+    pid_k = tl.program_id(0) // knot_chunks
+    chunk = tl.program_id(0) % knot_chunks
+    b = tl.program_id(2).to(tl.int64) + batch_start
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_start = tl.program_id(1) * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, N)
+    return pid_k, chunk, b, rk, rk < K, row_start, row_end
+
+
+@triton.jit
 def ecf_partials_kernel(
     x_ptr, a_ptr, out_ptr, arrivals_ptr, w_ptr,
     N, D, K, rows_per_split, knot_chunks, batch_start,
@@ -444,16 +459,11 @@ def ecf_partials_kernel(
     kernel's arrival counter to 0. HAS_WEIGHTS: the sums weighted by w [B, N] (contiguous).
     """
     _zero_arrivals(arrivals_ptr, ZERO_ARRIVALS)
-    pid_k = tl.program_id(0) // knot_chunks
-    chunk = tl.program_id(0) % knot_chunks
+    pid_k, chunk, b, rk, k_valid, row_start, row_end = _program(rows_per_split, N, K, batch_start, knot_chunks,
+                                                                BLOCK_K)
     split = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64) + batch_start
-    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    k_valid = rk < K
     x_b = x_ptr + b * stride_xb
     w_b = w_ptr + b * N
-    row_start = split * rows_per_split
-    row_end = tl.minimum(row_start + rows_per_split, N)
     first_knot = 1 + chunk * KC
     t_first = first_knot.to(tl.float32) * delta
 
@@ -522,16 +532,11 @@ def ecf_partials_projected_kernel(
     owns whole columns, and all sums over samples stay in the thread.
     """
     _zero_arrivals(arrivals_ptr, ZERO_ARRIVALS)
-    pid_k = tl.program_id(0) // knot_chunks
-    chunk = tl.program_id(0) % knot_chunks
+    pid_k, chunk, b, rk, k_valid, row_start, row_end = _program(rows_per_split, N, K, batch_start, knot_chunks,
+                                                                BLOCK_K)
     split = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64) + batch_start
-    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    k_valid = rk < K
     p_b = p_ptr + b * stride_pb
     w_b = w_ptr + b * N
-    row_start = split * rows_per_split
-    row_end = tl.minimum(row_start + rows_per_split, N)
     first_knot = 1 + chunk * KC
     t_first = first_knot.to(tl.float32) * delta
 
@@ -729,18 +734,12 @@ def slice_gradient_kernel(
     rk and rows [group * rows_per_program, +rows_per_program), tile by tile, with the
     directions (RESIDENT) and gamma in registers / shared memory for all its tiles.
     """
-    pid_k = tl.program_id(0)
-    group = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64) + batch_start
-    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    k_valid = rk < K
+    pid_k, _chunk, b, rk, k_valid, row_start, row_end = _program(rows_per_program, N, K, batch_start, 1, BLOCK_K)
     x_b = x_ptr + b * stride_xb
     w_b = w_ptr + b * N
     g_b = g_ptr + b * stride_gb
     coef_b = coef_ptr + b * stride_cb
     scale_k = tl.load(scale_ptr + b * stride_sb + rk * stride_sk, mask=k_valid, other=0.0)
-    row_start = group * rows_per_program
-    row_end = tl.minimum(row_start + rows_per_program, N)
     g_re, g_im = _program_gamma(coef_b, stride_cc, stride_ck, rk, k_valid, scale_k, delta, KNOTS, KC, BLOCK_K,
                                 MMA_TILE)
     if RESIDENT:
@@ -779,18 +778,12 @@ def slice_gradient_projected_kernel(
     """slice_gradient_kernel on a given projection P (directions=None), tiles as in
     ecf_partials_projected_kernel; g_ptr may be p_ptr (slice_gradient_: each element is
     read, then overwritten, by the same thread)."""
-    pid_k = tl.program_id(0)
-    group = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64) + batch_start
-    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    k_valid = rk < K
+    pid_k, _chunk, b, rk, k_valid, row_start, row_end = _program(rows_per_program, N, K, batch_start, 1, BLOCK_K)
     p_b = p_ptr + b * stride_pb
     w_b = w_ptr + b * N
     g_b = g_ptr + b * stride_gb
     coef_b = coef_ptr + b * stride_cb
     scale_k = tl.load(scale_ptr + b * stride_sb + rk * stride_sk, mask=k_valid, other=0.0)
-    row_start = group * rows_per_program
-    row_end = tl.minimum(row_start + rows_per_program, N)
     g_re, g_im = _program_gamma(coef_b, stride_cc, stride_ck, rk, k_valid, scale_k, delta, KNOTS, KC, BLOCK_K,
                                 ROWS_TILE)
     for n0 in range(row_start, row_end, BLOCK_N):
