@@ -13,7 +13,7 @@ from ... import extension  # noqa: F401  (loads the extension and registers the 
 
 
 def ecf_partials(x, directions, knots: int, t_max: float, arrivals=None, weights=None):
-    """``partials [B, S, 2, K, T]`` float32; ``S`` row splits from ``cuda_plan.plan_ecf_partials``.
+    """``partials [B, S, 2, K, T]`` float32; ``S`` row splits from ``plan.plan_ecf_partials``.
     ``arrivals`` (int32, one element, on x's device, or None): set to 0 by the kernel (one store),
     ready for ``statistic``. ``weights``: None or float32 ``[B, N]`` contiguous sample weights
     (the weighted sums; a row of weight 0 is left out, whatever it holds)."""

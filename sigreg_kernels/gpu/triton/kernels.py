@@ -42,7 +42,7 @@ numbers are bench/cost_model.py's, from these kernels compiled for sm_90):
   holds), and one multiply per element, none per knot: the forward carries w (cos - 1,
   sin) through the same rotation with w-scaled additive constants (_rotate_cosm1), the
   backward multiplies G by w. The forward then holds ~40 registers more
-  (triton_plan.WEIGHTED_RESOURCES). The statistic (HAS_MOMENTS) divides by sum w and
+  (plan.py: WEIGHTED_RESOURCES). The statistic (HAS_MOMENTS) divides by sum w and
   scales by the effective sample size (sum w)^2 / sum w^2 instead of N.
 
 Math per batch index b, slice k, knot t_j = j * delta:
@@ -635,7 +635,7 @@ def statistic_kernel(
         coef_s = tl.where(empty, 0.0, coef_s)
     if HAS_CLIP:
         # Statistics below clip_value are 0 and pass no gradient; NaN is below nothing, so a
-        # NaN statistic (and its coefficients) stays NaN, as primitives.statistic.
+        # NaN statistic (and its coefficients) stays NaN, as contract.statistic.
         clipped = stat < clip_value
         stat = tl.where(clipped, 0.0, stat)
         kept = tl.where(clipped, 0.0, 1.0)[:, None]

@@ -146,7 +146,7 @@ def _check_float(name: str, tensor: torch.Tensor, dims: int) -> None:
 def _check_device(tensor: torch.Tensor) -> None:
     if tensor.device.type == "cpu" and not INTERPRET:
         raise RuntimeError("the triton kernels of this process were compiled for CUDA: set "
-                           "TRITON_INTERPRET=1 before sigreg_kernels.triton_op is first imported "
+                           "TRITON_INTERPRET=1 before sigreg_kernels.gpu.triton.ops is first imported "
                            "to run them on CPU tensors")
     if tensor.device.type == "cpu" and (problem := _interpreter_numpy_problem()):
         raise RuntimeError(problem)
