@@ -33,12 +33,12 @@ cd "$HERE/.." || exit 2
 BUDGET=540   # seconds: a 10-minute device call, less the machine's start and the transfers
 MAX_FILES=8  # files that come back from $OUT
 PLAN=(build parity bench profile sanitize sweep tests train step)
-declare -A LIMIT=([build]=120 [parity]=60 [bench]=100 [profile]=75 [sanitize]=35 [sweep]=70 [tests]=40 [train]=30
+declare -A LIMIT=([build]=120 [parity]=75 [bench]=85 [profile]=75 [sanitize]=35 [sweep]=70 [tests]=40 [train]=30
                   [step]=10)
 SHARE_LEFTOVER=" tests train step "
 declare -A WHAT=(
   [build]="versions, nvidia-smi; build for this GPU's arch only (FORCE_CUDA=1, MAX_JOBS=16), ptxas -v, cuobjdump"
-  [parity]="parity smoke: cuda, triton x fp32/bf16/fp16 vs a float64 oracle on the GPU, bit-identical rerun, the losses = their statistics' sum"
+  [parity]="parity smoke: cuda, triton x fp32/bf16/fp16 vs a float64 oracle on the GPU (unbiased=True too), bit-identical rerun, the losses = their statistics' sum"
   [bench]="headline N=4096 D=512 K=1024: reference, reference+compile, triton, cuda; bf16, fp32; memory, floor"
   [profile]="kernels at the headline, bf16 fwd+bwd, cuda and triton: torch profiler (GPU busy vs wall), then ncu"
   [sanitize]="compute-sanitizer: memcheck cuda, memcheck triton, racecheck cuda, side by side"

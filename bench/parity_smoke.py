@@ -41,7 +41,8 @@ T_MAX = 3.0  # the default quadrature, whose largest knot sets the largest angle
 
 
 def cases(headline):
-    """(name, batch dims, N, D, K, |x| scale): the headline size first, then the edges."""
+    """(name, batch dims, N, D, K, |x| scale[, options of sigreg]): the headline size first,
+    then the edges, then the options' kernels."""
     n, d, k = headline
     return [
         ("headline", (), n, d, k, 1.0),
@@ -54,6 +55,10 @@ def cases(headline):
         ("D=1-x1e-3", (3,), 129, 1, 70, 1e-3),
         ("D>256", (), 130, 257, 67, 1.0),
         ("many-blocks", (8,), 32, 8, 2048, 1.0),  # the statistic's loss over thousands of blocks
+        # The statistic kernel's U-statistic; |x| ~ 3, far from Gaussian, so that the value is not
+        # a small difference (at |x| ~ 1 it is ~0 and only its absolute error means anything).
+        ("unbiased-x3", (2,), 37, 19, 65, 3.0, {"unbiased": True}),
+        ("unbiased-head", (), n, d, k, 3.0, {"unbiased": True}),
     ]
 
 
@@ -67,9 +72,9 @@ def make_case(batch_shape, samples, dim, slices, scale, dtype, device, seed=0):
     return x.to(device, dtype), directions.to(device, dtype), weight.to(device)
 
 
-def loss_fn(backend):
+def loss_fn(backend, options=None):
     """The statistics ``[*B, K]`` of one backend, through the public function."""
-    return lambda x, directions: sigreg(x, directions, backend=backend, reduction="none")
+    return lambda x, directions: sigreg(x, directions, backend=backend, reduction="none", **(options or {}))
 
 
 def values_and_grads(fn, x, directions, weight):
@@ -86,22 +91,24 @@ def relative_error(actual, expected):
     return ((actual - expected).norm() / expected.norm().clamp_min(1e-300)).item()
 
 
-def tolerances(x, directions, weight, truth):
+def tolerances(x, directions, weight, truth, options=None):
     """Bounds for (value, grad_x, grad_directions), as in tests/helpers.py."""
     if x.dtype != torch.float32:
         return [LOW_PRECISION_VALUE_TOL, LOW_PRECISION_GRAD_TOL, LOW_PRECISION_GRAD_TOL]
-    ref32 = values_and_grads(lambda a, b: sigreg_reference(a, b, reduction="none"), x, directions, weight)
+    ref32 = values_and_grads(lambda a, b: sigreg_reference(a, b, reduction="none", **(options or {})), x,
+                             directions, weight)
     largest_angle = T_MAX * (x.double() @ directions.double()).abs().max().item()
     angle_ulp = torch.finfo(torch.float32).eps * largest_angle
     return [max(1e-5, 2 * relative_error(r, t), angle_ulp) for r, t in zip(ref32, truth)]
 
 
-def check_losses(backend, x, directions, stat, truth_stat, value_tol):
+def check_losses(backend, x, directions, stat, truth_stat, value_tol, options=None):
     """(passed, summary parts) of the mean and sum losses of one case: see the module's docstring."""
     passed, parts = True, []
     for reduction in ("mean", "sum"):
         divisor = stat.numel() if reduction == "mean" else 1
-        runs = [sigreg(x, directions, backend=backend, reduction=reduction) for _ in range(LOSS_RERUNS)]
+        runs = [sigreg(x, directions, backend=backend, reduction=reduction, **(options or {}))
+                for _ in range(LOSS_RERUNS)]
         if backend in FUSED_BACKENDS:
             exact = (stat.double().sum() / divisor).float()
             ok = all(torch.equal(run, exact) for run in runs)
@@ -114,14 +121,14 @@ def check_losses(backend, x, directions, stat, truth_stat, value_tol):
     return passed, parts
 
 
-def check(fn, x, directions, weight, backend):
+def check(fn, x, directions, weight, backend, options=None):
     """(passed, summary) of one case: errors against the oracle, dtypes, a bit-identical rerun, the losses."""
     ours = values_and_grads(fn, x, directions, weight)
     # float64 leaves: the oracle's gradients are not rounded to a 16-bit input dtype.
-    truth = values_and_grads(lambda a, b: sigreg_reference(a, b, reduction="none"),
+    truth = values_and_grads(lambda a, b: sigreg_reference(a, b, reduction="none", **(options or {})),
                              x.double(), directions.double(), weight)
     passed, parts = True, []
-    bounds = tolerances(x, directions, weight, truth)
+    bounds = tolerances(x, directions, weight, truth, options)
     for name, actual, expected, tol in zip(("value", "grad_x", "grad_dir"), ours, truth, bounds):
         if actual.shape != expected.shape:
             passed = False
@@ -138,7 +145,7 @@ def check(fn, x, directions, weight, backend):
     identical = all(torch.equal(a, b) for a, b in zip(ours, again))
     passed &= identical
     parts.append("rerun bit-identical" if identical else "rerun DIFFERS")
-    losses_passed, loss_parts = check_losses(backend, x, directions, ours[0], truth[0], bounds[0])
+    losses_passed, loss_parts = check_losses(backend, x, directions, ours[0], truth[0], bounds[0], options)
     return passed and losses_passed, "  ".join(parts + loss_parts)
 
 
@@ -147,14 +154,15 @@ def run_cases(args):
     failed = total = 0
     for backend in args.backends:
         for dtype_name in args.dtypes:
-            for name, batch_shape, samples, dim, slices, scale in cases(args.headline):
+            for name, batch_shape, samples, dim, slices, scale, *options in cases(args.headline):
+                options = options[0] if options else {}
                 shape = "x".join(map(str, (*batch_shape, samples, dim, slices)))
                 label = f"{backend:<7} {dtype_name:<8} {name:<13} {shape:<16} |x|~{scale:<5g}"
                 began = time.perf_counter()
                 try:
                     x, directions, weight = make_case(batch_shape, samples, dim, slices, scale,
                                                       DTYPES[dtype_name], args.device, args.seed)
-                    passed, summary = check(loss_fn(backend), x, directions, weight, backend)
+                    passed, summary = check(loss_fn(backend, options), x, directions, weight, backend, options)
                     if args.device == "cuda":
                         torch.cuda.synchronize()
                     status = "PASS" if passed else "FAIL"

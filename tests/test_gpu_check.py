@@ -119,10 +119,11 @@ def test_parity_smoke_self_test_on_cpu():
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = [line for line in result.stdout.splitlines() if line.startswith(("PASS", "FAIL", "ERROR"))]
-    assert len(lines) == 2 * 8 and all(line.startswith("PASS") for line in lines)
+    assert len(lines) == 2 * 10 and all(line.startswith("PASS") for line in lines)
     assert all("rerun bit-identical" in line and "mean " in line and "sum " in line for line in lines)
     assert {line.split()[2] for line in lines} == {"float32", "bfloat16"}
-    assert "all groups: 16 cases, 16 passed, 0 failed" in result.stdout
+    assert "all groups: 20 cases, 20 passed, 0 failed" in result.stdout
+    assert sum("unbiased" in line for line in lines) == 2 * 2
 
 
 def test_parity_smoke_reports_every_failure_and_goes_on(monkeypatch, capsys):
@@ -130,11 +131,11 @@ def test_parity_smoke_reports_every_failure_and_goes_on(monkeypatch, capsys):
     raises is an ERROR line; every case still runs and the exit status is 1."""
     smoke = load_parity_smoke()
 
-    def off_by_a_tile(backend):
+    def off_by_a_tile(backend, options=None):
         def fn(x, directions):
             if x.shape[-2] == 1:
                 raise RuntimeError("kernel launch failed")
-            return sigreg(x, directions, backend=backend, reduction="none") * (1 + 1e-3)
+            return sigreg(x, directions, backend=backend, reduction="none", **(options or {})) * (1 + 1e-3)
         return fn
 
     monkeypatch.setattr(smoke, "loss_fn", off_by_a_tile)
@@ -142,11 +143,11 @@ def test_parity_smoke_reports_every_failure_and_goes_on(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert code == 1
     lines = [line for line in out.splitlines() if line.startswith(("PASS", "FAIL", "ERROR"))]
-    assert [line.split()[0] for line in lines] == ["FAIL"] * 4 + ["ERROR"] + ["FAIL"] * 3
+    assert [line.split()[0] for line in lines] == ["FAIL"] * 4 + ["ERROR"] + ["FAIL"] * 5
     assert "RuntimeError: kernel launch failed" in lines[4]
     for line in lines[:4] + lines[5:]:
         assert re.search(r"value 1\.0e-03 > 1e-04", line) and line.count("<=2e-02") == 2, line
-    assert "8 cases, 0 passed, 8 failed" in out
+    assert "10 cases, 0 passed, 10 failed" in out
 
 
 def test_parity_smoke_catches_a_loss_that_is_not_its_statistics_sum(monkeypatch, capsys):
@@ -155,8 +156,8 @@ def test_parity_smoke_catches_a_loss_that_is_not_its_statistics_sum(monkeypatch,
     smoke = load_parity_smoke()
     calls = {"reduced": 0}
 
-    def fused_like(x, directions, backend, reduction):
-        stat = sigreg(x, directions, backend="cpu", reduction="none")
+    def fused_like(x, directions, backend, reduction, **options):
+        stat = sigreg(x, directions, backend="cpu", reduction="none", **options)
         if reduction == "none":
             return stat
         loss = (stat.double().sum() / (stat.numel() if reduction == "mean" else 1)).float()
@@ -170,7 +171,7 @@ def test_parity_smoke_catches_a_loss_that_is_not_its_statistics_sum(monkeypatch,
     code = smoke.main(["--device", "cpu", "--backends", "cpu", "--dtypes", "float32", "--headline", "64,8,16"])
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("PASS", "FAIL", "ERROR"))]
     assert code == 1
-    assert [line.split()[0] for line in lines] == ["FAIL"] + ["PASS"] * 7, lines
+    assert [line.split()[0] for line in lines] == ["FAIL"] + ["PASS"] * 9, lines
     assert "mean DIFFERS from its stats' sum" in lines[0] and "sum = its stats' sum" in lines[0]
 
 
