@@ -77,6 +77,16 @@ def test_low_precision_inputs(dtype, batch_shape, samples, dim, slices):
     assert_matches_oracle(cuda_sigreg, *case(batch_shape, samples, dim, slices, dtype=dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_unbiased(dtype, weighted):
+    """unbiased=True, the statistic kernel's U-statistic: values and both gradients (|x| ~ 3, away
+    from the Gaussian, where the statistic is not a small difference)."""
+    x, directions, weight = case((2,), 300, 24, 70, scale=3.0, dtype=dtype)
+    weights = (torch.rand(2, 300, generator=torch.Generator().manual_seed(5)) < 0.7).cuda() if weighted else None
+    assert_matches_oracle(cuda_sigreg, x, directions, weight, unbiased=True, weights=weights)
+
+
 def test_tensor_cores_off_matches(monkeypatch):
     """SIGREG_CUDA_DISABLE_TENSOR_CORES=1: the FMA product, same accuracy for 16-bit inputs."""
     monkeypatch.setenv("SIGREG_CUDA_DISABLE_TENSOR_CORES", "1")
