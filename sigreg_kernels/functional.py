@@ -4,7 +4,7 @@ import torch
 
 from . import dispatch
 from .core.distributed import all_reduce_ecf_sums, is_distributed
-from .core.numerics import accumulation_dtype
+from .core.numerics import accumulation_dtype, ecf_spread, pair_factor
 from .core.quadrature import phi_minus_one, quadrature
 from .core.validation import check_sigreg_args, check_weights
 from .gpu.fused import fused_sigreg, mean_divisor, weight_moments
@@ -39,12 +39,9 @@ def statistic_from_sums(sums, samples: int, knots: int, t_max: float, clip_value
     ecf_sin = sums[:, 1] / total[:, None, None]
     err = ecf_cos_minus_phi.square() + ecf_sin.square()
     stat = (err * w).sum(dim=-1) * size[:, None]
-    if unbiased:  # minus r sum_j w_j (1 - |ECF_j|^2), r = N / (N - 1); 1 - C^2 - S^2 = -u (2 + u) - S^2
-        more = size > 1
-        pairs = torch.where(more, size / torch.where(more, size - 1, 1.0), torch.nan)
-        mean_cos_m1 = sums[:, 0] / total[:, None, None]
-        spread = -mean_cos_m1 * (2 + mean_cos_m1) - ecf_sin.square()
-        stat = stat - pairs[:, None] * (spread * w).sum(dim=-1)
+    if unbiased:  # minus r sum_j w_j (1 - |ECF_j|^2), r = N / (N - 1)
+        spread = ecf_spread(sums[:, 0] / total[:, None, None], ecf_sin)
+        stat = stat - pair_factor(size)[:, None] * (spread * w).sum(dim=-1)
     if moments is not None:  # no weight: 0, even where non-finite directions made the sums NaN
         stat = torch.where(present[:, None], stat, 0.0)
     if clip_value is not None:

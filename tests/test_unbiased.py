@@ -142,13 +142,25 @@ def test_one_sample_is_an_error_and_one_weighted_row_is_nan():
         assert stats[0].isnan().all() and stats[1].isfinite().all() and (stats[2] == 0).all(), backend
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu", "contract"])
+def test_an_empty_batch_index_passes_no_gradient(backend):
+    """A batch index of no weight: statistic 0 and gradients exactly 0 (not 0 * NaN), the
+    others' gradients those of the batch without it."""
+    x, directions, weights = problem(batch=3, samples=8, dim=4, slices=5, seed=6)
+    weights[2] = 0.0
+    ours = grads(lambda u, a: run(backend, u, a, weights=weights, reduction="sum"), x, directions)
+    kept = grads(lambda u, a: run(backend, u, a, weights=weights[:2], reduction="sum"), x[:2], directions)
+    assert all(t.isfinite().all() for t in ours)
+    assert torch.equal(ours[1][2], torch.zeros_like(ours[1][2]))
+    for name, a, b in zip(("value", "grad_x", "grad_directions"), (ours[0], ours[1][:2], ours[2]), kept):
+        assert_relative_close(name, a, b, 1e-12)
+
+
 def test_module_option():
     x, _, _ = problem(samples=8)
     module = SIGReg(num_slices=5, backend="cpu", unbiased=True)
     assert "unbiased=True" in repr(module)
-    directions = module.next_directions(x, 5)
-    module.step.zero_()  # the same step again: the same directions
-    module._host_step = None
+    directions = SIGReg(num_slices=5).next_directions(x, 5)  # a fresh module's first draw: the same step
     assert_relative_close("module", module(x), sigreg_reference(x, directions, unbiased=True), 1e-12)
     with pytest.raises(TypeError, match="unbiased"):
         SIGReg(unbiased="yes")

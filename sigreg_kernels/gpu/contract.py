@@ -86,7 +86,7 @@ samples; a batch index with ``W1 = 0`` is still 0. Clipping applies to the unbia
 
 import torch
 
-from ..core.numerics import accumulation_dtype, loss_divisor, loss_factor
+from ..core.numerics import accumulation_dtype, ecf_spread, loss_divisor, loss_factor, pair_factor
 from ..core.quadrature import phi_minus_one, quadrature
 
 
@@ -156,12 +156,10 @@ def statistic(partials, samples: int, knots: int, t_max: float, reduction: str, 
 
 def unbiased_statistic(stat, coef, sums, total, size, w, factor):
     """The U-statistic from the biased one: ``stat - r sum_j w_j (1 - C_j^2 - S_j^2)``,
-    ``r = N / (N - 1)`` (``N`` the effective size; NaN where ``N <= 1``), and its coefficients.
-    ``1 - C^2 - S^2 = -u (2 + u) - S^2`` with ``u = C - 1``, the mean of the sums of ``cos - 1``."""
-    pairs = torch.where(size > 1, size / torch.where(size > 1, size - 1, 1.0), torch.nan)[:, None]  # [B, 1]
+    ``r = N / (N - 1)`` (``N`` the effective size; NaN where ``0 < N <= 1``), and its coefficients."""
+    pairs = pair_factor(size)[:, None]  # [B, 1]
     mean_cos_m1, mean_sin = sums[:, 0] / total[:, None, None], sums[:, 1] / total[:, None, None]
-    spread = -mean_cos_m1 * (2 + mean_cos_m1) - mean_sin.square()  # 1 - |ECF|^2, [B, K, T]
-    stat = stat - pairs * (spread @ w)
+    stat = stat - pairs * (ecf_spread(mean_cos_m1, mean_sin) @ w)
     # d(-r sum_j w_j spread_j) / d sums = r 2 w_j (C_j, S_j) / sum w
     extra = torch.stack((2 * w * (1 + mean_cos_m1), 2 * w * mean_sin), dim=1) * factor
     return stat, coef + extra * (pairs / total[:, None])[:, :, None, None]
