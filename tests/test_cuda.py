@@ -184,6 +184,20 @@ KERNEL_CASES = [  # (dtype, with directions, float32 precision)
 ]
 
 
+def assert_kernels_close(ours, truth, x, directions, dtype, matmul):
+    """``(stat, coef, loss, G)`` of the kernels against the contract's: 16-bit inputs within the op's
+    bounds; float32 within 1e-5, or one ulp of the largest angle of ``x`` (finite) along
+    ``directions``; TF32 products ("high", with directions) within 2e-2."""
+    tf32 = dtype == torch.float32 and matmul == "high" and directions is not None
+    if dtype != torch.float32:
+        stat_tol, grad_tol = LOW_PRECISION_VALUE_TOL, LOW_PRECISION_GRAD_TOL
+    else:
+        largest_angle = 3.0 * contract.projection(f64(x), f64(directions)).abs().max().item()
+        stat_tol = grad_tol = 2e-2 if tf32 else max(1e-5, torch.finfo(torch.float32).eps * largest_angle)
+    for name, actual, expected, tol in zip(("stat", "coef", "loss", "G"), ours, truth, (stat_tol,) * 3 + (grad_tol,)):
+        assert_relative_close(name, actual, expected, tol)
+
+
 @pytest.mark.parametrize("dtype, with_directions, matmul", KERNEL_CASES, ids=str)
 @pytest.mark.parametrize("shape", [(2, 130, 257, 67), (6, 41, 33, 129), (1, 4096, 512, 1024)], ids=str)
 def test_kernels_match_the_contract(shape, dtype, with_directions, matmul, precision):
@@ -202,16 +216,8 @@ def test_kernels_match_the_contract(shape, dtype, with_directions, matmul, preci
     scale = torch.tensor(0.7, device="cuda").expand(batch, slices)
     g = cuda_ops.slice_gradient(true_coef.float(), scale, x, directions, 17, 3.0)
     true_g = contract.slice_gradient(true_coef, f64(scale), f64(x), f64(directions), 17, 3.0)
-    tf32 = dtype == torch.float32 and matmul == "high" and with_directions
-    if dtype != torch.float32:
-        stat_tol, grad_tol = LOW_PRECISION_VALUE_TOL, LOW_PRECISION_GRAD_TOL
-    else:  # float32: 1e-5, or one ulp of the largest angle
-        largest_angle = 3.0 * contract.projection(f64(x), f64(directions)).abs().max().item()
-        stat_tol = grad_tol = 2e-2 if tf32 else max(1e-5, torch.finfo(torch.float32).eps * largest_angle)
-    assert_relative_close("stat", stat, true_stat, stat_tol)
-    assert_relative_close("coef", coef, true_coef, stat_tol)
-    assert_relative_close("loss", loss, true_loss, stat_tol)
-    assert_relative_close("G", g, true_g, grad_tol)
+    assert_kernels_close((stat, coef, loss, g), (true_stat, true_coef, true_loss, true_g), x, directions, dtype,
+                         matmul)
     if directions is None:
         projection = x.clone()
         cuda_ops.slice_gradient_(projection, true_coef.float(), scale, 17, 3.0)
@@ -251,16 +257,8 @@ def test_weighted_kernels_match_the_contract(shape, knots, dtype, with_direction
     for value in (partials, stat, coef, loss, g):
         assert value.isfinite().all()
     assert (stat[-1] == 0).all() and (coef[-1] == 0).all() and (g[weights == 0] == 0).all()
-    tf32 = dtype == torch.float32 and matmul == "high" and with_directions
-    if dtype != torch.float32:
-        stat_tol, grad_tol = LOW_PRECISION_VALUE_TOL, LOW_PRECISION_GRAD_TOL
-    else:
-        largest_angle = 3.0 * contract.projection(f64(x_clean), f64(directions)).abs().max().item()
-        stat_tol = grad_tol = 2e-2 if tf32 else max(1e-5, torch.finfo(torch.float32).eps * largest_angle)
-    assert_relative_close("stat", stat, true_stat, stat_tol)
-    assert_relative_close("coef", coef, true_coef, stat_tol)
-    assert_relative_close("loss", loss, true_loss, stat_tol)
-    assert_relative_close("G", g, true_g, grad_tol)
+    assert_kernels_close((stat, coef, loss, g), (true_stat, true_coef, true_loss, true_g), x_clean, directions,
+                         dtype, matmul)
     if directions is None:
         projection = x.clone()
         cuda_ops.slice_gradient_(projection, true_coef.float(), scale, knots, 3.0, weights)
