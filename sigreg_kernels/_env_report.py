@@ -82,11 +82,11 @@ def gpu_lines(devices):
 
 def extension_lines(devices):
     info = dispatch._build_info
-    if dispatch._ops is None:
+    if dispatch._extension is None:
         return [f"extension      missing: {dispatch._extension_reason()}"]
     # (No record, or one that says "not built": an extension left from an earlier build.)
     built_with = f"built against torch {info.TORCH}" if info and info.EXTENSION else "no build record of it"
-    if not dispatch._ops.CUDA_KERNELS_BUILT:
+    if not dispatch._extension.CUDA_KERNELS_BUILT:
         why = f" ({info.WHY_NO_CUDA})" if info and info.WHY_NO_CUDA else ""
         return [f"extension      loaded, {built_with}: CPU kernels only{why}"]
     archs = info.CUDA_ARCHS if info else None

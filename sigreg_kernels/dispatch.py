@@ -10,11 +10,11 @@ from .core.quadrature import quadrature
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 
 try:
-    from . import extension as _ops
+    from . import extension as _extension
 
     _EXTENSION_ERROR = None
 except ImportError as error:  # the compiled extension was not built, or does not load
-    _ops, _EXTENSION_ERROR = None, error
+    _extension, _EXTENSION_ERROR = None, error
 
 try:
     from . import _build_info  # what setup.py compiled, and why not
@@ -62,11 +62,11 @@ def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype | Non
     if name in ("cuda", "triton") and dtype == torch.float64:
         return "the GPU kernels take float32, bfloat16 or float16 inputs (float64 runs on 'cpu' and 'reference')"
     if name in ("cpu", "cuda"):
-        if _ops is None:
+        if _extension is None:
             return _extension_reason()
         if device.type != name:
             return f"the {name} backend takes {name} tensors, got a {device.type} tensor"
-        if name == "cuda" and not _ops.CUDA_KERNELS_BUILT:
+        if name == "cuda" and not _extension.CUDA_KERNELS_BUILT:
             return _no_cuda_kernels_reason()
         return None
     if name == "triton":

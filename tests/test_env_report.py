@@ -37,7 +37,7 @@ def test_report_names_versions_build_backends_and_checks_them(tmp_path):
         assert re.search(rf"^{package} +{re.escape(version)}$", out, re.M), out
     if not torch.cuda.is_available():
         assert "GPU            none visible to torch" in out
-    if dispatch._ops is None:
+    if dispatch._extension is None:
         assert "extension      missing: " + dispatch._extension_reason() in out
     else:
         assert re.search(r"^extension      loaded, (built against torch|no build record of it)", out, re.M), out
@@ -110,7 +110,7 @@ def gpu(name, major, minor):
 
 
 def test_the_report_names_a_gpu_the_cuda_kernels_were_not_built_for(monkeypatch):
-    monkeypatch.setattr(dispatch, "_ops", types.SimpleNamespace(CUDA_KERNELS_BUILT=True))
+    monkeypatch.setattr(dispatch, "_extension", types.SimpleNamespace(CUDA_KERNELS_BUILT=True))
     monkeypatch.setattr(dispatch, "_build_info", types.SimpleNamespace(
         EXTENSION=True, WHY_NO_EXTENSION=None, CUDA_ARCHS="8.0;9.0a", WHY_NO_CUDA=None, TORCH="2.11.0+cu130"))
     devices = [gpu("NVIDIA H200", 9, 0), gpu("NVIDIA B200", 10, 0)]

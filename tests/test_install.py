@@ -209,7 +209,7 @@ def no_extension(monkeypatch):
     """This process as an install without the extension would see it (``backends``' view of it)."""
     info = types.SimpleNamespace(EXTENSION=False, WHY_NO_EXTENSION="SIGREG_BUILD_EXTENSION=0 was set at build time",
                                  CUDA_ARCHS=None, WHY_NO_CUDA=None, TORCH=torch.__version__)
-    monkeypatch.setattr(dispatch, "_ops", None)
+    monkeypatch.setattr(dispatch, "_extension", None)
     monkeypatch.setattr(dispatch, "_EXTENSION_ERROR", ImportError("cannot import name '_C'"))
     monkeypatch.setattr(dispatch, "_build_info", info)
     return info
@@ -236,7 +236,7 @@ def test_an_extension_built_for_another_torch_says_so(no_extension):
 def test_an_extension_without_cuda_kernels_says_why(monkeypatch):
     info = types.SimpleNamespace(EXTENSION=True, WHY_NO_EXTENSION=None, CUDA_ARCHS=None,
                                  WHY_NO_CUDA="torch 2.13.0+cpu is CPU-only", TORCH=torch.__version__)
-    monkeypatch.setattr(dispatch, "_ops", types.SimpleNamespace(CUDA_KERNELS_BUILT=False))
+    monkeypatch.setattr(dispatch, "_extension", types.SimpleNamespace(CUDA_KERNELS_BUILT=False))
     monkeypatch.setattr(dispatch, "_build_info", info)
     reason = dispatch.unavailable_reason("cuda", torch.device("cuda"))
     assert "without the CUDA kernels (torch 2.13.0+cpu is CPU-only)" in reason
