@@ -299,6 +299,9 @@ def _overhead_rows(device, providers, calls):
     if fused:
         module = SIGReg(num_slices=16, backend=fused[0]).to(device)
         entries.append((f"SIGReg(num_slices=16, backend={fused[0]!r})(x)", lambda: module(x)))
+        # The module's own part: the step and the draw of its directions (no backward).
+        entries.append(("  of which SIGReg.next_directions(x, 16)  [forward only]",
+                        lambda: module.next_directions(x, 16)))
         slicing = SlicingUnivariateTest(EppsPulley(), 16).to(device)
         slicing.univariate_test.backend = fused[0]
         entries.append((f"SlicingUnivariateTest(EppsPulley(), 16)(x)  [{fused[0]}]", lambda: slicing(x)))
@@ -307,9 +310,11 @@ def _overhead_rows(device, providers, calls):
     print(f"  {'entry point':<58} {'wall us':>8} {'CPU us':>8}  vs eager reference (CPU time)")
     results = []
     for label, fn in entries:
-        def run(fn=fn):
+        def run(fn=fn, backward="forward only" not in label):
             x.grad = None
-            fn().backward()
+            out = fn()
+            if backward:
+                out.backward()
 
         try:
             for _ in range(20):

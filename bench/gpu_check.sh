@@ -43,7 +43,7 @@ declare -A WHAT=(
   [profile]="kernels at the headline, bf16 fwd+bwd, cuda and triton: torch profiler (GPU busy vs wall), then ncu"
   [sanitize]="compute-sanitizer: memcheck cuda, memcheck triton, racecheck cuda, side by side"
   [sweep]="bf16 fwd+bwd at N=4096: K 256, 4096 at D=512; D 64, 2048 at K=1024 (the headline is the middle)"
-  [tests]="GPU tests (test_cuda.py, test_triton.py on the GPU; test_extension_toolchain.py), pytest -n 8"
+  [tests]="GPU tests (test_cuda.py, test_cuda_graphs.py, test_triton.py on the GPU; test_extension_toolchain.py), pytest -n 8"
   [train]="python/pretrain_vit.py on the GPU (bf16 autocast): steps/s, cuda vs reference SIGReg backend (into bench.txt)"
   [step]="bench/bench_step.py --device cuda --quick, if the checkout has it (into bench.txt)"
 )
@@ -178,7 +178,7 @@ stage_sweep() {
 stage_tests() {
   # Left out: the interpreter, emulation and nvcc-only tests and the CPU kernel's (CPU matters), and
   # test_cuda_large (the headline cases of the parity stage cover it).
-  step tests.txt "$PY" -m pytest tests/test_cuda.py tests/test_triton.py tests/test_extension_toolchain.py -n 8 -v -rfEs -p no:cacheprovider \
+  step tests.txt "$PY" -m pytest tests/test_cuda.py tests/test_cuda_graphs.py tests/test_triton.py tests/test_extension_toolchain.py -n 8 -v -rfEs -p no:cacheprovider \
     -k "not cpu and not compile_for_h100 and not cuda_large"
 }
 

@@ -54,3 +54,15 @@ def test_bench_step_overhead_table_runs(tmp_path):
         assert entry in out, out
     ratios = [line.split()[-1] for line in out.splitlines() if line.rstrip().endswith("x")]
     assert ratios and all(float(r[:-1]) > 0 for r in ratios), out
+
+
+def test_host_overhead_runs_the_gpu_paths_with_null_kernels():
+    """bench/host_overhead.py: a time for each entry point, the GPU backends' through their null kernels
+    (the script fails if the Triton launchers bypassed them and the interpreter was timed instead)."""
+    command = [sys.executable, str(ROOT / "bench" / "host_overhead.py"), "--calls", "5"]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True).stdout
+    rows = {line.split("  [")[0].strip(): line.split() for line in out.splitlines() if line.startswith("  ")}
+    for entry in ("x.sum()", "sigreg_reference(x, A)", "sigreg(x, A, backend='cuda')",
+                  "sigreg(x, A, backend='triton')"):
+        assert entry in rows, out
+    assert float(rows["sigreg(x, A, backend='triton')"][-2]) > 0 and rows["sigreg_reference(x, A)"][-1] == "1.00x"

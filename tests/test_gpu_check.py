@@ -55,7 +55,7 @@ def test_quick_dry_run_walks_every_stage_within_the_lease(tmp_path):
                      "bench/sanitizer_case.py triton", "--tool racecheck",
                      "--modes fwd+bwd --no-memory --sizes K:4096,512,256 K:4096,512,4096 D:4096,64,1024 "
                      "D:4096,2048,1024",
-                     "-m pytest tests/test_cuda.py tests/test_triton.py tests/test_extension_toolchain.py -n 8",
+                     "-m pytest tests/test_cuda.py tests/test_cuda_graphs.py tests/test_triton.py tests/test_extension_toolchain.py -n 8",
                      "--sigreg-backend cuda", "--sigreg-backend reference",
                      "bench/bench_step.py --device cuda --quick",
                      # issue 17's profile: the torch profiler's view, then ncu on the headline's kernels

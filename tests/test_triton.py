@@ -602,3 +602,57 @@ def test_unbiased_statistic_matches_the_contract(device, weighted, reduction, cl
     one_row = torch.tensor([[1.5, 2.25], [2.0, 1.0], [0.0, 0.0]], device=device)  # one row; two rows; none
     stat, coef, _ = op.statistic(partials, 30, 17, 3.0, "none", None, 1.0, None, one_row, True)
     assert stat[0].isnan().all() and coef[0].isnan().all() and stat[1].isfinite().all() and (stat[2] == 0).all()
+
+
+def test_eager_calls_launch_without_the_registered_op(device, monkeypatch):
+    """Outside autograd and tracing the plain callables run their launchers directly (the registered
+    op's dispatch is host time only), with the same results, bit for bit; with grad mode on, under a
+    dispatch mode (what torch.compile and the op counters trace with) or on a tensor subclass they
+    go through the registered op."""
+    from op_counter import OpCounter
+
+    op = _import_op_module()
+    registered = {"triton_ecf_partials": op.triton_ecf_partials, "triton_statistic": op.triton_statistic,
+                  "triton_slice_gradient": op.triton_slice_gradient}
+    through_op = []
+    for name, custom_op in registered.items():
+        def counting(*args, name=name, custom_op=custom_op):
+            through_op.append(name)
+            return custom_op(*args)
+        monkeypatch.setattr(op, name, counting)
+    x, directions = _case((2,), 40, 8, 20, device=device)
+
+    def run():
+        partials = op.ecf_partials(x, directions, 17, 3.0)
+        _, coef, loss = op.statistic(partials, 40, 17, 3.0, "mean", None, 1.0)
+        grad = op.slice_gradient(coef, torch.ones(2, 20, device=device), x, directions, 17, 3.0)
+        return partials, loss, grad
+
+    with torch.no_grad():
+        direct = run()
+    assert through_op == []
+    with torch.enable_grad():
+        assert all(torch.equal(a, b) for a, b in zip(run(), direct))
+    assert through_op == list(registered)
+    through_op.clear()
+    with torch.no_grad(), OpCounter() as counter:
+        run()
+    assert through_op == list(registered) and counter.ops["sigreg::triton_statistic"] == 1
+    through_op.clear()
+
+    class Subclass(torch.Tensor):
+        pass
+
+    with torch.no_grad():
+        op.ecf_partials(x.as_subclass(Subclass), directions, 17, 3.0)
+    assert through_op == ["triton_ecf_partials"]
+
+
+def test_plans_are_made_once_per_shape(device):
+    op = _import_op_module()
+    x, directions = _case((2,), 40, 8, 20, device=device)
+    op._cached_plan.cache_clear()
+    first = op._ecf_plan(x, directions, 17)
+    assert op._ecf_plan(x, directions, 17) is first and op._cached_plan.cache_info().hits == 1
+    assert op._ecf_plan(x[:1], directions, 17) is not first  # another shape, another plan
+    assert op._ecf_plan(x, directions, 17, weighted=True) is not first

@@ -227,12 +227,19 @@ def _ints(*sizes) -> list[int]:
     return [int(size) for size in sizes]
 
 
+@functools.lru_cache(maxsize=1024)
+def _cached_plan(planner, *args, **kwargs):
+    """A plan is a pure function of its arguments (plain ints, a dtype, flags): planned once per
+    shape, not at every call (choosing among the candidates costs tens of microseconds on the
+    host). Code that changes the candidate lists clears this cache (``_cached_plan.cache_clear()``)."""
+    return planner(*args, **kwargs)
+
+
 def _ecf_plan(x: torch.Tensor, directions: Optional[torch.Tensor], knots: int, weighted: bool = False):
     batch, samples, dim = _ints(*x.shape)
     slices = dim if directions is None else int(directions.shape[1])
-    return plan.plan_ecf_partials(batch, samples, dim, slices, knots, x.dtype, tensor_cores(x.dtype),
-                                  directions is None, num_sms(x.device), min_waves=_min_waves(x.device),
-                                  weighted=weighted)
+    return _cached_plan(plan.plan_ecf_partials, batch, samples, dim, slices, knots, x.dtype, tensor_cores(x.dtype),
+                        directions is None, num_sms(x.device), min_waves=_min_waves(x.device), weighted=weighted)
 
 
 # Launch arguments: (grid, positional args, keyword args incl. num_warps/num_stages), one
@@ -302,10 +309,9 @@ def slice_gradient_args(coef, scale, x, directions, out, kernel_plan, knots: int
 
 # arrivals has no default: torch < 2.13 looks a mutated argument up among the arguments as
 # passed, and an omitted one fails there (IndexError). ecf_partials below supplies it.
-@_register("sigreg::triton_ecf_partials", mutates_args=("arrivals",))
-def triton_ecf_partials(x: torch.Tensor, directions: Optional[torch.Tensor], knots: int, t_max: float,
-                        arrivals: Optional[torch.Tensor],
-                        weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _launch_ecf_partials(x: torch.Tensor, directions: Optional[torch.Tensor], knots: int, t_max: float,
+                         arrivals: Optional[torch.Tensor],
+                         weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``partials [B, S, 2, K, knots]`` (float32), and ``arrivals`` set to 0: primitives.ecf_partials."""
     _check_projection_inputs(x, directions)
     _check_arrivals(arrivals, x.device)
@@ -326,12 +332,14 @@ def triton_ecf_partials(x: torch.Tensor, directions: Optional[torch.Tensor], kno
     return partials
 
 
+triton_ecf_partials = _register("sigreg::triton_ecf_partials", mutates_args=("arrivals",))(_launch_ecf_partials)
+
+
 # arrivals is written, but left as it was found (0): not declared as mutated.
-@_register("sigreg::triton_statistic")
-def triton_statistic(partials: torch.Tensor, samples: int, knots: int, t_max: float, reduction: str,
-                     clip_value: Optional[float], grad_factor: float, arrivals: Optional[torch.Tensor] = None,
-                     moments: Optional[torch.Tensor] = None,
-                     unbiased: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _launch_statistic(partials: torch.Tensor, samples: int, knots: int, t_max: float, reduction: str,
+                      clip_value: Optional[float], grad_factor: float, arrivals: Optional[torch.Tensor] = None,
+                      moments: Optional[torch.Tensor] = None,
+                      unbiased: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(stat [B, K], coef [B, 2, K, knots], loss [])`` (float32): primitives.statistic."""
     if partials.dtype != torch.float32 or partials.dim() != 5 or partials.shape[2] != 2 or partials.shape[4] != knots:
         raise ValueError(f"partials must be float32 [B, S, 2, K, {knots}], got {partials.dtype} "
@@ -343,7 +351,7 @@ def triton_statistic(partials: torch.Tensor, samples: int, knots: int, t_max: fl
     _check_moments(moments, partials)
     batch, splits, _, slices, _ = partials.shape
     factor = loss_factor(reduction, batch, slices, grad_factor)
-    kernel_plan = plan.plan_statistic(*_ints(batch, splits, slices), knots, num_sms(partials.device))
+    kernel_plan = _cached_plan(plan.plan_statistic, *_ints(batch, splits, slices), knots, num_sms(partials.device))
     stat = partials.new_empty((batch, slices))
     coef = partials.new_empty((batch, 2, slices, knots))
     loss = partials.new_empty(())
@@ -361,19 +369,21 @@ def triton_statistic(partials: torch.Tensor, samples: int, knots: int, t_max: fl
     return stat, coef, loss
 
 
+triton_statistic = _register("sigreg::triton_statistic")(_launch_statistic)
+
+
 def _slice_gradient_plan(x: torch.Tensor, directions: Optional[torch.Tensor], knots: int,
                          weighted: bool = False):
     batch, samples, dim = _ints(*x.shape)
     slices = dim if directions is None else int(directions.shape[1])
-    return plan.plan_slice_gradient(batch, samples, dim, slices, knots, x.dtype, tensor_cores(x.dtype),
-                                    directions is None, num_sms(x.device), min_waves=_min_waves(x.device),
-                                    weighted=weighted)
+    return _cached_plan(plan.plan_slice_gradient, batch, samples, dim, slices, knots, x.dtype,
+                        tensor_cores(x.dtype), directions is None, num_sms(x.device),
+                        min_waves=_min_waves(x.device), weighted=weighted)
 
 
-@_register("sigreg::triton_slice_gradient")
-def triton_slice_gradient(coef: torch.Tensor, scale: torch.Tensor, x: torch.Tensor,
-                          directions: Optional[torch.Tensor], knots: int, t_max: float,
-                          weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _launch_slice_gradient(coef: torch.Tensor, scale: torch.Tensor, x: torch.Tensor,
+                           directions: Optional[torch.Tensor], knots: int, t_max: float,
+                           weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``G [B, N, K]`` in x's dtype: primitives.slice_gradient."""
     _check_projection_inputs(x, directions)
     _check_weights(weights, x)
@@ -394,9 +404,11 @@ def triton_slice_gradient(coef: torch.Tensor, scale: torch.Tensor, x: torch.Tens
     return grad
 
 
-@_register("sigreg::triton_slice_gradient_", mutates_args=("projection",))
-def triton_slice_gradient_(projection: torch.Tensor, coef: torch.Tensor, scale: torch.Tensor, knots: int,
-                           t_max: float, weights: Optional[torch.Tensor] = None) -> None:
+triton_slice_gradient = _register("sigreg::triton_slice_gradient")(_launch_slice_gradient)
+
+
+def _launch_slice_gradient_(projection: torch.Tensor, coef: torch.Tensor, scale: torch.Tensor, knots: int,
+                            t_max: float, weights: Optional[torch.Tensor] = None) -> None:
     """Overwrites ``projection [B, N, K]`` with G: primitives.slice_gradient_ (each element is
     read, then written, by the same thread)."""
     _check_projection_inputs(projection, None)
@@ -410,6 +422,10 @@ def triton_slice_gradient_(projection: torch.Tensor, coef: torch.Tensor, scale: 
                                                    t_max, start, count, weights)
             _counted("triton_slice_gradient_")
             wrap_triton(slice_gradient_projected_kernel)[grid](*args, **meta)
+
+
+triton_slice_gradient_ = _register("sigreg::triton_slice_gradient_",
+                                   mutates_args=("projection",))(_launch_slice_gradient_)
 
 
 if REGISTRATION == "custom_op":  # triton_op traces the launchers as their fake kernels
@@ -438,13 +454,62 @@ if REGISTRATION == "custom_op":  # triton_op traces the launchers as their fake 
         return None
 
 
-# The plain callables gpu/fused.py routes backend="triton" to: the registered ops (ecf_partials with
-# its counter optional, like the CUDA backend's).
+def _launches_directly(*tensors) -> bool:
+    """Whether an eager call may run its launcher without the registered op around it: the op's
+    dispatch (custom_op's Python layers, tens of microseconds per call) buys nothing for plain
+    tensors outside any tracing. Not under torch.compile, a dispatch mode (FakeTensor, make_fx, op
+    counters), a functorch transform or a tensor subclass; and not with grad mode on, where the
+    op's missing autograd must still raise (e.g. a double backward through gpu/fused.py's)."""
+    return (_DIRECT_LAUNCH is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and torch._C._len_torch_dispatch_stack() == 0
+            and all(t is None or (type(t) is torch.Tensor and not _is_functorch_wrapped(t)) for t in tensors))
+
+
+def _direct_launch_context():
+    """Where a launcher runs outside its op: triton_op's eager calls launch the kernels with
+    wrap_triton switched off (its higher-order-op dispatch costs about a millisecond per call);
+    the custom_op registration's wrap_triton is the kernel itself."""
+    if REGISTRATION == "custom_op":
+        return contextlib.nullcontext()
+    return _DIRECT_LAUNCH(False)
+
+
+try:  # torch's switch for triton_op's eager calls; without it every call takes the registered op
+    from torch._C._functorch import is_functorch_wrapped_tensor as _is_functorch_wrapped
+    from torch._library.triton import set_wrap_triton_enabled as _DIRECT_LAUNCH
+except ImportError:
+    _DIRECT_LAUNCH = _is_functorch_wrapped = None
+
+
+# The plain callables gpu/fused.py routes backend="triton" to: each runs its launcher directly where
+# _launches_directly allows, else the registered op (ecf_partials with its counter optional, like
+# the CUDA backend's).
 def ecf_partials(x: torch.Tensor, directions: Optional[torch.Tensor], knots: int, t_max: float,
                  arrivals: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    if _launches_directly(x, directions, arrivals, weights):
+        with _direct_launch_context():
+            return _launch_ecf_partials(x, directions, knots, t_max, arrivals, weights)
     return triton_ecf_partials(x, directions, knots, t_max, arrivals, weights)
 
 
-statistic = triton_statistic
-slice_gradient = triton_slice_gradient
-slice_gradient_ = triton_slice_gradient_
+def statistic(partials, samples: int, knots: int, t_max: float, reduction: str, clip_value, grad_factor: float,
+              arrivals=None, moments=None, unbiased: bool = False):
+    args = (partials, samples, knots, t_max, reduction, clip_value, grad_factor, arrivals, moments, unbiased)
+    if _launches_directly(partials, arrivals, moments):
+        with _direct_launch_context():
+            return _launch_statistic(*args)
+    return triton_statistic(*args)
+
+
+def slice_gradient(coef, scale, x, directions, knots: int, t_max: float, weights=None):
+    if _launches_directly(coef, scale, x, directions, weights):
+        with _direct_launch_context():
+            return _launch_slice_gradient(coef, scale, x, directions, knots, t_max, weights)
+    return triton_slice_gradient(coef, scale, x, directions, knots, t_max, weights)
+
+
+def slice_gradient_(projection, coef, scale, knots: int, t_max: float, weights=None):
+    if _launches_directly(projection, coef, scale, weights):
+        with _direct_launch_context():
+            return _launch_slice_gradient_(projection, coef, scale, knots, t_max, weights)
+    return triton_slice_gradient_(projection, coef, scale, knots, t_max, weights)
