@@ -8,6 +8,8 @@
 
 Every row is timed in the same run as the reference, its torch.compile form and
 the matrix products the op cannot avoid (the "floor"), and reported as ratios.
+A provider named ``<provider>+graph`` (GPU) is that provider replayed from a CUDA
+graph, fwd and fwd+bwd: the GPU's time without the host's (Python, dispatch, launches).
 Each size's rows are appended to a CSV (default under bench/results/: device,
 date, version) as soon as it is measured; bench/plot_results.py draws them. A
 provider that fails is reported and left out; the others are still measured, and
@@ -26,7 +28,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from providers import make_inputs, make_provider, provider_names  # noqa: E402
+from providers import GRAPH, graphed, make_inputs, make_provider, provider_names  # noqa: E402
 
 import sigreg_kernels  # noqa: E402
 
@@ -168,6 +170,10 @@ def append_csv(path, rows):
 
 def measure_provider(provider, x, directions, samples, dim, slices, dtype, args):
     """{mode: (median, p20, p80)} and the peak extra memory (or None) of one provider at one size."""
+    if provider.endswith(GRAPH):  # fwd and fwd+bwd replayed from a CUDA graph; no memory
+        loss_fn = make_provider(provider[:-len(GRAPH)], args.device, dtype)
+        return {mode: time_ms(graphed(mode_callable(loss_fn, x, directions, mode)), args.device, args.min_run_time)
+                for mode in args.modes if mode != "bwd"}, None
     loss_fn = make_provider(provider, args.device, dtype, replays_backward="bwd" in args.modes)
     results = {mode: time_ms(mode_callable(loss_fn, x, directions, mode), args.device, args.min_run_time)
                for mode in args.modes}

@@ -91,15 +91,18 @@ def print_measured(path, all_totals):
         key = (t.backend, t.dtype, t.batch, t.N, t.D, t.K)
         predicted.update({key + ("fwd",): t.fwd_us, key + ("bwd",): t.bwd_us, key + ("fwd+bwd",): t.predicted_us})
     print(f"\n# measured ({path}) beside predicted")
-    print(f"{'backend':>7} {'dtype':>5} {'B':>2} {'N':>6} {'D':>5} {'K':>5} {'mode':>8} {'pred us':>9} "
+    print("# (<backend>+graph: replayed from a CUDA graph, the GPU's time alone, the kernels' to compare)")
+    print(f"{'provider':>12} {'dtype':>5} {'B':>2} {'N':>6} {'D':>5} {'K':>5} {'mode':>8} {'pred us':>9} "
           f"{'meas us':>9} {'meas/pred':>9}")
     with open(path) as f:
         for row in csv.DictReader(f):
-            key = (row["provider"], names.get(row["dtype"], row["dtype"]), int(row["batch"]), int(row["N"]),
+            provider = row["provider"]
+            backend = provider[:-len("+graph")] if provider.endswith("+graph") else provider
+            key = (backend, names.get(row["dtype"], row["dtype"]), int(row["batch"]), int(row["N"]),
                    int(row["D"]), int(row["K"]), row["mode"])
             if key in predicted:
                 measured = float(row["ms"]) * 1e3
-                print(f"{key[0]:>7} {key[1]:>5} {key[2]:>2} {key[3]:>6} {key[4]:>5} {key[5]:>5} {key[6]:>8} "
+                print(f"{provider:>12} {key[1]:>5} {key[2]:>2} {key[3]:>6} {key[4]:>5} {key[5]:>5} {key[6]:>8} "
                       f"{predicted[key]:>9.1f} {measured:>9.1f} {measured / predicted[key]:>9.2f}")
 
 

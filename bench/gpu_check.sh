@@ -39,10 +39,10 @@ SHARE_LEFTOVER=" tests train step "
 declare -A WHAT=(
   [build]="versions, nvidia-smi; build for this GPU's arch only (FORCE_CUDA=1, MAX_JOBS=16), ptxas -v, cuobjdump"
   [parity]="parity smoke: cuda, triton x fp32/bf16/fp16 vs a float64 oracle on the GPU (unbiased=True too), bit-identical rerun, the losses = their statistics' sum"
-  [bench]="headline N=4096 D=512 K=1024: reference, reference+compile, triton, cuda; bf16, fp32; memory, floor"
+  [bench]="headline N=4096 D=512 K=1024: reference, reference+compile, triton, cuda, and each fused one and the reference replayed from a CUDA graph (GPU time alone); bf16, fp32; memory, floor"
   [profile]="kernels at the headline, bf16 fwd+bwd, cuda and triton: torch profiler (GPU busy vs wall), then ncu"
   [sanitize]="compute-sanitizer: memcheck cuda, memcheck triton, racecheck cuda, side by side"
-  [sweep]="bf16 fwd+bwd at N=4096: K 256, 4096 at D=512; D 64, 2048 at K=1024 (the headline is the middle)"
+  [sweep]="bf16 fwd+bwd at N=4096: K 256, 4096 at D=512; D 64, 2048 at K=1024 (the headline is the middle), the fused ones also from a CUDA graph"
   [tests]="GPU tests (test_cuda.py, test_cuda_graphs.py, test_triton.py on the GPU; test_extension_toolchain.py), pytest -n 8"
   [train]="python/pretrain_vit.py on the GPU (bf16 autocast): steps/s, cuda vs reference SIGReg backend (into bench.txt)"
   [step]="bench/bench_step.py --device cuda --quick, if the checkout has it (into bench.txt)"
@@ -122,7 +122,8 @@ stage_parity() {
 
 stage_bench() {
   step bench.txt "$PY" bench/bench_sigreg.py --device cuda --dtype bfloat16 float32 --sizes 4096,512,1024 \
-    --providers reference reference+compile triton cuda --one-compile --csv "$OUT/bench.csv"
+    --providers reference reference+compile triton cuda reference+graph triton+graph cuda+graph --one-compile \
+    --csv "$OUT/bench.csv"
 }
 
 # Our kernels and the library GEMMs between them; launches: both backends' fwd+bwd with room to spare.
@@ -172,7 +173,7 @@ stage_sanitize() {
 stage_sweep() {
   step bench.txt "$PY" bench/bench_sigreg.py --device cuda --dtype bfloat16 --modes fwd+bwd --no-memory \
     --sizes K:4096,512,256 K:4096,512,4096 D:4096,64,1024 D:4096,2048,1024 \
-    --providers reference reference+compile triton cuda --csv "$OUT/bench.csv"
+    --providers reference reference+compile triton cuda triton+graph cuda+graph --csv "$OUT/bench.csv"
 }
 
 stage_tests() {

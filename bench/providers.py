@@ -9,9 +9,30 @@ from sigreg_kernels import sigreg, sigreg_reference
 
 def provider_names(device: str):
     """The reference, its compiled form, then every fused backend built for the device.
-    (``<backend>+weights``, asked for by name, is that backend with a padding mask.)"""
+    (``<backend>+weights``, asked for by name, is that backend with a padding mask;
+    ``<provider>+graph`` that provider's calls replayed from a CUDA graph: see ``graphed``.)"""
     fused = [b for b in sigreg_kernels.available_backends(device) if b != "reference"]
     return ["reference", "reference+compile", *fused]
+
+
+GRAPH = "+graph"  # a provider's calls captured once in a CUDA graph and replayed: the GPU's time alone
+
+
+def graphed(fn):
+    """``fn`` captured in a CUDA graph (after a warm-up on a side stream, which also compiles);
+    returns the replay. Its time has no host part: no Python, dispatch or launch cost."""
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"a {GRAPH!r} provider needs a CUDA device")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def make_inputs(batch, samples, dim, slices, dtype, device, seed=0):

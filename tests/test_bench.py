@@ -66,3 +66,17 @@ def test_host_overhead_runs_the_gpu_paths_with_null_kernels():
                   "sigreg(x, A, backend='triton')"):
         assert entry in rows, out
     assert float(rows["sigreg(x, A, backend='triton')"][-2]) > 0 and rows["sigreg_reference(x, A)"][-1] == "1.00x"
+
+
+def test_a_graph_provider_without_a_gpu_fails_with_the_reason(tmp_path):
+    """``<provider>+graph`` replays a CUDA graph: on a CPU it is reported as failed, with why, and left out."""
+    csv_path = tmp_path / "bench.csv"
+    command = [sys.executable, str(ROOT / "bench" / "bench_sigreg.py"), "--providers", "reference", "reference+graph",
+               "--sizes", "48,8,16", "--modes", "fwd", "fwd+bwd", "--no-memory", "--min-run-time", "0.01",
+               "--csv", str(csv_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "# reference+graph failed at N=48 D=8 K=16: RuntimeError: a '+graph' provider needs a CUDA device" \
+        in result.stdout, result.stdout
+    with open(csv_path) as f:
+        assert {r["provider"] for r in csv.DictReader(f)} == {"reference"}

@@ -50,12 +50,14 @@ def test_quick_dry_run_walks_every_stage_within_the_lease(tmp_path):
                      "bench/parity_smoke.py --device cuda --backends cuda triton --dtypes float32 bfloat16 float16 "
                      "--headline 4096,512,1024",
                      "--dtype bfloat16 float32 --sizes 4096,512,1024 --providers reference reference+compile "
-                     "triton cuda --one-compile --csv $OUT/bench.csv",
+                     "triton cuda reference+graph triton+graph cuda+graph --one-compile --csv $OUT/bench.csv",
                      "PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck",
                      "bench/sanitizer_case.py triton", "--tool racecheck",
                      "--modes fwd+bwd --no-memory --sizes K:4096,512,256 K:4096,512,4096 D:4096,64,1024 "
-                     "D:4096,2048,1024",
-                     "-m pytest tests/test_cuda.py tests/test_cuda_graphs.py tests/test_triton.py tests/test_extension_toolchain.py -n 8",
+                     "D:4096,2048,1024 --providers reference reference+compile triton cuda triton+graph "
+                     "cuda+graph --csv",
+                     "-m pytest tests/test_cuda.py tests/test_cuda_graphs.py tests/test_triton.py "
+                     "tests/test_extension_toolchain.py -n 8",
                      "--sigreg-backend cuda", "--sigreg-backend reference",
                      "bench/bench_step.py --device cuda --quick",
                      # issue 17's profile: the torch profiler's view, then ncu on the headline's kernels
