@@ -47,7 +47,10 @@ def sigreg_reference(x, directions, *, knots: int = 17, t_max: float = 3.0, redu
         w1, w2 = (samples, samples) if weights is None else (total, weights.square().sum(dim=-1))
         w1, w2 = w1[..., None, None] ** 2, w2[..., None, None]
         square = ecf_cos.square() + ecf_sin.square()
-        pairs_square = torch.where(w1 > w2, (w1 * square - w2) / torch.where(w1 > w2, w1 - w2, 1.0), torch.nan)
+        # No pair where one sample carries all the weight (0 < N <= 1): NaN, and NaN gradients with it
+        # (a factor, not a constant NaN, which would pass none); none at all (N = 0): left to the mask below.
+        no_pair = torch.where((w1 > w2) | (w1 == 0), 1.0, torch.nan)
+        pairs_square = (w1 * square - w2) / torch.where(w1 > w2, w1 - w2, 1.0) * no_pair
         err = err - square + pairs_square
     stat = (err * w).sum(dim=-1) * samples[..., None]  # [*B, K]
     if weights is not None:  # a batch index without weight: 0, even where non-finite directions make it NaN

@@ -10,7 +10,10 @@ scale 1e-3 to 1e4 and distribution, dtype (fp32 / bf16 / fp16, fp64 where the
 backend takes it, x and directions of different precisions), the memory layout
 of each input (contiguous, transposed, sliced, expanded with stride 0),
 ``directions=None`` and ``clip_value`` where ``sigreg`` has them, which inputs
-require grad, ``reduction``, and NaN or Inf written into chosen rows. Each
+require grad, ``reduction``, sample weights, ``unbiased=True`` (the U-statistic: the
+rounding model below carries ``C``'s and ``S``'s errors with its coefficients,
+``unbiased_coefficients``, and the rounding of ``r = N / (N - 1)`` where a weighted
+size is near 1), and NaN or Inf written into chosen rows. Each
 example draws one case; for each backend the case is shrunk (``N``, ``K``,
 ``D`` halved, largest first) until it fits that backend's budget: the Triton
 interpreter and the CUDA emulation are thousands of times slower than the
@@ -135,6 +138,7 @@ class Case:
     tensor_cores: bool = False  # cuda-emulated, 16-bit inputs: the WMMA path
     weights: str | None = None  # sample weights: "mask" (bool) | "float" (non-negative, some 0) | None
     garbage: bool = False  # NaN and Inf written into the rows of weight 0
+    unbiased: bool = False  # the U-statistic (sigreg's unbiased=True); N >= 2 (shrink keeps it)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
@@ -161,7 +165,9 @@ def api_features() -> dict:
         no_directions = True
     except (TypeError, ValueError, AttributeError, RuntimeError):
         no_directions = False
-    return {"clip_value": "clip_value" in inspect.signature(sigreg).parameters, "no_directions": no_directions}
+    parameters = inspect.signature(sigreg).parameters
+    return {"clip_value": "clip_value" in parameters, "no_directions": no_directions,
+            "unbiased": "unbiased" in parameters}
 
 
 def _size(rng: random.Random, high: int) -> int:
@@ -203,6 +209,8 @@ def draw_case(rng: random.Random, features=None) -> Case:
         where = "directions" if a_layout != "none" and rng.random() < 0.2 else "x"
         case.nonfinite = {"in": where, "value": rng.choice(["nan", "inf", "-inf"]),
                           "rows": [rng.random() for _ in range(rng.randint(1, 3))]}
+    # From the case's own seed, not rng: the cases drawn before this option are drawn unchanged.
+    case.unbiased = features.get("unbiased", True) and case.n >= 2 and random.Random(case.seed).random() < 0.25
     return case
 
 
@@ -216,7 +224,8 @@ def shrink(case: Case, budget: float) -> Case:
     """The case with N, K, D (and batch dims) halved, largest first, until it costs at most ``budget``."""
     case = dataclasses.replace(case, batch=list(case.batch))
     while cost(case) > budget:
-        sizes = {"n": case.n, "k": case.slices if case.a_layout != "none" else 1, "d": case.d}
+        sizes = {"n": case.n if case.n >= 3 or not case.unbiased else 1,  # unbiased: two samples at least
+                 "k": case.slices if case.a_layout != "none" else 1, "d": case.d}
         if case.batch_size > 1:
             sizes["batch"] = case.batch_size * 8  # kept until N, K, D are down to ~8 times their product
         name = max(sizes, key=sizes.get)
@@ -332,7 +341,7 @@ def upstream_weight(case: Case) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the oracle
 
 
-def reference_stats(x, a, knots, t_max, dtype, clip_value=None, weights=None):
+def reference_stats(x, a, knots, t_max, dtype, clip_value=None, weights=None, unbiased=False):
     """Per-slice statistics ``[*B, K]`` by ``sigreg_reference`` in ``dtype``, slice chunk by slice chunk
     (the statistic of a slice depends on its column of the projection alone)."""
     from sigreg_kernels import sigreg_reference
@@ -346,7 +355,7 @@ def reference_stats(x, a, knots, t_max, dtype, clip_value=None, weights=None):
         k1 = min(slices, k0 + chunk)
         x_part, a_part = (x[..., k0:k1], None) if a is None else (x, a[:, k0:k1])
         parts.append(sigreg_reference(x_part, a_part, knots=knots, t_max=t_max, reduction="none",
-                                      clip_value=clip_value, weights=weights))
+                                      clip_value=clip_value, weights=weights, unbiased=unbiased))
     return torch.cat(parts, dim=-1)
 
 
@@ -407,7 +416,7 @@ def oracle_fn(case: Case, dtype):
     weights = sample_weights(case)
 
     def fn(x, a, weight, clip_value):
-        stats = reference_stats(x, a, case.knots, case.t_max, dtype, clip_value, weights)
+        stats = reference_stats(x, a, case.knots, case.t_max, dtype, clip_value, weights, case.unbiased)
         return reduce(stats, case.reduction, weight, weights)
     return fn
 
@@ -419,7 +428,8 @@ def compacted_stats(case: Case, inputs) -> torch.Tensor:
     a = None if a_in is None else a_in[1](a_in[0]).detach()
     mask = sample_weights(case).reshape(-1, case.n) > 0
     flat = x.reshape(-1, case.n, x.shape[-1])
-    stats = [reference_stats(flat[b][mask[b]][None], a, case.knots, case.t_max, torch.float64)[0]
+    stats = [reference_stats(flat[b][mask[b]][None], a, case.knots, case.t_max, torch.float64,
+                             unbiased=case.unbiased)[0]
              if mask[b].any() else torch.zeros(case.slices, dtype=torch.float64) for b in range(flat.shape[0])]
     return torch.stack(stats).reshape(*case.batch, case.slices)
 
@@ -435,6 +445,8 @@ def public_api(backend: str):
         kwargs = dict(knots=case.knots, t_max=case.t_max, reduction=case.reduction, backend=backend)
         if clip_value is not None:
             kwargs["clip_value"] = clip_value
+        if case.unbiased:
+            kwargs["unbiased"] = True
         weights = sample_weights(case)
         if weights is not None:  # as a user passes them: a bool mask, or float weights in x's dtype
             kwargs["weights"] = (weights > 0 if case.weights == "mask" else weights.to(x.dtype)).to(x.device)
@@ -480,7 +492,7 @@ def cuda_emulated_sigreg(case: Case, x, a, weight, clip_value):
     weights = sample_weights(case)
     value = kernels.sigreg(x, None if a is None else a.to(x.dtype), knots=case.knots, t_max=case.t_max,
                            reduction=case.reduction, tensor_cores=case.tensor_cores, clip_value=clip_value,
-                           weights=None if weights is None else weights.to(x.device))
+                           weights=None if weights is None else weights.to(x.device), unbiased=case.unbiased)
     return value, (value * weight.to(value.dtype)).sum()
 
 
@@ -625,6 +637,21 @@ def effective_size(case: Case, weights) -> torch.Tensor:
     return torch.where(total > 0, total.square() / squares.clamp_min(1e-300), 0.0)
 
 
+def pair_factor(size: torch.Tensor) -> torch.Tensor:
+    """``r = N / (N - 1)`` of the U-statistic (``unbiased``): NaN where ``0 < N <= 1``, 0 where ``N = 0``."""
+    more = size > 1
+    return torch.where(more, size / torch.where(more, size - 1, 1.0), torch.where(size > 0, math.nan, 0.0))
+
+
+def unbiased_coefficients(C, S, phi, size):
+    """What ``C - phi`` and ``S`` become in the derivatives of the U-statistic: ``stat_u = N sum_j w_j
+    ((C - phi)^2 + S^2) - r sum_j w_j (1 - C^2 - S^2)`` has ``d stat_u / dC = 2 N w_j (C - phi + C / (N - 1))``
+    and ``d stat_u / dS = 2 N w_j r S``, the biased forms with these two in place of ``C - phi`` and ``S``."""
+    r = pair_factor(size).nan_to_num(0.0)[..., None, None]
+    inverse = torch.where(size > 1, 1 / torch.where(size > 1, size - 1, 1.0), 0.0)[..., None, None]
+    return (C - phi) + C * inverse, S * r
+
+
 def ecf_means(x, a, knots, t_max, weights=None):
     """``C, S [*B, K, T]``: the float64 ECF of the projections (slice chunk by slice chunk), weighted
     means with sample weights (rows of weight 0 left out; 0 for a batch index without weight)."""
@@ -650,14 +677,18 @@ def ecf_means(x, a, knots, t_max, weights=None):
     return torch.cat(cos, dim=-2), torch.cat(sin, dim=-2)
 
 
-def slice_derivatives(x, a, C, S, knots, t_max, weights=None):
+def slice_derivatives(x, a, C, S, knots, t_max, weights=None, unbiased_size=None):
     """``G = d stat_k / d P_nk`` (SPEC §1) and ``H = dG / dP_nk``, ``[*B, N, K]`` in float64
     (slice chunk by slice chunk); NaN and Inf count as 0. Sample weights: both times
-    ``w_n sum w / sum w^2`` (the statistic's N over the means' sum w)."""
+    ``w_n sum w / sum w^2`` (the statistic's N over the means' sum w). ``unbiased_size`` (the
+    statistic's N, ``[*B]``): those of the U-statistic (``unbiased_coefficients``)."""
     from sigreg_kernels import quadrature
 
     t, phi, w = quadrature(knots, t_max, dtype=torch.float64)
     c = 2 * w * t
+    if unbiased_size is not None:  # C - phi and S as the U-statistic weighs them; phi then is 0
+        C, S = unbiased_coefficients(C, S, phi, unbiased_size)
+        phi = torch.zeros_like(phi)
     slices = x.shape[-1] if a is None else a.shape[1]
     chunk = max(1, ORACLE_CHUNK // max(1, x[..., 0].numel() * knots))
     g, h = [], []
@@ -731,10 +762,26 @@ class RoundingModel:
         self.e_means = (rounding.square() / averaged + walk.square()).sqrt()  # of C and S
         self.e_means_linear = projection / averaged ** 0.5  # dp through C and S: summed over knots
         # dp through each value: d stat / dp = G and dG / dp = H, exactly (slice_derivatives).
-        self.g, self.h = slice_derivatives(self.x, self.a, C, S, case.knots, case.t_max, self.weights)
+        unbiased_size = self.size if case.unbiased else None
+        self.g, self.h = slice_derivatives(self.x, self.a, C, S, case.knots, case.t_max, self.weights, unbiased_size)
         self.u = torch.finfo(DTYPES[case.dtype]).eps / 2
         self.subnormal = torch.finfo(DTYPES[case.dtype]).smallest_normal * torch.finfo(DTYPES[case.dtype]).eps
+        # The coefficients of C's and S's errors in the statistic (times 2 N w_j) and in G (times c_j).
         self.dc, self.s = (C - phi).nan_to_num(0.0), S.nan_to_num(0.0)  # [*B, K, T]
+        self.mean_gain, self.size_error = 1.0, torch.zeros_like(self.size)
+        if case.unbiased:
+            dc, s = unbiased_coefficients(C, S, phi, self.size)
+            self.dc, self.s = dc.nan_to_num(0.0), s.nan_to_num(0.0)
+            self.mean_gain = pair_factor(self.size).nan_to_num(0.0).max().item() if self.size.numel() else 1.0
+            if self.weights is not None:
+                # The effective size (sum w)^2 / sum w^2 from float32 sums of N weights errs by about
+                # eps (2 + sqrt(N)) relative; r = N / (N - 1) by that times N / (N - 1)^2.
+                relative = (eps if case.dtype == "float64" else torch.finfo(torch.float32).eps) * (2 + case.n ** 0.5)
+                more = self.size > 1
+                self.size_error = torch.where(more, relative * self.size / torch.where(more, self.size - 1, 1.0), 0.0)
+                # r's error times the spread sum_j w_j (1 - C^2 - S^2) it multiplies, [*B, K]
+                spread = ((1 - C.square() - S.square()) @ w).abs().nan_to_num(0.0)
+                self.r_error = spread * (self.size_error * pair_factor(self.size).nan_to_num(0.0))[..., None]
         self.weight = weight
 
     def projection_error(self, unit_roundoff: float) -> torch.Tensor:
@@ -762,9 +809,11 @@ class RoundingModel:
         else:
             projection = (self.g * self.dp).square().sum(dim=-2)
         rms = (independent + projection).sqrt()
+        # Weighted U-statistic: the rounding of r = N / (N - 1), shared by a batch index's slices.
+        r_error = torch.where(kept, getattr(self, "r_error", torch.zeros_like(rms)), 0.0)
         rms, exact = torch.where(kept, rms, 0.0), torch.where(kept, stats, 0.0).nan_to_num(0.0)
         if self.case.reduction == "none":
-            return (rms.norm() / exact.norm().clamp_min(1e-300)).item()
+            return ((rms.norm() + r_error.norm()) / exact.norm().clamp_min(1e-300)).item()
         # Copies of one slice err alike: their errors add (equal directions up to sign, as expanded
         # ones or a single feature give them; x expanded: the first batch dim), distinct slices'
         # in quadrature.
@@ -773,7 +822,7 @@ class RoundingModel:
             rms = torch.zeros(*rms.shape[:-1], int(group.max()) + 1, dtype=rms.dtype).index_add_(-1, group, rms)
         if self.case.x_layout == "expanded" and self.case.batch:
             rms = rms.sum(dim=0)
-        return (rms.norm() / exact.sum().abs().clamp_min(1e-300)).item()
+        return ((rms.norm() + r_error.sum()) / exact.sum().abs().clamp_min(1e-300)).item()
 
     def gradients(self, kept, truth: dict) -> dict:
         """Relative error of the gradient of each leaf in ``truth`` ({name: exact gradient})."""
@@ -784,7 +833,9 @@ class RoundingModel:
         through_values = ((size @ (c * self.e_values).square()).unsqueeze(-2)
                           + (self.h * self.dp).square()).sqrt()  # [*B, N, K]
         through_means = (2 * (c * self.e_means).square().sum() + 2 * (c * self.e_means_linear).sum().square()).sqrt()
-        g_rms = scale.unsqueeze(-2) * (through_values + through_means + self.u * self.g.abs())  # [*B, N, K]
+        through_means = through_means * self.mean_gain  # the U-statistic weighs C's and S's errors by r
+        relative = self.u + self.size_error[..., None, None]  # and its r's rounding, relative to G
+        g_rms = scale.unsqueeze(-2) * (through_values + through_means + relative * self.g.abs())  # [*B, N, K]
         # G rounded to the input dtype for the GEMMs (SPEC §3): relative to G, and to half a subnormal
         # spacing where G is that small (16-bit G of small angles or a large batch).
         g_rms = g_rms + (scale.unsqueeze(-2) > 0) * self.subnormal / 2
@@ -852,7 +903,10 @@ def run_case(case: Case, backend: Backend) -> Result:
         weights = sample_weights(case)
         C, S = ecf_means(x, a, case.knots, case.t_max, weights)
         _, phi, w = quadrature(case.knots, case.t_max, dtype=torch.float64)
-        stats = ((C - phi).square() + S.square()) @ w * effective_size(case, weights)[..., None]
+        size = effective_size(case, weights)
+        stats = ((C - phi).square() + S.square()) @ w * size[..., None]
+        if case.unbiased:  # minus r sum_j w_j (1 - C^2 - S^2): the U-statistic
+            stats = stats - pair_factor(size)[..., None] * ((1 - C.square() - S.square()) @ w)
     # clip_value ten value tolerances (before clipping) away from every statistic.
     model = RoundingModel(case, inputs, weight, C, S)
     finite = stats[stats.isfinite()]

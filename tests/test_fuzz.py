@@ -96,6 +96,23 @@ def test_a_wrong_kernel_is_caught(name, wrong, case, report):
     assert Case.from_json(result.reproducer().split("--case ")[1].strip("'")) == case
 
 
+@pytest.mark.parametrize("weights", [None, "mask", "float"])
+def test_unbiased_cases_are_drawn_and_an_ignored_option_is_caught(weights):
+    """The fuzzer draws ``unbiased=True`` (about a quarter of the cases) and holds it to the oracle: a
+    backend that returns the biased statistic instead is caught, weighted or not."""
+    import random
+
+    drawn = [fuzz_backends.draw_case(random.Random(f"u:{i}"), {"clip_value": True, "no_directions": True})
+             for i in range(200)]
+    assert 25 < sum(c.unbiased for c in drawn) < 80 and all(c.n >= 2 for c in drawn if c.unbiased)
+    assert all(fuzz_backends.shrink(c, 100).n >= 2 for c in drawn if c.unbiased)
+    case = dataclasses.replace(BASE, unbiased=True, weights=weights)
+    assert not run_case(case, CPU).problems, "the correct kernel must pass this case"
+    biased = Backend("mutant", lambda c, *args: public_api("cpu")(dataclasses.replace(c, unbiased=False), *args),
+                     CPU.budget, CPU.dtypes)
+    assert any("value: relative error" in problem for problem in run_case(case, biased).problems)
+
+
 # ----------------------------------------------------------------------------- each tolerance term still bites
 # (the terms and allowances of fuzz_backends' docstring: a bug of each kind, on a case where that
 # term is the tolerance, is caught; the same computation done right passes)

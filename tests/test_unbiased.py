@@ -142,6 +142,24 @@ def test_one_sample_is_an_error_and_one_weighted_row_is_nan():
         assert stats[0].isnan().all() and stats[1].isfinite().all() and (stats[2] == 0).all(), backend
 
 
+@pytest.mark.parametrize("backend", ["sigreg_reference", "reference", "cpu", "contract"])
+def test_one_weighted_row_passes_nan_gradients_to_it(backend):
+    """The NaN statistic of a batch index whose weight is all on one row has NaN gradients (the
+    reference's included: found by the fuzzer, whose oracle had finite ones), on that row alone: its
+    rows of weight 0 get 0, the other batch indices their finite gradients."""
+    x, directions, _ = problem(batch=2, samples=6, seed=2)
+    weights = torch.ones(2, 6, dtype=torch.float64)
+    weights[0] = 0.0
+    weights[0, 3] = 2.0
+    if backend == "sigreg_reference":
+        fn = lambda u, a: sigreg_reference(u, a, weights=weights, reduction="none", unbiased=True)  # noqa: E731
+    else:
+        fn = lambda u, a: run(backend, u, a, weights=weights, reduction="none")  # noqa: E731
+    value, grad_x, _ = grads(fn, x, directions)
+    assert value[0].isnan().all() and value[1].isfinite().all()
+    assert grad_x[0, 3].isnan().all() and (grad_x[0, [0, 1, 2, 4, 5]] == 0).all() and grad_x[1].isfinite().all()
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu", "contract"])
 def test_an_empty_batch_index_passes_no_gradient(backend):
     """A batch index of no weight: statistic 0 and gradients exactly 0 (not 0 * NaN), the
