@@ -311,6 +311,15 @@ def test_statistic_of_an_empty_batch():
     assert losses["mean"].isnan() and losses["sum"] == 0 and losses["none"] == 0
 
 
+def test_unbiased_statistic_of_one_weighted_row_is_nan():
+    """No pair of samples, whatever the weight's rounding: w^2 in float32 is the sum of squares of one row."""
+    partials = torch.rand(4, 2, 2, 5, 17, generator=torch.Generator().manual_seed(23)).cuda()
+    w = torch.tensor([1.5, 1.0436, 1.1, 0.675], device="cuda")
+    stat, coef, _ = torch.ops.sigreg.statistic(partials, 7, 17, 3.0, "none", None, 1.0, None,
+                                               torch.stack((w, w.square()), dim=1), True)
+    assert stat.isnan().all() and coef.isnan().all()
+
+
 def test_arrivals_is_checked():
     x, directions, _ = case((2,), 37, 19, 65)
     partials = torch.ops.sigreg.ecf_partials(x, directions, 17, 3.0)

@@ -674,6 +674,11 @@ def test_unbiased_statistic_of_one_weighted_row_is_nan(kernels):
     stat, coef, _ = kernels.statistic(partials, 7, 17, 3.0, "none", None, 1.0, None, moments, True)
     assert stat[0].isnan().all() and coef[0].isnan().all()
     assert stat[1].isfinite().all() and (stat[2] == 0).all() and (coef[2] == 0).all()
+    # A weight whose square rounds in float32 (w^2 in double is not the rounded sum of squares): still one row.
+    w = torch.tensor([1.0436, 1.1, 0.675])
+    moments = torch.stack((w, w.square()), dim=1)
+    stat, coef, _ = kernels.statistic(partials, 7, 17, 3.0, "none", None, 1.0, None, moments, True)
+    assert stat.isnan().all() and coef.isnan().all()
 
 
 @pytest.mark.parametrize("weighted", [False, True])

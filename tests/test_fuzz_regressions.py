@@ -152,10 +152,36 @@ SOAK_2026_12_04 = [
      '0.23004640444336977]},"tensor_cores":false}'),
 ]
 
+# unbiased=True, found when the fuzzer began to draw it: a batch index whose weight is all on one
+# row has no pair of samples, a NaN statistic (SPEC §2)
+# - and NaN gradients: the reference's were finite (a NaN constant in a torch.where passes no gradient);
+# - whatever the weight's rounding: the CUDA statistic kernel formed N = W1^2 / W2 in double from the
+#   float32 sums, and one row's W1^2 exceeded its rounded W2 by an ulp: N > 1, a huge finite r.
+#   N is now formed in float, as the contract and the Triton kernel form it (whose W1 * (W1 / W2)
+#   could miss 1 by an ulp too).
+UNBIASED_2026_12_04 = [
+    ("unbiased-one-weighted-row-nan-gradient", "cpu",
+     '{"seed":1648736725,"batch":[3],"n":2,"d":64,"k":256,"knots":17,"t_max":3.0,"scale":23.9,'
+     '"dist":"shifted","dtype":"float64","a_dtype":"float64","unit_columns":false,"x_layout":"expanded",'
+     '"a_layout":"sliced","grad":"x","reduction":"none","clip":null,"nonfinite":null,"tensor_cores":true,'
+     '"weights":"float","garbage":false,"unbiased":true}'),
+    ("unbiased-one-weighted-row-both-gradients", "cpu",
+     '{"seed":1776344140,"batch":[2,3],"n":3,"d":3,"k":434,"knots":3,"t_max":0.2284,"scale":0.00394,'
+     '"dist":"normal","dtype":"float64","a_dtype":"float64","unit_columns":true,"x_layout":"expanded",'
+     '"a_layout":"contiguous","grad":"both","reduction":"sum","clip":null,"nonfinite":null,'
+     '"tensor_cores":false,"weights":"float","garbage":false,"unbiased":true}'),
+    ("unbiased-one-weighted-row-size-rounding", "cpu,triton,cuda-emulated",
+     '{"seed":1648736725,"batch":[3],"n":2,"d":64,"k":256,"knots":17,"t_max":3.0,"scale":23.9,'
+     '"dist":"shifted","dtype":"float32","a_dtype":"float32","unit_columns":false,"x_layout":"expanded",'
+     '"a_layout":"sliced","grad":"x","reduction":"none","clip":null,"nonfinite":null,"tensor_cores":true,'
+     '"weights":"float","garbage":false,"unbiased":true}'),
+]
+
 CASES = [pytest.param(backend, case, id=f"nan-statistic-clipped-{backend}")
          for backend, case in NAN_STATISTIC_CLIPPED]
 CASES += [pytest.param(backends, case, id=name) for name, backends, case in ACCURACY_CORNERS]
 CASES += [pytest.param(backends, case, id=name) for name, backends, case in SOAK_2026_12_04]
+CASES += [pytest.param(backends, case, id=name) for name, backends, case in UNBIASED_2026_12_04]
 
 
 @pytest.mark.parametrize("backend, case", CASES)

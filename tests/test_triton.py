@@ -602,6 +602,9 @@ def test_unbiased_statistic_matches_the_contract(device, weighted, reduction, cl
     one_row = torch.tensor([[1.5, 2.25], [2.0, 1.0], [0.0, 0.0]], device=device)  # one row; two rows; none
     stat, coef, _ = op.statistic(partials, 30, 17, 3.0, "none", None, 1.0, None, one_row, True)
     assert stat[0].isnan().all() and coef[0].isnan().all() and stat[1].isfinite().all() and (stat[2] == 0).all()
+    w = torch.tensor([1.0436, 1.1, 0.675], device=device)  # one row whose weight's square rounds in float32
+    stat, coef, _ = op.statistic(partials, 30, 17, 3.0, "none", None, 1.0, None, torch.stack((w, w.square()), 1), True)
+    assert stat.isnan().all() and coef.isnan().all()
 
 
 def test_eager_calls_launch_without_the_registered_op(device, monkeypatch):

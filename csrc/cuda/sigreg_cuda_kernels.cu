@@ -254,10 +254,12 @@ __global__ void __launch_bounds__(kStatisticThreads) statistic_kernel(StatisticA
   double total = static_cast<double>(a.samples), size = total;
   bool empty = false;
   if (a.moments != nullptr) {
-    const double w1 = static_cast<double>(a.moments[2 * b]), w2 = static_cast<double>(a.moments[2 * b + 1]);
+    const float w1 = a.moments[2 * b], w2 = a.moments[2 * b + 1];
     total = w1;
-    size = w1 * w1 / w2;
-    empty = w1 == 0.0;
+    // In float, as the contract and the Triton kernel form it: one weighted row gives exactly
+    // w1 * w1 == w2, so N = 1 (no pair: NaN below) whatever the weight's rounding.
+    size = static_cast<double>(w1 * w1 / w2);
+    empty = w1 == 0.0f;
   }
   const double gain = size / total;  // d stat / d sums = gain * 2 w_j (mean - phi_m1), resp. gain * 2 w_j mean
   // The U-statistic: each knot's term less q (1 - C_j^2 - S_j^2), q = 1 / (N - 1), NaN where N <= 1

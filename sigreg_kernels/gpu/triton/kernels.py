@@ -604,8 +604,11 @@ def statistic_kernel(
         # Weighted: the mean is over sum w, the statistic's N is the effective sample size
         # (sum w)^2 / sum w^2, and d stat / d sums = that N / sum w = sum w / sum w^2.
         count = tl.load(moments_ptr + b * stride_mb)
-        ratio = count / tl.load(moments_ptr + b * stride_mb + stride_mc)
-        size = count * ratio
+        squares = tl.load(moments_ptr + b * stride_mb + stride_mc)
+        ratio = count / squares
+        # (sum w)^2 / sum w^2 as the contract forms it: one weighted row gives exactly N = 1 (no pair),
+        # which count * ratio can miss by an ulp.
+        size = count * count / squares
     else:
         count = samples
         size = samples
