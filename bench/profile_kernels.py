@@ -11,6 +11,9 @@ what is measured), then:
   time, the device time an iteration keeps the GPU busy, and the iteration's wall time.
   A busy fraction well under 1 means the launches, not the kernels, bound the op
   (the host prepares work more slowly than the GPU does it);
+- the host's side of the same iterations (a second pass, with the profiler's CPU events):
+  the ops and runtime calls that take the most CPU time of their own per iteration, and
+  what is left of the wall time (Python, and what the profiler does not see);
 - with ``--ncu-range``: one more fwd+bwd per backend between cudaProfilerStart and
   cudaProfilerStop, the range ``ncu --profile-from-start off`` profiles (bench/gpu_check.sh's
   profile stage).
@@ -53,6 +56,32 @@ def kernel_table(loss_fn, x, directions, iterations: int):
     return dict(kernels), busy, wall
 
 
+def host_table(loss_fn, x, directions, iterations: int, device: str = "cuda", top: int = 12):
+    """([(name, calls, self CPU us)] per iteration, the top ``top`` by self time; wall us per iteration).
+    The wall time is the profiled one (CPU events slow the host a little)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    synchronize()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for _ in range(iterations):
+            fwd_bwd(loss_fn, x, directions)
+        synchronize()
+        wall = (time.perf_counter() - start) / iterations * 1e6
+    rows = [(event.key, event.count / iterations, event.self_cpu_time_total / iterations)
+            for event in prof.key_averages()]
+    return sorted(rows, key=lambda row: -row[2])[:top], sum(row[2] for row in rows), wall
+
+
+def print_host_table(backend, rows, traced, wall):
+    print(f"{backend} host: wall {wall:.1f} us per fwd+bwd under the CPU profiler, {traced:.1f} us of it in "
+          f"the ops and calls it traces, {wall - traced:.1f} us elsewhere (Python, untraced)")
+    print(f"  {'calls':>8} {'self us':>9}  op or call (per fwd+bwd)")
+    for name, calls, self_us in rows:
+        print(f"  {calls:>8.1f} {self_us:>9.1f}  {name[:110]}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backends", nargs="+", default=["cuda", "triton"])
@@ -85,6 +114,7 @@ def main(argv=None):
         print(f"  {'launches':>8} {'mean us':>9}  kernel")
         for name, (count, total) in sorted(kernels.items(), key=lambda item: -item[1][1]):
             print(f"  {count / args.iterations:>8.1f} {total / count:>9.1f}  {name[:110]}")
+        print_host_table(backend, *host_table(loss_fn, x, directions, args.iterations))
 
 
 if __name__ == "__main__":

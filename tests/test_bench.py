@@ -80,3 +80,32 @@ def test_a_graph_provider_without_a_gpu_fails_with_the_reason(tmp_path):
         in result.stdout, result.stdout
     with open(csv_path) as f:
         assert {r["provider"] for r in csv.DictReader(f)} == {"reference"}
+
+
+def test_profile_host_table_names_the_ops_and_is_skipped_by_the_profile_reader(tmp_path):
+    """profile_kernels.host_table (run here on the cpu backend): the ops with their CPU time per fwd+bwd,
+    printed so that cost_model's profile reader, which reads the kernel tables, ignores it."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import profile_kernels
+    from cost_model.measured import read_profile
+    from providers import make_inputs, make_provider
+
+    import torch
+
+    x, directions = make_inputs(1, 64, 8, 16, torch.float32, "cpu")
+    rows, traced, wall = profile_kernels.host_table(make_provider("cpu", "cpu", torch.float32), x, directions, 3,
+                                                    device="cpu")
+    names = [name for name, _, _ in rows]
+    assert any(name.startswith("sigreg::ecf_sums") for name in names), names
+    assert all(calls > 0 and us >= 0 for _, calls, us in rows) and traced > 0 and wall > 0
+    path = tmp_path / "profile.txt"
+    with open(path, "w") as f:
+        f.write("cuda: wall 550.0 us per fwd+bwd, GPU busy 110.0 us (0.20 of it)\n"
+                "  launches   mean us  kernel\n       1.0      40.0  ecf_partials_kernel\n")
+        sys.stdout, saved = f, sys.stdout
+        try:
+            profile_kernels.print_host_table("cuda", rows, traced, wall)
+        finally:
+            sys.stdout = saved
+    measured = read_profile(path)
+    assert dict(measured.profiler["cuda"]) == {"ecf_partials": 40.0} and measured.other["cuda"] == 0.0
