@@ -80,6 +80,11 @@ _KERNELS_FOUND = """
 _REGISTRATION = """
     assert op.REGISTRATION == "triton_op", op.REGISTRATION
     check(2, 70, 20, 70)
+    registered = op.triton_ecf_partials, op.triton_statistic, op.triton_slice_gradient
+    op.triton_ecf_partials = op.triton_statistic = op.triton_slice_gradient = None  # must not be called
+    with torch.no_grad():  # eager calls that launch without the op, wrap_triton switched off
+        check(2, 70, 20, 70)
+    op.triton_ecf_partials, op.triton_statistic, op.triton_slice_gradient = registered
     check(2, 40, 24, 33, dtype=torch.bfloat16, tol=1e-4)
     check(3, 33, 5, 5, knots=5, projected=True)
     x, directions = random_case((2,), 40, 8, 20)
