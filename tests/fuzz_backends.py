@@ -860,7 +860,13 @@ class RoundingModel:
             # Through the view's adjoint (an expanded input's gradient sums its copies), as autograd does.
             leaf = leaf.detach().clone().requires_grad_()
             (leaf_rms,) = torch.autograd.grad(view(leaf), leaf, grad_outputs=bound)
-            result[name] = (leaf_rms.norm() / truth[name].nan_to_num(0.0).norm().clamp_min(1e-300)).item()
+            # Relative to what compare() checks: the elements that do not overflow the returned dtype
+            # (an overflowing one, checked for being infinite, must not inflate the norm the bound is
+            # relative to: fp16 gradients of a huge scale, most of them beyond 65504).
+            exact = truth[name].nan_to_num(0.0)
+            returned = DTYPES[self.case.dtype if name == "x" else self.case.a_dtype]
+            inside = exact.abs() < min(overflow_threshold(returned), overflow_threshold(DTYPES[self.case.dtype]))
+            result[name] = (leaf_rms[inside].norm() / exact[inside].norm().clamp_min(1e-300)).item()
         return result
 
 

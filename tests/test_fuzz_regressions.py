@@ -170,6 +170,14 @@ UNBIASED_2026_12_04 = [
      '"dist":"normal","dtype":"float64","a_dtype":"float64","unit_columns":true,"x_layout":"expanded",'
      '"a_layout":"contiguous","grad":"both","reduction":"sum","clip":null,"nonfinite":null,'
      '"tensor_cores":false,"weights":"float","garbage":false,"unbiased":true}'),
+    # (The fuzzer's own model: a gradient bound relative to the norm of every exact element, most
+    # of them beyond fp16's range and checked only for being infinite, while the error is relative to
+    # the finite rest: the bound 130x too small, the floor the tolerance. Now both are over the rest.)
+    ("fp16-gradients-mostly-overflowing", "cpu,cuda-emulated",
+     '{"seed":1075277340,"batch":[],"n":618,"d":464,"k":16,"knots":3,"t_max":3.0,"scale":2830.0,'
+     '"dist":"normal","dtype":"float16","a_dtype":"float16","unit_columns":true,"x_layout":"contiguous",'
+     '"a_layout":"expanded","grad":"both","reduction":"sum","clip":null,"nonfinite":null,"tensor_cores":true,'
+     '"weights":null,"garbage":false,"unbiased":false}'),
     ("unbiased-one-weighted-row-size-rounding", "cpu,triton,cuda-emulated",
      '{"seed":1648736725,"batch":[3],"n":2,"d":64,"k":256,"knots":17,"t_max":3.0,"scale":23.9,'
      '"dist":"shifted","dtype":"float32","a_dtype":"float32","unit_columns":false,"x_layout":"expanded",'
