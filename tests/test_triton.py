@@ -659,3 +659,16 @@ def test_plans_are_made_once_per_shape(device):
     assert op._ecf_plan(x, directions, 17) is first and op._cached_plan.cache_info().hits == 1
     assert op._ecf_plan(x[:1], directions, 17) is not first  # another shape, another plan
     assert op._ecf_plan(x, directions, 17, weighted=True) is not first
+
+
+def test_in_place_gradient_bumps_the_version_when_launched_directly(device):
+    """slice_gradient_ writes its projection in place: launched without the op (which declares the
+    mutation) it still tells autograd, so a saved tensor it overwrote is caught in the backward."""
+    op = _import_op_module()
+    x, directions = _case((2,), 40, 8, 20, device=device)
+    coef, scale = _coefficients(x, directions, 17)
+    projection = x @ directions
+    before = projection._version
+    with torch.no_grad():
+        op.slice_gradient_(projection, coef, scale, 17, 3.0)
+    assert projection._version > before

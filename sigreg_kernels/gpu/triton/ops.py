@@ -31,6 +31,11 @@ kernels are compiled or interpreted. ``SIGREG_TRITON_REGISTRATION=triton_op|cust
 read at that same import, overrides it (triton_op under the interpreter runs eager calls
 only).
 
+Eager calls skip the registration: ``ecf_partials``, ``statistic``, ``slice_gradient`` and
+``slice_gradient_``, the functions gpu/fused.py calls, run their launchers directly on plain
+tensors outside autograd and tracing (``_launches_directly``), since the registered op's
+dispatch is host time and nothing else there; everywhere else they call the registered op.
+
 ``LAUNCHES`` counts the kernel launches of each op made by these launchers (eager calls;
 under torch.compile with triton_op, Inductor launches the kernels itself).
 """
@@ -511,5 +516,7 @@ def slice_gradient(coef, scale, x, directions, knots: int, t_max: float, weights
 def slice_gradient_(projection, coef, scale, knots: int, t_max: float, weights=None):
     if _launches_directly(projection, coef, scale, weights):
         with _direct_launch_context():
-            return _launch_slice_gradient_(projection, coef, scale, knots, t_max, weights)
+            _launch_slice_gradient_(projection, coef, scale, knots, t_max, weights)
+        torch.autograd.graph.increment_version(projection)  # written in place, as the op declares
+        return None
     return triton_slice_gradient_(projection, coef, scale, knots, t_max, weights)
