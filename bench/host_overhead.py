@@ -16,7 +16,8 @@ checks and plans), with **null kernels** standing in for the device code:
   ``triton_op``: the same dispatch plus a decomposition that eager calls do not use.)
 
 Against, in the same run: the eager reference (``sigreg_reference``, every op real
-but tiny) and one autograd op (``x.sum()``), the floor of any autograd entry point.
+but tiny) and one autograd op (``x.sum()``), the floor of any autograd entry point;
+and the ``cuda`` path with a padding mask (its sums, the mean's divisor, the masked gradient).
 The shape is tiny, ``x (4, 16, 8)``, ``K = 16``, float32 at "high" matmul precision
 (the route of 16-bit inputs, without CPU 16-bit GEMMs in the time). One CPU thread;
 the median of 7 batches. Not counted: the launches themselves (a few us each on a
@@ -144,6 +145,7 @@ def main():
     x = torch.randn(4, 16, 8, requires_grad=True)
     directions = torch.randn(8, 16)
     directions = directions / directions.norm(dim=0)
+    mask = torch.rand(4, 16, generator=torch.Generator().manual_seed(0)) > 0.2  # a padding mask
     entries = [
         ("x.sum()  [one autograd op: the floor]", contextlib.nullcontext, lambda: x.sum()),
         ("sigreg_reference(x, A)  [eager reference]", contextlib.nullcontext,
@@ -152,12 +154,14 @@ def main():
          lambda: sigreg(x, directions, backend="cuda")),
         ("sigreg(x, A, backend='triton')  [null kernels]", null_triton_kernels,
          lambda: sigreg(x, directions, backend="triton")),
+        ("sigreg(x, A, backend='cuda', weights=mask)  [null kernels]", null_cuda_kernels,
+         lambda: sigreg(x, directions, backend="cuda", weights=mask)),
     ]
     print(f"# {platform.processor() or platform.machine()}, 1 thread, torch {torch.__version__}, "
           f"sigreg_kernels {sigreg_kernels.__version__}, python {platform.python_version()}")
     print(f"# host cost of forward + backward at x (4, 16, 8), K = 16, float32 (\"high\"); median of 7 batches "
           f"of {args.calls} calls")
-    print(f"  {'entry point':<50} {'us/call':>8}  vs eager reference")
+    print(f"  {'entry point':<62} {'us/call':>8}  vs eager reference")
     reference_us = None
     with gpu_backends_on_cpu():
         for label, context, fn in entries:
@@ -166,7 +170,7 @@ def main():
             if "eager reference" in label:
                 reference_us = us
             ratio = f"{us / reference_us:.2f}x" if reference_us else "-"
-            print(f"  {label:<50} {us:>8.1f}  {ratio}", flush=True)
+            print(f"  {label:<62} {us:>8.1f}  {ratio}", flush=True)
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ def test_host_overhead_runs_the_gpu_paths_with_null_kernels():
     out = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True).stdout
     rows = {line.split("  [")[0].strip(): line.split() for line in out.splitlines() if line.startswith("  ")}
     for entry in ("x.sum()", "sigreg_reference(x, A)", "sigreg(x, A, backend='cuda')",
-                  "sigreg(x, A, backend='triton')"):
+                  "sigreg(x, A, backend='triton')", "sigreg(x, A, backend='cuda', weights=mask)"):
         assert entry in rows, out
     assert float(rows["sigreg(x, A, backend='triton')"][-2]) > 0 and rows["sigreg_reference(x, A)"][-1] == "1.00x"
 

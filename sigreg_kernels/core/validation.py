@@ -82,10 +82,9 @@ def check_weights(weights, x) -> None:
     if weights.dim() < 1 or weights.shape[-1] != rows[-1] or weights.dim() > len(rows):
         raise ValueError(f"weights must have shape (*B, N) with N = x.shape[-2] = {rows[-1]}, broadcastable to "
                          f"x.shape[:-1] = {rows}, got {tuple(weights.shape)}")
-    try:
-        torch.broadcast_shapes(tuple(weights.shape), rows)
-    except RuntimeError:
-        raise ValueError(f"weights of shape {tuple(weights.shape)} do not broadcast to x.shape[:-1] = {rows}") from None
+    # (By hand: torch.broadcast_shapes costs tens of microseconds a call.)
+    if any(w != r and w != 1 for w, r in zip(reversed(weights.shape), reversed(rows))):
+        raise ValueError(f"weights of shape {tuple(weights.shape)} do not broadcast to x.shape[:-1] = {rows}")
     if weights.device != x.device:
         raise ValueError(f"weights must be on x's device {x.device}, got {weights.device}")
     if weights.device.type == "cpu" and weights.dtype != torch.bool:

@@ -66,14 +66,15 @@ def projection_first(x: torch.Tensor) -> bool:
 
 
 def weight_moments(weights):
-    """``[B, 2]``: the sum of each batch index's weights, and of their squares."""
-    return torch.stack((weights.sum(dim=-1), weights.square().sum(dim=-1)), dim=-1)
+    """``[B, 2]``: the sum of each batch index's weights, and of their squares (three device ops:
+    each is host time on a GPU)."""
+    return torch.stack((weights, weights * weights), dim=-1).sum(dim=-2)
 
 
 def mean_divisor(moments, slices: int):
     """What a weighted "mean" divides the sum of the statistics by: the slices of the batch
-    indices that hold any weight (at least 1: a loss of 0 when none does)."""
-    return (slices * (moments[:, 0] > 0).sum()).clamp_min(1)
+    indices that hold any weight (at least 1: a loss of 0 when none does); an integer tensor."""
+    return (torch.count_nonzero(moments[:, 0]) * slices).clamp_min(1)
 
 
 def _gemm(a, b):
@@ -127,7 +128,7 @@ class _FusedSigreg(torch.autograd.Function):
                                              grad_factor, arrivals, *extra)
         divisor = None
         if kernel_reduction != reduction:
-            divisor = mean_divisor(moments, coef.shape[2]).to(loss.dtype)
+            divisor = mean_divisor(moments, coef.shape[2])  # (an integer: a true division below)
             loss = loss / divisor
         ctx.save_for_backward(x, directions, coef, weights, divisor)
         ctx.kernels, ctx.knots, ctx.t_max, ctx.reduction = kernels, knots, t_max, reduction
