@@ -486,37 +486,38 @@ except ImportError:
     _DIRECT_LAUNCH = _is_functorch_wrapped = None
 
 
-# The plain callables gpu/fused.py routes backend="triton" to: each runs its launcher directly where
-# _launches_directly allows, else the registered op (ecf_partials with its counter optional, like
-# the CUDA backend's).
+def _eager_or_registered(launcher, registered, args, tensors, mutated=None):
+    """``launcher(*args)`` directly where _launches_directly allows (on ``tensors``), else the
+    registered op ``registered(*args)``. ``mutated``: the tensor the op declares it writes, whose
+    version a direct launch bumps as the op would (autograd then catches a saved tensor overwritten)."""
+    if not _launches_directly(*tensors):
+        return registered(*args)
+    with _direct_launch_context():
+        out = launcher(*args)
+    if mutated is not None:
+        torch.autograd.graph.increment_version(mutated)
+    return out
+
+
+# The plain callables gpu/fused.py routes backend="triton" to (ecf_partials with its counter
+# optional, like the CUDA backend's). The registered ops are looked up at each call.
 def ecf_partials(x: torch.Tensor, directions: Optional[torch.Tensor], knots: int, t_max: float,
                  arrivals: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-    if _launches_directly(x, directions, arrivals, weights):
-        with _direct_launch_context():
-            return _launch_ecf_partials(x, directions, knots, t_max, arrivals, weights)
-    return triton_ecf_partials(x, directions, knots, t_max, arrivals, weights)
+    return _eager_or_registered(_launch_ecf_partials, triton_ecf_partials, (x, directions, knots, t_max, arrivals,
+                                weights), (x, directions, arrivals, weights), mutated=arrivals)
 
 
 def statistic(partials, samples: int, knots: int, t_max: float, reduction: str, clip_value, grad_factor: float,
               arrivals=None, moments=None, unbiased: bool = False):
-    args = (partials, samples, knots, t_max, reduction, clip_value, grad_factor, arrivals, moments, unbiased)
-    if _launches_directly(partials, arrivals, moments):
-        with _direct_launch_context():
-            return _launch_statistic(*args)
-    return triton_statistic(*args)
+    return _eager_or_registered(_launch_statistic, triton_statistic, (partials, samples, knots, t_max, reduction,
+                                clip_value, grad_factor, arrivals, moments, unbiased), (partials, arrivals, moments))
 
 
 def slice_gradient(coef, scale, x, directions, knots: int, t_max: float, weights=None):
-    if _launches_directly(coef, scale, x, directions, weights):
-        with _direct_launch_context():
-            return _launch_slice_gradient(coef, scale, x, directions, knots, t_max, weights)
-    return triton_slice_gradient(coef, scale, x, directions, knots, t_max, weights)
+    return _eager_or_registered(_launch_slice_gradient, triton_slice_gradient, (coef, scale, x, directions, knots,
+                                t_max, weights), (coef, scale, x, directions, weights))
 
 
 def slice_gradient_(projection, coef, scale, knots: int, t_max: float, weights=None):
-    if _launches_directly(projection, coef, scale, weights):
-        with _direct_launch_context():
-            _launch_slice_gradient_(projection, coef, scale, knots, t_max, weights)
-        torch.autograd.graph.increment_version(projection)  # written in place, as the op declares
-        return None
-    return triton_slice_gradient_(projection, coef, scale, knots, t_max, weights)
+    _eager_or_registered(_launch_slice_gradient_, triton_slice_gradient_, (projection, coef, scale, knots, t_max,
+                         weights), (projection, coef, scale, weights), mutated=projection)
