@@ -637,19 +637,14 @@ def effective_size(case: Case, weights) -> torch.Tensor:
     return torch.where(total > 0, total.square() / squares.clamp_min(1e-300), 0.0)
 
 
-def pair_factor(size: torch.Tensor) -> torch.Tensor:
-    """``r = N / (N - 1)`` of the U-statistic (``unbiased``): NaN where ``0 < N <= 1``, 0 where ``N = 0``."""
-    more = size > 1
-    return torch.where(more, size / torch.where(more, size - 1, 1.0), torch.where(size > 0, math.nan, 0.0))
-
-
 def unbiased_coefficients(C, S, phi, size):
     """What ``C - phi`` and ``S`` become in the derivatives of the U-statistic: ``stat_u = N sum_j w_j
     ((C - phi)^2 + S^2) - r sum_j w_j (1 - C^2 - S^2)`` has ``d stat_u / dC = 2 N w_j (C - phi + C / (N - 1))``
     and ``d stat_u / dS = 2 N w_j r S``, the biased forms with these two in place of ``C - phi`` and ``S``."""
-    r = pair_factor(size).nan_to_num(0.0)[..., None, None]
-    inverse = torch.where(size > 1, 1 / torch.where(size > 1, size - 1, 1.0), 0.0)[..., None, None]
-    return (C - phi) + C * inverse, S * r
+    from sigreg_kernels.core.numerics import pair_factor
+
+    r = pair_factor(size).nan_to_num(0.0)[..., None, None]  # 0 where N <= 1
+    return (C - phi) + C * (r - 1).clamp_min(0.0), S * r  # r - 1 = 1 / (N - 1)
 
 
 def ecf_means(x, a, knots, t_max, weights=None):
@@ -734,6 +729,7 @@ class RoundingModel:
 
     def __init__(self, case: Case, inputs, weight, C, S):
         from sigreg_kernels import quadrature
+        from sigreg_kernels.core.numerics import pair_factor
 
         self.case, self.inputs = case, inputs
         (x_leaf, x_view), a_in = inputs
@@ -772,16 +768,16 @@ class RoundingModel:
         if case.unbiased:
             dc, s = unbiased_coefficients(C, S, phi, self.size)
             self.dc, self.s = dc.nan_to_num(0.0), s.nan_to_num(0.0)
-            self.mean_gain = pair_factor(self.size).nan_to_num(0.0).max().item() if self.size.numel() else 1.0
+            r = pair_factor(self.size).nan_to_num(0.0)  # [*B]
+            self.mean_gain = r.max().item() if self.size.numel() else 1.0
             if self.weights is not None:
                 # The effective size (sum w)^2 / sum w^2 from float32 sums of N weights errs by about
-                # eps (2 + sqrt(N)) relative; r = N / (N - 1) by that times N / (N - 1)^2.
+                # eps (2 + sqrt(N)) relative; r = N / (N - 1) by that over N - 1 (= r - 1), relative.
                 relative = (eps if case.dtype == "float64" else torch.finfo(torch.float32).eps) * (2 + case.n ** 0.5)
-                more = self.size > 1
-                self.size_error = torch.where(more, relative * self.size / torch.where(more, self.size - 1, 1.0), 0.0)
+                self.size_error = relative * (r - 1).clamp_min(0.0)
                 # r's error times the spread sum_j w_j (1 - C^2 - S^2) it multiplies, [*B, K]
                 spread = ((1 - C.square() - S.square()) @ w).abs().nan_to_num(0.0)
-                self.r_error = spread * (self.size_error * pair_factor(self.size).nan_to_num(0.0))[..., None]
+                self.r_error = spread * (self.size_error * r)[..., None]
         self.weight = weight
 
     def projection_error(self, unit_roundoff: float) -> torch.Tensor:
@@ -899,6 +895,7 @@ def copies_per_element(inputs, name: str) -> torch.Tensor:
 def run_case(case: Case, backend: Backend) -> Result:
     """One case on one backend, compared with the oracle."""
     from sigreg_kernels import quadrature
+    from sigreg_kernels.core.numerics import pair_factor
 
     start = time.perf_counter()
     inputs = make_inputs(case)
